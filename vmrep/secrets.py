@@ -63,6 +63,14 @@ def resolve_secret(
             raise SecretError(f"{label}: environment variable {ref.env} is not set")
         log.debug("resolved %s", label)
         return value
+    if ref.file is not None:
+        try:
+            value = ref.file.read_text().strip()
+        except OSError as exc:
+            raise SecretError(f"{label}: cannot read the file ({exc.strerror})") from None
+        if not value:
+            raise SecretError(f"{label}: the file is empty")
+        return value
     assert ref.prefect_secret is not None
     return _prefect_secret(ref, label)
 

@@ -1,0 +1,404 @@
+"""The two-site vSphere lab: start, seed, describe and stop simulator processes.
+
+`vmrep lab up` starts a protected site (siteA) and a recovery site (siteB), each its own
+simulator process, seeds VMs whose disks hold real bytes, adds a production and an
+isolated test network, and writes a ready `vmrep.yaml` with two VPGs: `erp` replicates
+remotely (siteA -> siteB), `files` locally (siteA, to another host and datastore).
+`vmrep lab down` stops only the processes `lab up` started (by PID, checked against the
+command line) and removes their folders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pyVmomi import vim
+
+from vmrep.errors import VmrepError
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHER = REPO / "build" / "vcsim-lab"
+MiB = 1024 * 1024
+
+
+class LabError(VmrepError):
+    pass
+
+
+def home() -> Path:
+    return Path(os.environ.get("VMREP_HOME", ".vmrep")).resolve()
+
+
+def lab_dir(base: Path | None = None) -> Path:
+    return (base or home()) / "lab"
+
+
+# --------------------------------------------------------------------------------------
+# The launcher process
+
+
+def ensure_launcher() -> Path:
+    """Build the Go launcher if it is missing or older than its sources."""
+    src = REPO / "lab" / "launcher"
+    sources = list(src.glob("*.go"))
+    if LAUNCHER.exists() and all(LAUNCHER.stat().st_mtime >= s.stat().st_mtime for s in sources):
+        return LAUNCHER
+    if not sources:
+        raise LabError(f"lab launcher sources missing in {src}")
+    LAUNCHER.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, GO111MODULE="off", GOPATH="/usr/share/gocode", GOFLAGS="-mod=mod",
+               GOCACHE=str(REPO / "build" / "gocache"))
+    env.pop("GOFLAGS")
+    r = subprocess.run(["go", "build", "-o", str(LAUNCHER), "."], cwd=src, env=env,
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise LabError(f"building the lab launcher failed: {r.stderr.strip().splitlines()[-1:]}")
+    return LAUNCHER
+
+
+@dataclass
+class SiteProcess:
+    name: str
+    pid: int
+    url: str
+    host: str
+    control_url: str
+    ca_file: str
+    thumbprint: str
+    datastores: dict[str, str]
+    workdir: str
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def start_site(name: str, workdir: Path, *, vms_per_pool: int = 0, datastores: int = 2,
+               boot_delay: str = "1s", extra: list[str] | None = None, timeout: float = 30.0) -> SiteProcess:
+    binary = ensure_launcher()
+    workdir.mkdir(parents=True, exist_ok=True)
+    state = workdir / "state.json"
+    state.unlink(missing_ok=True)
+    args = [str(binary), "-listen", "127.0.0.1:0", "-tls-dir", str(workdir), "-state-file", str(state),
+            "-vm", str(vms_per_pool), "-ds", str(datastores), "-boot-delay", boot_delay, *(extra or [])]
+    log = open(workdir / "launcher.log", "ab")
+    env = dict(os.environ, TMPDIR=str(workdir))  # the simulator's datastore folders live here
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = (workdir / "launcher.log").read_text(errors="replace").strip().splitlines()[-3:]
+            raise LabError(f"lab site {name} exited at start: {' | '.join(tail)}")
+        if state.exists():
+            try:
+                info = json.loads(state.read_text())
+            except json.JSONDecodeError:
+                time.sleep(0.05)
+                continue
+            return SiteProcess(name=name, pid=proc.pid, url=info["url"], host=info["host"],
+                               control_url=info["control_url"], ca_file=info["ca_file"],
+                               thumbprint=info["thumbprint"], datastores=info["datastores"],
+                               workdir=str(workdir))
+        time.sleep(0.05)
+    proc.kill()
+    raise LabError(f"lab site {name} did not become ready within {timeout:.0f}s")
+
+
+def _is_our_launcher(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(cmdline) and cmdline[0].endswith(b"vcsim-lab")
+
+
+def stop_site(site: SiteProcess | dict[str, Any], timeout: float = 10.0) -> None:
+    pid = site.pid if isinstance(site, SiteProcess) else int(site["pid"])
+    if not _is_our_launcher(pid):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _is_our_launcher(pid):
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    if _is_our_launcher(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------------------
+# Seeding
+
+
+@dataclass
+class DiskSeed:
+    size_mib: int
+    random_regions: list[tuple[float, float]]  # (start, end) as fractions of the disk
+
+
+@dataclass
+class VMSeed:
+    name: str
+    disks: list[DiskSeed]
+    host: str = "DC0_C0_H0"
+    datastore: str = "LocalDS_0"
+    notes: str = ""
+
+
+SHARED_BLOCK = random.Random(7).randbytes(MiB)  # present in several VMs: dedup has something to find
+
+DEFAULT_VMS = [
+    VMSeed("erp-db", [DiskSeed(32, [(0.0, 0.3), (0.6, 0.7)]), DiskSeed(16, [(0.1, 0.5)])]),
+    VMSeed("erp-app", [DiskSeed(24, [(0.0, 0.25), (0.5, 0.6)])]),
+    VMSeed("erp-web", [DiskSeed(16, [(0.0, 0.5)])]),
+    VMSeed("files-01", [DiskSeed(24, [(0.0, 0.4)]), DiskSeed(8, [(0.25, 0.75)])]),
+]
+
+
+def write_disk_image(path: Path, seed: DiskSeed, rng: random.Random) -> None:
+    size = seed.size_mib * MiB
+    with open(path, "r+b" if path.exists() else "wb") as f:
+        f.truncate(size)  # sparse where zero, as long as the disk's capacity
+        for start, end in seed.random_regions:
+            lo = int(size * start) // MiB * MiB
+            hi = int(size * end) // MiB * MiB
+            for off in range(lo, hi, MiB):
+                f.seek(off)
+                f.write(rng.randbytes(MiB))
+        f.seek(size - MiB)
+        f.write(SHARED_BLOCK)
+
+
+def _device_specs(vm_name: str, ds: str, disks: list[DiskSeed], network: Any, net_name: str) -> list[Any]:
+    specs = []
+    ctrl = vim.vm.device.VirtualLsiLogicController(key=1000, busNumber=0, sharedBus="noSharing")
+    specs.append(vim.vm.device.VirtualDeviceSpec(operation="add", device=ctrl))
+    for i, d in enumerate(disks):
+        backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
+            fileName=f"[{ds}] {vm_name}/disk{i}.vmdk", diskMode="persistent", thinProvisioned=True)
+        disk = vim.vm.device.VirtualDisk(key=2000 + i, controllerKey=1000, unitNumber=i,
+                                         capacityInKB=d.size_mib * 1024, backing=backing)
+        specs.append(vim.vm.device.VirtualDeviceSpec(operation="add", fileOperation="create", device=disk))
+    nic = vim.vm.device.VirtualVmxnet3(
+        key=4000, backing=vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(network=network, deviceName=net_name),
+        addressType="generated")
+    specs.append(vim.vm.device.VirtualDeviceSpec(operation="add", device=nic))
+    return specs
+
+
+def _site_config(site: SiteProcess, password_file: Path) -> dict[str, Any]:
+    return {
+        "host": site.host,
+        "user": "lab-admin",
+        "password": {"file": str(password_file)},
+        "tls": {"ca_file": site.ca_file},
+        "datastore_mounts": dict(site.datastores),
+        "lab_control_url": site.control_url,
+    }
+
+
+def connect_site(site: SiteProcess, name: str) -> Any:
+    from vmrep.config import Site
+    from vmrep.vsphere.connection import Client
+
+    cfg = Site(name=name, host=site.host, user="lab-admin", password={"env": "UNUSED"},
+               tls={"ca_file": site.ca_file}, datastore_mounts=site.datastores)
+    return Client(cfg, "lab")
+
+
+def create_vm(client: Any, seed: VMSeed, *, folder: Any, pool: Any, host: Any, network: Any, net_name: str,
+              datastores: dict[str, str], rng: random.Random) -> Any:
+    from vmrep.vsphere.task import run_task
+
+    spec = vim.vm.ConfigSpec(
+        name=seed.name, guestId="otherLinux64Guest", numCPUs=1, memoryMB=256,
+        files=vim.vm.FileInfo(vmPathName=f"[{seed.datastore}]"), annotation=seed.notes,
+        deviceChange=_device_specs(seed.name, seed.datastore, seed.disks, network, net_name),
+    )
+    ref = run_task(client, f"VM {seed.name}", folder.CreateVM_Task, spec, pool, host)
+    root = Path(datastores[seed.datastore]) / seed.name
+    for i, d in enumerate(seed.disks):
+        write_disk_image(root / f"disk{i}-flat.vmdk", d, rng)
+    return ref
+
+
+def _find(client: Any, vimtype: type, name: str) -> Any:
+    from vmrep.vsphere.property import retrieve
+
+    for o in retrieve(client, vimtype, ["name"]):
+        if o.name == name:
+            return o.ref
+    raise LabError(f"lab: {vimtype.__name__} {name!r} not found")
+
+
+def add_portgroups(client: Any, names: list[str]) -> None:
+    from vmrep.vsphere.task import run_task
+
+    dvs = _find(client, vim.dvs.VmwareDistributedVirtualSwitch, "DC0_DVS")
+    specs = [vim.dvs.DistributedVirtualPortgroup.ConfigSpec(name=n, type="earlyBinding", numPorts=32) for n in names]
+    run_task(client, "DC0_DVS", dvs.AddDVPortgroup_Task, specs)
+
+
+def seed_site(client: Any, site: SiteProcess, vms: list[VMSeed], rng: random.Random) -> None:
+    from vmrep.vsphere.property import retrieve
+
+    dc = retrieve(client, vim.Datacenter, ["name", "vmFolder"])[0]
+    folder = dc.get("vmFolder")
+    hosts = {o.name: o for o in retrieve(client, vim.HostSystem, ["name", "parent"])}
+    pools = {o.ref._moId: o.get("resourcePool")
+             for o in retrieve(client, vim.ComputeResource, ["name", "resourcePool"])}
+    network = _find(client, vim.Network, "VM Network")
+    for seed in vms:
+        h = hosts[seed.host]
+        pool = pools[h.get("parent")._moId]
+        create_vm(client, seed, folder=folder, pool=pool, host=h.ref, network=network, net_name="VM Network",
+                  datastores=site.datastores, rng=rng)
+
+
+def lab_config(a: SiteProcess, b: SiteProcess, password_file: Path, journal: Path) -> dict[str, Any]:
+    def nic(live: str, test: str, base: int, i: int) -> dict[str, Any]:
+        return {"live_network": live, "test_network": test,
+                "live_ip": {"dhcp": False, "ip": f"10.20.{base}.{10 + i}", "netmask": "255.255.255.0",
+                            "gateway": f"10.20.{base}.1", "dns": [f"10.20.{base}.2"]},
+                "test_ip": {"dhcp": False, "ip": f"192.168.{base}.{10 + i}", "netmask": "255.255.255.0",
+                            "gateway": f"192.168.{base}.1"}}
+
+    return {
+        "sites": {"siteA": _site_config(a, password_file), "siteB": _site_config(b, password_file)},
+        "journal": {"path": str(journal)},
+        "vpgs": [
+            {
+                "name": "erp",
+                "protected_site": "siteA",
+                "recovery_site": "siteB",
+                "rpo_target_seconds": 60,
+                "journal_history_hours": 1,
+                "test_interval_months": 3,
+                "recovery": {"cluster": "DC0_C0", "host": "DC0_C0_H0", "datastore": "LocalDS_0",
+                             "live_network": "prod", "test_network": "dr-test"},
+                "boot_groups": [{"name": "database", "delay_seconds": 1},
+                                {"name": "application", "delay_seconds": 1},
+                                {"name": "web", "delay_seconds": 0}],
+                "vms": [
+                    {"name": "erp-db", "boot_group": "database", "nics": [nic("prod", "dr-test", 1, 0)]},
+                    {"name": "erp-app", "boot_group": "application", "nics": [nic("prod", "dr-test", 1, 1)]},
+                    {"name": "erp-web", "boot_group": "web", "nics": [nic("prod", "dr-test", 1, 2)]},
+                ],
+                "email_to": ["dr-team@example.test"],
+            },
+            {
+                "name": "files",
+                "protected_site": "siteA",
+                "recovery_site": "siteA",
+                "rpo_target_seconds": 120,
+                "journal_history_hours": 1,
+                "recovery": {"host": "DC0_H0", "datastore": "LocalDS_1", "folder": "recovered",
+                             "live_network": "prod", "test_network": "dr-test"},
+                "vms": [{"name": "files-01", "recovery_datastore": "LocalDS_1"}],
+            },
+        ],
+    }
+
+
+@dataclass
+class Lab:
+    dir: Path
+    config_path: Path
+    sites: dict[str, SiteProcess] = field(default_factory=dict)
+
+    def state(self) -> dict[str, Any]:
+        return {"dir": str(self.dir), "config": str(self.config_path),
+                "sites": {k: v.to_json() for k, v in self.sites.items()}}
+
+
+def up(base: Path | None = None, config_path: Path | None = None, *, boot_delay: str = "1s",
+       seed: int = 1) -> Lab:
+    d = lab_dir(base)
+    if (d / "lab.json").exists():
+        existing = json.loads((d / "lab.json").read_text())
+        if all(_is_our_launcher(int(s["pid"])) for s in existing["sites"].values()):
+            raise LabError(f"a lab is already running (state in {d / 'lab.json'}); run 'vmrep lab down' first")
+        down(base)
+    d.mkdir(parents=True, exist_ok=True)
+    config_path = (config_path or Path("vmrep.yaml")).resolve()
+    lab = Lab(dir=d, config_path=config_path)
+    rng = random.Random(seed)
+    try:
+        for name in ("siteA", "siteB"):
+            lab.sites[name] = start_site(name, d / name, boot_delay=boot_delay)
+        (d / "lab.json").write_text(json.dumps(lab.state(), indent=2))
+        password_file = d / "password"
+        password_file.write_text(secrets.token_hex(16))
+        password_file.chmod(0o600)
+        a = connect_site(lab.sites["siteA"], "siteA")
+        b = connect_site(lab.sites["siteB"], "siteB")
+        try:
+            seed_site(a, lab.sites["siteA"], DEFAULT_VMS, rng)
+            add_portgroups(a, ["prod", "dr-test"])
+            add_portgroups(b, ["prod", "dr-test"])
+            dc = _find(a, vim.Datacenter, "DC0")
+            from vmrep.vsphere.property import retrieve_one
+            vm_folder = retrieve_one(a, dc, ["vmFolder"]).get("vmFolder")
+            a.call("folder recovered", vm_folder.CreateFolder, "recovered")
+        finally:
+            a.close()
+            b.close()
+        config_path.write_text(
+            "# Written by 'vmrep lab up': a two-site lab (siteA protected, siteB recovery).\n"
+            + yaml.safe_dump(lab_config(lab.sites["siteA"], lab.sites["siteB"], password_file, d / "journal"),
+                             sort_keys=False))
+        (d / "lab.json").write_text(json.dumps(lab.state(), indent=2))
+        return lab
+    except BaseException:
+        for s in lab.sites.values():
+            stop_site(s)
+        raise
+
+
+def down(base: Path | None = None) -> list[str]:
+    d = lab_dir(base)
+    state_file = d / "lab.json"
+    if not state_file.exists():
+        return []
+    state = json.loads(state_file.read_text())
+    stopped = []
+    for name, s in state["sites"].items():
+        stop_site(s)
+        stopped.append(name)
+    shutil.rmtree(d, ignore_errors=True)
+    return stopped
+
+
+def status(base: Path | None = None) -> dict[str, Any]:
+    d = lab_dir(base)
+    state_file = d / "lab.json"
+    if not state_file.exists():
+        return {"running": False, "sites": {}}
+    state = json.loads(state_file.read_text())
+    sites = {name: {"url": s["url"], "pid": s["pid"], "running": _is_our_launcher(int(s["pid"]))}
+             for name, s in state["sites"].items()}
+    return {"running": all(s["running"] for s in sites.values()), "config": state.get("config"), "sites": sites}
+
+
+def load(base: Path | None = None) -> Lab:
+    d = lab_dir(base)
+    state = json.loads((d / "lab.json").read_text())
+    return Lab(dir=d, config_path=Path(state["config"]),
+               sites={k: SiteProcess(**v) for k, v in state["sites"].items()})
+
+
+if __name__ == "__main__":  # pragma: no cover - manual use
+    print(json.dumps(up().state(), indent=2), file=sys.stdout)

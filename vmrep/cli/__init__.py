@@ -1,0 +1,48 @@
+"""The `vmrep` command. Each group of commands lives in its own module and registers
+itself on `app`; errors the user can act on print as one line and exit non-zero."""
+
+from __future__ import annotations
+
+import sys
+
+from vmrep.cli.common import app, console_err
+from vmrep.errors import VmrepError
+
+# Importing the command modules registers their commands.
+from vmrep.cli import lab as _lab  # noqa: F401,E402
+from vmrep.cli import config as _config  # noqa: F401,E402
+
+for _optional in ("replication", "recovery", "monitor", "report"):
+    try:
+        __import__(f"vmrep.cli.{_optional}")
+    except ModuleNotFoundError as _exc:  # a module not written yet must not break the others
+        if _exc.name != f"vmrep.cli.{_optional}":
+            raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, prog_name="vmrep", standalone_mode=False)
+        return 0
+    except VmrepError as exc:
+        for line in exc.lines:
+            console_err.print(f"error: {line}", markup=False, highlight=False)
+        return exc.exit_code
+    except SystemExit as exc:  # typer exits for --help and usage errors
+        return int(exc.code or 0)
+    except KeyboardInterrupt:
+        console_err.print("interrupted", markup=False)
+        return 130
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Abort):
+            return 1
+        raise
+
+
+def entry() -> None:
+    sys.exit(main())

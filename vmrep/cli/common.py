@@ -1,0 +1,54 @@
+"""Shared pieces of the CLI: the Typer app, the --config option, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from vmrep.config import Config, load_config
+
+app = typer.Typer(
+    name="vmrep",
+    help="Continuous replication, DR tests and failover of vSphere VMs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+console_err = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="vmrep.yaml to use (default: $VMREP_CONFIG or ./vmrep.yaml)"),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+def config_from(path: Path | None) -> Config:
+    return load_config(path)
+
+
+def _default(o: Any) -> Any:
+    if isinstance(o, datetime):
+        return o.isoformat()
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "model_dump"):
+        return o.model_dump(mode="json")
+    if hasattr(o, "__dict__"):
+        return o.__dict__
+    return str(o)
+
+
+def print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=_default))
+
+
+def who() -> str:
+    return os.environ.get("VMREP_USER") or os.environ.get("USER") or "unknown"

@@ -1,0 +1,93 @@
+"""`vmrep lab ...`: the two-site simulator lab for the demo, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vmrep.cli.common import ConfigOpt, JsonOpt, app, config_from, console, print_json
+from vmrep.errors import VmrepError
+
+lab_app = typer.Typer(help="Start, inspect and stop the two-site vSphere lab.", no_args_is_help=True)
+app.add_typer(lab_app, name="lab")
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
+          "g": 1024**3, "gib": 1024**3, "gb": 1000**3}
+
+
+def parse_size(text: str, what: str) -> float:
+    m = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", text.removesuffix("/s"))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise VmrepError(f"{what}: cannot read {text!r} (try 4MiB/s)")
+    return float(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def parse_duration(text: str, what: str) -> float:
+    m = re.fullmatch(r"\s*([\d.]+)\s*(ms|s|m|h|d)?\s*", text)
+    if not m:
+        raise VmrepError(f"{what}: cannot read {text!r} (try 60s, 10m, 1h)")
+    return float(m.group(1)) * {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+@lab_app.command("up")
+def lab_up(
+    config: Annotated[Path, typer.Option("--config", "-c", help="where to write the lab's vmrep.yaml")] = Path("vmrep.yaml"),
+    boot_delay: Annotated[str, typer.Option(help="how long a simulated guest takes to boot")] = "1s",
+) -> None:
+    """Start a protected and a recovery site, seed VMs with real disk bytes, write vmrep.yaml."""
+    from lab import manage
+
+    lab = manage.up(config_path=config, boot_delay=boot_delay)
+    for name, s in lab.sites.items():
+        console.print(f"{name}: {s.url} (pid {s.pid})", markup=False)
+    console.print(f"config written to {lab.config_path}", markup=False)
+
+
+@lab_app.command("down")
+def lab_down() -> None:
+    """Stop what 'lab up' started and remove its folders."""
+    from lab import manage
+
+    stopped = manage.down()
+    console.print(f"stopped: {', '.join(stopped)}" if stopped else "no lab running", markup=False)
+
+
+@lab_app.command("status")
+def lab_status(json_out: JsonOpt = False) -> None:
+    """Show whether the lab's sites are running."""
+    from lab import manage
+
+    st = manage.status()
+    if json_out:
+        print_json(st)
+        return
+    if not st["sites"]:
+        console.print("no lab running", markup=False)
+    for name, s in st["sites"].items():
+        console.print(f"{name}: {'running' if s['running'] else 'stopped'} {s['url']} (pid {s['pid']})", markup=False)
+
+
+@lab_app.command("write")
+def lab_write(
+    vm: Annotated[str, typer.Argument(help="lab VM whose guest writes")],
+    disk: Annotated[int | None, typer.Option(help="disk index (default: all disks)")] = None,
+    rate: Annotated[str, typer.Option(help="bytes per second, e.g. 4MiB/s")] = "4MiB/s",
+    duration: Annotated[str, typer.Option("--for", help="how long, e.g. 60s")] = "10s",
+    seed: Annotated[int | None, typer.Option(help="random seed, for repeatable writes")] = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write into a lab VM's disk as its guest would."""
+    from lab.guest import guest_write
+
+    cfg = config_from(config)
+    stats = guest_write(cfg, vm, disk=disk, rate=parse_size(rate, "--rate"),
+                        seconds=parse_duration(duration, "--for"), seed=seed)
+    if json_out:
+        print_json([s.__dict__ for s in stats])
+    else:
+        for s in stats:
+            console.print(f"{s.vm} {s.disk}: {s.writes} writes, {s.bytes} bytes in {s.seconds:.1f}s", markup=False)

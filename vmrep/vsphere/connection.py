@@ -1,0 +1,212 @@
+"""One authenticated session to one site, with TLS verified and transparent re-login.
+
+Every call into vSphere goes through `Client.call`, which retries transient faults
+with backoff (logging in again first when the session was lost) and turns permanent
+faults into one-line errors naming the object.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from http.cookies import SimpleCookie
+from typing import Any, Callable, TypeVar
+
+from pyVim.connect import Disconnect, SmartConnect
+from pyVmomi import vim
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from vmrep.config import Site
+from vmrep.errors import ConnectionFailed, TransientError
+from vmrep.vsphere import faults
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class RetryPolicy:
+    attempts: int = 5
+    initial: float = 0.2
+    maximum: float = 5.0
+
+
+@dataclass
+class CallStats:
+    """Round trips made through this client, by kind; tests and benchmarks count them."""
+
+    calls: int = 0
+    retries: int = 0
+    relogins: int = 0
+    by_name: dict[str, int] = field(default_factory=dict)
+
+    def count(self, name: str) -> None:
+        self.calls += 1
+        self.by_name[name] = self.by_name.get(name, 0) + 1
+
+
+def ssl_context(site: Site) -> ssl.SSLContext:
+    tls = site.tls
+    if tls.insecure or tls.thumbprint:
+        # A pinned thumbprint replaces chain verification; pyvmomi checks the pin.
+        ctx = ssl._create_unverified_context()  # noqa: SLF001 - explicit, per-site choice
+        return ctx
+    if tls.ca_file:
+        return ssl.create_default_context(cafile=str(tls.ca_file))
+    return ssl.create_default_context()
+
+
+def split_host(host: str) -> tuple[str, int]:
+    h = host.removeprefix("https://").split("/", 1)[0]
+    if h.startswith("[") and "]" in h:  # IPv6 literal
+        addr, _, rest = h[1:].partition("]")
+        return addr, int(rest[1:]) if rest.startswith(":") else 443
+    if ":" in h:
+        addr, port = h.rsplit(":", 1)
+        return addr, int(port)
+    return h, 443
+
+
+class Client:
+    """A logged-in session to one site."""
+
+    def __init__(self, site: Site, password: str, *, retry: RetryPolicy | None = None) -> None:
+        self.site = site
+        self._password = password
+        self.retry = retry or RetryPolicy()
+        self.stats = CallStats()
+        self._login_lock = threading.Lock()
+        self.host, self.port = split_host(site.host)
+        self.si = self._connect()
+        self.content = self.si.RetrieveContent()
+
+    # -- connection -------------------------------------------------------------------
+
+    def _connect(self) -> Any:
+        try:
+            return SmartConnect(
+                host=self.host,
+                port=self.port,
+                user=self.site.user,
+                pwd=self._password,
+                sslContext=ssl_context(self.site),
+                thumbprint=self.site.tls.thumbprint,
+                connectionPoolTimeout=int(self.site.timeout_seconds),
+            )
+        except vim.fault.InvalidLogin:
+            raise ConnectionFailed(
+                f"site {self.site.name}: login refused for user {self.site.user!r} (wrong credentials)"
+            ) from None
+        except ssl.SSLError as exc:
+            raise ConnectionFailed(
+                f"site {self.site.name} ({self.site.host}): TLS verification failed: {exc.__class__.__name__}: "
+                f"{getattr(exc, 'verify_message', None) or exc.reason or exc}; give tls.ca_file or tls.thumbprint"
+            ) from None
+        except OSError as exc:
+            raise ConnectionFailed(
+                f"site {self.site.name} ({self.site.host}): cannot connect: {exc.strerror or exc}"
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - pyvmomi raises many shapes for a bad endpoint
+            if "thumbprint" in str(exc).lower():
+                raise ConnectionFailed(
+                    f"site {self.site.name} ({self.site.host}): server certificate does not match the pinned thumbprint"
+                ) from None
+            raise ConnectionFailed(
+                f"site {self.site.name} ({self.site.host}): cannot connect: {faults.fault_message(exc)}"
+            ) from None
+
+    def relogin(self) -> None:
+        """Log in again on the same stub, so every object reference stays valid."""
+        with self._login_lock:
+            self.stats.relogins += 1
+            try:
+                self.content.sessionManager.Login(self.site.user, self._password)
+            except vim.fault.InvalidLogin:
+                raise ConnectionFailed(
+                    f"site {self.site.name}: login refused for user {self.site.user!r}"
+                ) from None
+            log.info("site %s: session re-established", self.site.name)
+
+    @property
+    def session_cookie(self) -> tuple[str, str]:
+        """(name, value) of the SOAP session cookie, for the datastore file interface."""
+        raw = self.si._stub.cookie  # noqa: SLF001 - pyvmomi keeps the cookie only here
+        cookie = SimpleCookie(raw)
+        morsel = cookie.get("vmware_soap_session")
+        if morsel is None:
+            raise ConnectionFailed(f"site {self.site.name}: no session cookie after login")
+        return "vmware_soap_session", morsel.value
+
+    def close(self) -> None:
+        try:
+            Disconnect(self.si)
+        except Exception:  # noqa: BLE001 - closing a dead session is fine
+            pass
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- calls ------------------------------------------------------------------------
+
+    def call(self, what: str, fn: Callable[..., T], *args: Any, name: str | None = None, **kwargs: Any) -> T:
+        """Run one vSphere call, retrying transient faults; `what` names the object for errors."""
+        label = name or getattr(fn, "__name__", "call")
+
+        def before_retry(state: RetryCallState) -> None:
+            self.stats.retries += 1
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning("site %s: %s on %s failed transiently (%s), retrying",
+                        self.site.name, label, what, exc and faults.fault_name(exc))
+            if exc is not None and faults.is_session_lost(exc):
+                self.relogin()
+
+        retrying = Retrying(
+            stop=stop_after_attempt(self.retry.attempts),
+            wait=wait_exponential_jitter(initial=self.retry.initial, max=self.retry.maximum),
+            retry=retry_if_exception(faults.is_transient),
+            before_sleep=before_retry,
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    self.stats.count(label)
+                    return fn(*args, **kwargs)
+        except (ConnectionFailed, TransientError):
+            raise
+        except Exception as exc:
+            if faults.is_transient(exc):
+                raise TransientError(
+                    f"site {self.site.name}: {label} on {what} still failing after "
+                    f"{self.retry.attempts} attempts: {faults.fault_name(exc)}: {faults.fault_message(exc)}"
+                ) from exc
+            from pyVmomi import vmodl
+
+            if isinstance(exc, vmodl.MethodFault):
+                raise faults.as_user_error(exc, f"site {self.site.name}: {what}") from exc
+            raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def connect(site: Site, password: str | None = None, **kw: Any) -> Client:
+    if password is None:
+        from vmrep.secrets import resolve_secret
+
+        password = resolve_secret(site.password, f"sites.{site.name}.password")
+    return Client(site, password, **kw)
+
+
+def wait_seconds(seconds: float) -> None:
+    time.sleep(seconds)

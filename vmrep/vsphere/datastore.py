@@ -1,0 +1,220 @@
+"""Datastore files over the `/folder` HTTPS interface, or a local mount of the same datastore.
+
+Reads are ranged GETs, writes are streaming PUTs, both with the SOAP session cookie.
+Where the datastore is mounted on this host (`site.datastore_mounts`) the same files
+are read and written locally: same interface, no HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Iterable, Iterator, Protocol
+from urllib.parse import quote
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from vmrep.errors import NotFound, TransientError, VSphereError
+from vmrep.vsphere.connection import Client
+
+
+def parse_ds_path(path: str) -> tuple[str, str]:
+    """'[ds1] vm/disk.vmdk' -> ('ds1', 'vm/disk.vmdk')."""
+    if not path.startswith("[") or "]" not in path:
+        raise ValueError(f"not a datastore path: {path!r}")
+    ds, _, rel = path[1:].partition("]")
+    return ds, rel.strip()
+
+
+def flat_path(descriptor: str) -> str:
+    """The flat extent that holds a disk's bytes: 'x.vmdk' -> 'x-flat.vmdk'."""
+    return descriptor[:-5] + "-flat.vmdk" if descriptor.endswith(".vmdk") else descriptor
+
+
+class DatastoreFiles(Protocol):
+    def size(self, path: str) -> int: ...
+    def read(self, path: str, offset: int, length: int) -> bytes: ...
+    def write(self, path: str, chunks: Iterable[bytes], size: int) -> None: ...
+    def delete(self, path: str) -> None: ...
+    def exists(self, path: str) -> bool: ...
+
+
+class _PinnedAdapter(HTTPAdapter):
+    def __init__(self, fingerprint: str) -> None:
+        self._fp = fingerprint
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        kwargs["assert_fingerprint"] = self._fp
+        return super().init_poolmanager(*args, **kwargs)
+
+
+class HttpDatastore:
+    """One datacenter's datastores through `/folder`, authenticated by the session cookie."""
+
+    def __init__(self, client: Client, datacenter: str) -> None:
+        self.client = client
+        self.datacenter = datacenter
+        self._local = threading.local()
+
+    def _session(self) -> requests.Session:
+        s = getattr(self._local, "session", None)
+        if s is None:
+            s = requests.Session()
+            tls = self.client.site.tls
+            if tls.thumbprint:
+                s.mount("https://", _PinnedAdapter(tls.thumbprint))
+                s.verify = False
+            elif tls.insecure:
+                s.verify = False
+            elif tls.ca_file:
+                s.verify = str(tls.ca_file)
+            self._local.session = s
+        name, value = self.client.session_cookie
+        s.cookies.set(name, value)
+        return s
+
+    def _url(self, path: str) -> tuple[str, dict[str, str]]:
+        ds, rel = parse_ds_path(path)
+        host = f"{self.client.host}:{self.client.port}"
+        return f"https://{host}/folder/{quote(rel)}", {"dcPath": self.datacenter, "dsName": ds}
+
+    def _request(self, method: str, path: str, **kw) -> requests.Response:  # type: ignore[no-untyped-def]
+        url, params = self._url(path)
+
+        def go() -> requests.Response:
+            r = self._session().request(method, url, params=params, timeout=self.client.site.timeout_seconds, **kw)
+            if r.status_code == 401:
+                # The cookie went stale with the session: log in again, then retry.
+                self.client.relogin()
+                raise TransientError(f"{path}: session expired")
+            if r.status_code in (502, 503, 504):
+                raise TransientError(f"{path}: HTTP {r.status_code}")
+            return r
+
+        return self.client.call(path, go, name=f"DatastoreFile.{method}")
+
+    def size(self, path: str) -> int:
+        r = self._request("GET", path, headers={"Range": "bytes=0-0"}, stream=True)
+        r.close()
+        if r.status_code == 404:
+            raise NotFound(f"datastore file {path} not found")
+        cr = r.headers.get("Content-Range")
+        if cr and "/" in cr:
+            return int(cr.rsplit("/", 1)[1])
+        return int(r.headers.get("Content-Length", "0"))
+
+    def exists(self, path: str) -> bool:
+        try:
+            self.size(path)
+            return True
+        except NotFound:
+            return False
+
+    def read(self, path: str, offset: int, length: int) -> bytes:
+        r = self._request("GET", path, headers={"Range": f"bytes={offset}-{offset + length - 1}"})
+        if r.status_code == 404:
+            raise NotFound(f"datastore file {path} not found")
+        if r.status_code not in (200, 206):
+            raise VSphereError(f"reading {path}: HTTP {r.status_code}")
+        data = r.content
+        if r.status_code == 200:  # server ignored the range
+            data = data[offset : offset + length]
+        if len(data) < length:
+            data += bytes(length - len(data))  # past the flat file's end reads as zeros
+        return data
+
+    def write(self, path: str, chunks: Iterable[bytes], size: int) -> None:
+        r = self._request(
+            "PUT", path, data=iter(chunks),
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+        )
+        if r.status_code not in (200, 201, 204):
+            raise VSphereError(f"writing {path}: HTTP {r.status_code}")
+
+    def delete(self, path: str) -> None:
+        r = self._request("DELETE", path)
+        if r.status_code not in (200, 204, 404):
+            raise VSphereError(f"deleting {path}: HTTP {r.status_code}")
+
+
+class LocalDatastore:
+    """The same interface over a datastore mounted on this host."""
+
+    def __init__(self, mounts: dict[str, Path]) -> None:
+        self.mounts = mounts
+
+    def local(self, path: str) -> Path:
+        ds, rel = parse_ds_path(path)
+        try:
+            return Path(self.mounts[ds]) / rel
+        except KeyError:
+            raise NotFound(f"datastore {ds} is not mounted locally") from None
+
+    def size(self, path: str) -> int:
+        try:
+            return self.local(path).stat().st_size
+        except FileNotFoundError:
+            raise NotFound(f"datastore file {path} not found") from None
+
+    def exists(self, path: str) -> bool:
+        return self.local(path).exists()
+
+    def read(self, path: str, offset: int, length: int) -> bytes:
+        with open(self.local(path), "rb") as f:
+            data = os.pread(f.fileno(), length, offset)
+        return data + bytes(length - len(data)) if len(data) < length else data
+
+    def write(self, path: str, chunks: Iterable[bytes], size: int) -> None:
+        target = self.local(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".vmrep-tmp")
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.truncate(size)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+
+    def delete(self, path: str) -> None:
+        try:
+            self.local(path).unlink()
+        except FileNotFoundError:
+            pass
+
+
+class DatastoreAccess:
+    """Local where mounted, else HTTP: callers do not care which."""
+
+    def __init__(self, client: Client, datacenter: str) -> None:
+        self.http = HttpDatastore(client, datacenter)
+        self.localds = LocalDatastore(client.site.datastore_mounts)
+
+    def _pick(self, path: str) -> DatastoreFiles:
+        ds, _ = parse_ds_path(path)
+        return self.localds if ds in self.localds.mounts else self.http
+
+    def size(self, path: str) -> int:
+        return self._pick(path).size(path)
+
+    def exists(self, path: str) -> bool:
+        return self._pick(path).exists(path)
+
+    def read(self, path: str, offset: int, length: int) -> bytes:
+        return self._pick(path).read(path, offset, length)
+
+    def write(self, path: str, chunks: Iterable[bytes], size: int) -> None:
+        self._pick(path).write(path, chunks, size)
+
+    def delete(self, path: str) -> None:
+        self._pick(path).delete(path)
+
+    def is_local(self, path: str) -> bool:
+        return self._pick(path) is self.localds
+
+
+def iter_chunks(data_source: Iterator[bytes]) -> Iterator[bytes]:
+    yield from data_source

@@ -1,0 +1,273 @@
+"""What a site holds, read in bulk: VMs with their disks and NICs, hosts, datastores,
+networks, folders. A constant number of PropertyCollector round trips whatever the
+number of VMs (one per object type).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from pyVmomi import vim
+
+from vmrep.errors import NotFound
+from vmrep.vsphere.connection import Client
+from vmrep.vsphere.datastore import flat_path, parse_ds_path
+from vmrep.vsphere.property import Obj, retrieve
+
+VM_PATHS = (
+    "name",
+    "config.instanceUuid",
+    "config.hardware.device",
+    "config.annotation",
+    "config.extraConfig",
+    "customValue",
+    "runtime.powerState",
+    "runtime.host",
+    "guest.toolsRunningStatus",
+    "guest.ipAddress",
+    "guest.net",
+    "guestHeartbeatStatus",
+    "resourcePool",
+    "parent",
+    "snapshot",
+)
+
+
+@dataclass
+class DiskInfo:
+    key: int
+    label: str
+    controller_key: int
+    bus: int | None
+    unit: int | None
+    capacity: int
+    file: str  # descriptor path '[ds] vm/disk.vmdk'
+    rdm: bool = False
+    multi_writer: bool = False
+    shared_bus: bool = False
+
+    @property
+    def id(self) -> str:
+        """Stable name of the disk within its VM: the controller slot, as 'scsi0:1'."""
+        return f"scsi{self.bus}:{self.unit}" if self.bus is not None else f"disk{self.key}"
+
+    @property
+    def datastore(self) -> str:
+        return parse_ds_path(self.file)[0]
+
+    @property
+    def flat(self) -> str:
+        return flat_path(self.file)
+
+
+@dataclass
+class NicInfo:
+    key: int
+    label: str
+    network: str | None
+    mac: str | None
+
+
+@dataclass
+class VMInfo:
+    ref: Any
+    name: str
+    uuid: str | None
+    power_state: str
+    host: Any
+    disks: list[DiskInfo]
+    nics: list[NicInfo]
+    notes: str
+    custom: dict[str, str]
+    extra: dict[str, str]
+    tools: str | None
+    ip: str | None
+    heartbeat: str | None
+    has_snapshot: bool
+    resource_pool: Any = None
+    folder: Any = None
+    snapshot_names: list[str] = field(default_factory=list)
+
+
+def _network_name(backing: Any, networks: dict[str, str], portgroups: dict[str, str]) -> str | None:
+    if isinstance(backing, vim.vm.device.VirtualEthernetCard.NetworkBackingInfo):
+        if backing.network is not None:
+            return networks.get(backing.network._moId, backing.deviceName)
+        return backing.deviceName
+    if isinstance(backing, vim.vm.device.VirtualEthernetCard.DistributedVirtualPortBackingInfo):
+        key = backing.port.portgroupKey if backing.port else None
+        return portgroups.get(key or "", key)
+    return None
+
+
+def parse_devices(devices: Iterable[Any], networks: dict[str, str] | None = None,
+                  portgroups: dict[str, str] | None = None) -> tuple[list[DiskInfo], list[NicInfo]]:
+    """Disks and NICs from `config.hardware.device` (also usable on device lists built locally)."""
+    devices = list(devices or [])
+    controllers = {d.key: d for d in devices if isinstance(d, vim.vm.device.VirtualController)}
+    disks: list[DiskInfo] = []
+    nics: list[NicInfo] = []
+    for d in devices:
+        label = d.deviceInfo.label if d.deviceInfo else str(d.key)
+        if isinstance(d, vim.vm.device.VirtualDisk):
+            ctrl = controllers.get(d.controllerKey)
+            backing = d.backing
+            rdm = isinstance(backing, vim.vm.device.VirtualDisk.RawDiskMappingVer1BackingInfo)
+            sharing = getattr(backing, "sharing", None)
+            shared_bus = isinstance(ctrl, vim.vm.device.VirtualSCSIController) and \
+                ctrl.sharedBus not in (None, "noSharing")
+            capacity = d.capacityInBytes or (d.capacityInKB or 0) * 1024
+            disks.append(DiskInfo(
+                key=d.key, label=label, controller_key=d.controllerKey,
+                bus=ctrl.busNumber if ctrl is not None else None, unit=d.unitNumber,
+                capacity=int(capacity), file=getattr(backing, "fileName", "") or "",
+                rdm=rdm, multi_writer=sharing == "sharingMultiWriter", shared_bus=shared_bus,
+            ))
+        elif isinstance(d, vim.vm.device.VirtualEthernetCard):
+            nics.append(NicInfo(key=d.key, label=label,
+                                network=_network_name(d.backing, networks or {}, portgroups or {}),
+                                mac=d.macAddress))
+    disks.sort(key=lambda x: (x.bus if x.bus is not None else 99, x.unit or 0, x.key))
+    nics.sort(key=lambda n: n.key)
+    return disks, nics
+
+
+def _snapshot_names(tree: Any) -> list[str]:
+    out: list[str] = []
+    stack = list(getattr(tree, "rootSnapshotList", None) or [])
+    while stack:
+        node = stack.pop()
+        out.append(node.name)
+        stack.extend(node.childSnapshotList or [])
+    return out
+
+
+class Inventory:
+    """A snapshot of one site's inventory, read with one round trip per object type."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.networks = {o.ref._moId: o.name for o in retrieve(client, vim.Network, ["name"])}
+        self.portgroups = {
+            o.get("key"): o.name for o in retrieve(client, vim.dvs.DistributedVirtualPortgroup, ["name", "key"])
+        }
+        self.fields = {
+            f.key: f.name for f in (client.call("custom fields", lambda: client.content.customFieldsManager.field,
+                                                name="RetrieveCustomFields") or [])
+        } if client.content.customFieldsManager is not None else {}
+        self._vms: list[VMInfo] | None = None
+        self._hosts: list[Obj] | None = None
+        self._datastores: list[Obj] | None = None
+        self._folders: list[Obj] | None = None
+        self._pools: list[Obj] | None = None
+        self._clusters: list[Obj] | None = None
+        self._datacenters: list[Obj] | None = None
+
+    # -- VMs --------------------------------------------------------------------------
+
+    def vms(self) -> list[VMInfo]:
+        if self._vms is None:
+            self._vms = [self._vm(o) for o in retrieve(self.client, vim.VirtualMachine, VM_PATHS)]
+        return self._vms
+
+    def _vm(self, o: Obj) -> VMInfo:
+        disks, nics = parse_devices(o.get("config.hardware.device") or [], self.networks, self.portgroups)
+        custom = {}
+        for cv in o.get("customValue") or []:
+            custom[self.fields.get(cv.key, str(cv.key))] = getattr(cv, "value", "")
+        extra = {opt.key: str(opt.value) for opt in (o.get("config.extraConfig") or [])}
+        snap = o.get("snapshot")
+        return VMInfo(
+            ref=o.ref, name=o.name, uuid=o.get("config.instanceUuid"),
+            power_state=str(o.get("runtime.powerState") or "unknown"), host=o.get("runtime.host"),
+            disks=disks, nics=nics, notes=o.get("config.annotation") or "", custom=custom, extra=extra,
+            tools=o.get("guest.toolsRunningStatus"), ip=o.get("guest.ipAddress"),
+            heartbeat=str(o.get("guestHeartbeatStatus")) if o.get("guestHeartbeatStatus") else None,
+            has_snapshot=bool(snap and getattr(snap, "rootSnapshotList", None)),
+            snapshot_names=_snapshot_names(snap) if snap else [],
+            resource_pool=o.get("resourcePool"), folder=o.get("parent"),
+        )
+
+    def vms_by_name(self) -> dict[str, VMInfo]:
+        return {v.name: v for v in self.vms()}
+
+    def vm(self, name: str) -> VMInfo:
+        found = self.vms_by_name().get(name)
+        if found is None:
+            raise NotFound(f"site {self.client.site.name}: VM {name!r} not found")
+        return found
+
+    # -- the rest of the inventory ------------------------------------------------------
+
+    def hosts(self) -> list[Obj]:
+        if self._hosts is None:
+            self._hosts = retrieve(self.client, vim.HostSystem, ["name", "parent", "datastore", "network"])
+        return self._hosts
+
+    def datastores(self) -> list[Obj]:
+        if self._datastores is None:
+            self._datastores = retrieve(self.client, vim.Datastore,
+                                        ["name", "info.url", "summary.freeSpace", "summary.capacity"])
+        return self._datastores
+
+    def folders(self) -> list[Obj]:
+        if self._folders is None:
+            self._folders = retrieve(self.client, vim.Folder, ["name", "childType", "parent"])
+        return self._folders
+
+    def resource_pools(self) -> list[Obj]:
+        if self._pools is None:
+            self._pools = retrieve(self.client, vim.ResourcePool, ["name", "owner", "parent"])
+        return self._pools
+
+    def clusters(self) -> list[Obj]:
+        if self._clusters is None:
+            self._clusters = retrieve(self.client, vim.ComputeResource, ["name", "resourcePool", "host"])
+        return self._clusters
+
+    def datacenters(self) -> list[Obj]:
+        if self._datacenters is None:
+            self._datacenters = retrieve(self.client, vim.Datacenter, ["name", "vmFolder", "datastoreFolder"])
+        return self._datacenters
+
+    def network_names(self) -> set[str]:
+        return set(self.networks.values()) | set(self.portgroups.values())
+
+    @staticmethod
+    def _by_name(objs: list[Obj], name: str, kind: str, site: str) -> Obj:
+        for o in objs:
+            if o.name == name:
+                return o
+        raise NotFound(f"site {site}: {kind} {name!r} not found")
+
+    def host(self, name: str) -> Obj:
+        return self._by_name(self.hosts(), name, "host", self.client.site.name)
+
+    def datastore(self, name: str) -> Obj:
+        return self._by_name(self.datastores(), name, "datastore", self.client.site.name)
+
+    def folder(self, name: str) -> Obj:
+        vm_folders = [f for f in self.folders() if "VirtualMachine" in (f.get("childType") or [])]
+        return self._by_name(vm_folders, name, "VM folder", self.client.site.name)
+
+    def cluster(self, name: str) -> Obj:
+        return self._by_name(self.clusters(), name, "cluster", self.client.site.name)
+
+    def resource_pool(self, name: str) -> Obj:
+        return self._by_name(self.resource_pools(), name, "resource pool", self.client.site.name)
+
+    def network(self, name: str) -> Any:
+        for moid, n in self.networks.items():
+            if n == name:
+                return moid
+        raise NotFound(f"site {self.client.site.name}: network {name!r} not found")
+
+    def datacenter_name(self) -> str:
+        want = self.client.site.datacenter
+        dcs = self.datacenters()
+        if want:
+            return self._by_name(dcs, want, "datacenter", self.client.site.name).name
+        if not dcs:
+            raise NotFound(f"site {self.client.site.name}: no datacenter")
+        return dcs[0].name
