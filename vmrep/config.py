@@ -143,6 +143,9 @@ class VMSpec(Strict):
     recovery_datastore: str | None = None
     recovery_folder: str | None = None
     nics: list[NIC] = []
+    # Disk copies already at the recovery site (disk id 'scsi0:0' -> '[ds] path-flat.vmdk'):
+    # the initial sync then sends only the blocks that differ.
+    preseed: dict[str, str] = {}
 
 
 class BootGroup(Strict):

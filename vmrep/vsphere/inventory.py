@@ -87,7 +87,7 @@ class VMInfo:
     has_snapshot: bool
     resource_pool: Any = None
     folder: Any = None
-    snapshot_names: list[str] = field(default_factory=list)
+    snapshots: list[tuple[str, Any]] = field(default_factory=list)
 
 
 def _network_name(backing: Any, networks: dict[str, str], portgroups: dict[str, str]) -> str | None:
@@ -133,12 +133,13 @@ def parse_devices(devices: Iterable[Any], networks: dict[str, str] | None = None
     return disks, nics
 
 
-def _snapshot_names(tree: Any) -> list[str]:
-    out: list[str] = []
+def _snapshots(tree: Any) -> list[tuple[str, Any]]:
+    """(name, snapshot reference) of every snapshot in a VM's snapshot tree."""
+    out: list[tuple[str, Any]] = []
     stack = list(getattr(tree, "rootSnapshotList", None) or [])
     while stack:
         node = stack.pop()
-        out.append(node.name)
+        out.append((node.name, node.snapshot))
         stack.extend(node.childSnapshotList or [])
     return out
 
@@ -185,7 +186,7 @@ class Inventory:
             tools=o.get("guest.toolsRunningStatus"), ip=o.get("guest.ipAddress"),
             heartbeat=str(o.get("guestHeartbeatStatus")) if o.get("guestHeartbeatStatus") else None,
             has_snapshot=bool(snap and getattr(snap, "rootSnapshotList", None)),
-            snapshot_names=_snapshot_names(snap) if snap else [],
+            snapshots=_snapshots(snap) if snap else [],
             resource_pool=o.get("resourcePool"), folder=o.get("parent"),
         )
 

@@ -1,0 +1,193 @@
+"""Replication commands: sync, replicate, checkpoints, verify, restore-disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+from vmrep.cli.common import ConfigOpt, JsonOpt, app, config_from, console, print_json
+from vmrep.cli.lab import parse_duration
+from vmrep.errors import VmrepError
+
+
+def _config_path(config: Path | None) -> str:
+    cfg = config_from(config)
+    return str(cfg.source)
+
+
+def _progress(total: int, label: str) -> Progress:
+    return Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                    TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=False)
+
+
+@app.command()
+def sync(
+    vpg: Annotated[str, typer.Argument(help="VPG to sync")],
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Initial sync: validate, copy every disk into the journal, take the first checkpoint."""
+    from flows.initial_sync import initial_sync
+    from vmrep.replication.engine import disk_bytes, showing_progress, vpg_vms
+    from vmrep.runtime import get_runtime
+
+    path = _config_path(config)
+    rt = get_runtime(path)
+    total = disk_bytes(vpg_vms(rt, rt.config.vpg(vpg)))
+    if json_out:
+        summary = initial_sync(vpg, path)
+        print_json(summary)
+        return
+    with _progress(total, "sync") as prog:
+        bar = prog.add_task(f"initial sync {vpg}", total=total)
+        with showing_progress(lambda n: prog.advance(bar, n)):
+            summary = initial_sync(vpg, path)
+    console.print(f"VPG {vpg}: checkpoint {summary['checkpoint']}, read {summary['bytes_read']} bytes, "
+                  f"stored {summary['bytes_stored']} bytes", markup=False)
+
+
+@app.command()
+def replicate(
+    vpg: Annotated[str, typer.Argument(help="VPG to replicate")],
+    duration: Annotated[str | None, typer.Option("--for", help="run for this long, e.g. 10m")] = None,
+    cycles: Annotated[int | None, typer.Option(help="run this many cycles")] = None,
+    interval: Annotated[float, typer.Option(help="seconds between cycle starts")] = 10.0,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Replicate continuously for a bounded time or number of cycles."""
+    from flows.replicate import replicate as flow
+
+    if duration is None and cycles is None:
+        raise VmrepError("give --for DURATION or --cycles N")
+    seconds = parse_duration(duration, "--for") if duration else None
+    out = flow(vpg, _config_path(config), cycles=cycles, for_seconds=seconds, interval_seconds=interval)
+    if json_out:
+        print_json(out)
+        return
+    for c in out:
+        console.print(f"{c['time']}  {c['checkpoint']}  changed {c['blocks_changed']} blocks, "
+                      f"stored {c['bytes_stored']} bytes, {c['seconds']:.2f}s", markup=False)
+
+
+@app.command()
+def checkpoints(
+    vpg: Annotated[str, typer.Argument()],
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List the VPG's checkpoints: id, time, tags, size added."""
+    from vmrep.runtime import get_runtime
+
+    rt = get_runtime(_config_path(config))
+    rt.config.vpg(vpg)
+    cps = rt.journal.checkpoints(vpg)
+    rows = [{"id": c.id, "time": c.time.isoformat(), "tags": list(c.tags), "added_bytes": c.added_bytes,
+             "changed_blocks": c.changed_blocks} for c in cps]
+    if json_out:
+        print_json(rows)
+        return
+    if not rows:
+        console.print(f"VPG {vpg}: no checkpoints", markup=False)
+    for r in rows:
+        console.print(f"{r['id']}  {r['time']}  {r['added_bytes']:>12} B  {', '.join(r['tags'])}", markup=False)
+
+
+checkpoint_app = typer.Typer(help="Work with one checkpoint.", no_args_is_help=True)
+app.add_typer(checkpoint_app, name="checkpoint")
+
+
+@checkpoint_app.command("tag")
+def checkpoint_tag(
+    vpg: Annotated[str, typer.Argument()],
+    tag: Annotated[str, typer.Argument(help='e.g. "before upgrade"')],
+    checkpoint: Annotated[str | None, typer.Option(help="tag this checkpoint instead of taking a new one")] = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Tag a checkpoint: by default take a new checkpoint now and tag it (as before an upgrade)."""
+    from vmrep.replication import engine
+    from vmrep.runtime import get_runtime
+
+    rt = get_runtime(_config_path(config))
+    v = rt.config.vpg(vpg)
+    if checkpoint:
+        cp = rt.journal.checkpoint(vpg, checkpoint)
+        rt.journal.add_tag(vpg, cp.id, tag)
+        cp_id = cp.id
+    else:
+        engine.ensure_replicable(rt, v)
+        cp_id = engine.run_cycle(rt, v, tag=tag).checkpoint_id
+    if json_out:
+        print_json({"vpg": vpg, "checkpoint": cp_id, "tag": tag})
+    else:
+        console.print(f"VPG {vpg}: checkpoint {cp_id} tagged {tag!r}", markup=False)
+
+
+@app.command()
+def verify(
+    vpg: Annotated[str, typer.Argument()],
+    checkpoint: Annotated[str | None, typer.Option(help="only this checkpoint (default: all kept)")] = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Re-read and re-hash every block the journal's index references."""
+    from vmrep.runtime import get_runtime
+
+    rt = get_runtime(_config_path(config))
+    rt.config.vpg(vpg)
+    cp = rt.journal.checkpoint(vpg, checkpoint).id if checkpoint else None
+    bad = rt.journal.verify(vpg, cp)
+    rows = [{"vm": m.vm, "disk": m.disk, "offset": m.offset, "reason": m.reason} for m in bad]
+    if json_out:
+        print_json({"ok": not bad, "mismatches": rows})
+    else:
+        for r in rows:
+            console.print(f"VM {r['vm']} disk {r['disk']} offset {r['offset']}: {r['reason']}", markup=False)
+        if not bad:
+            console.print(f"VPG {vpg}: journal verified, no mismatch", markup=False)
+    if bad:
+        raise VmrepError(f"VPG {vpg}: {len(bad)} block(s) do not match the index")
+
+
+@app.command("restore-disk")
+def restore_disk(
+    vpg: Annotated[str, typer.Argument()],
+    vm: Annotated[str, typer.Argument()],
+    disk: Annotated[str, typer.Argument(help="disk id (scsi0:0), index (0) or label (Hard disk 1)")],
+    checkpoint: Annotated[str, typer.Option(help="id, latest, latest-tagged or a time")] = "latest",
+    out: Annotated[Path, typer.Option(help="file to write (sparse where zero)")] = Path("disk.img"),
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write one disk as of a checkpoint to a local file."""
+    from vmrep.runtime import get_runtime
+
+    rt = get_runtime(_config_path(config))
+    rt.config.vpg(vpg).vm(vm)
+    cp = rt.journal.checkpoint(vpg, checkpoint)
+    disks = sorted(d for (v, d) in rt.journal.disks(vpg, cp.id) if v == vm)
+    disk_id = resolve_disk(disk, disks, vm)
+    size = rt.journal.disks(vpg, cp.id)[(vm, disk_id)]
+    with _progress(size, "restore") as prog:
+        bar = prog.add_task(f"{vm} {disk_id}", total=size)
+        written = rt.journal.restore_disk(vpg, cp.id, vm, disk_id, out, progress=lambda n: prog.advance(bar, n))
+    if json_out:
+        print_json({"vpg": vpg, "vm": vm, "disk": disk_id, "checkpoint": cp.id, "out": str(out), "bytes": written})
+    else:
+        console.print(f"{vm} {disk_id} as of {cp.id} ({cp.time.isoformat()}) written to {out}", markup=False)
+
+
+def resolve_disk(text: str, disks: list[str], vm: str) -> str:
+    if text in disks:
+        return text
+    if text.isdigit() and int(text) < len(disks):
+        return disks[int(text)]
+    if text.lower().startswith("hard disk ") and text[10:].isdigit() and 0 < int(text[10:]) <= len(disks):
+        return disks[int(text[10:]) - 1]
+    raise VmrepError(f"VM {vm}: no disk {text!r} in the journal (disks: {', '.join(disks) or 'none'})")
+
+
