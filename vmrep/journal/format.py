@@ -1,0 +1,178 @@
+"""On-disk byte layouts of the journal (see docs/journal-format.md, which is normative).
+
+All integers are little-endian. Every binary file ends with a blake3-256 checksum (or, for
+packs, carries one over its trailer), so a torn or altered file is detected on read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, unquote
+
+import blake3
+import numpy as np
+
+from vmrep.errors import JournalError
+
+FORMAT_VERSION = 1
+ID_LEN = 32
+ZERO_ID = bytes(ID_LEN)  # the zero-block marker in checkpoint maps
+
+PACK_MAGIC = b"VMRPACK1"
+PACK_END_MAGIC = b"VMRPEND1"
+INDEX_MAGIC = b"VMRINDX1"
+CKPT_MAGIC = b"VMRCKPT1"
+
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+
+# One blob entry, as in a pack trailer and in an index file: 49 bytes.
+ENTRY_DTYPE = np.dtype(
+    [("id", "u1", (ID_LEN,)), ("offset", "<u8"), ("slen", "<u4"), ("rlen", "<u4"), ("codec", "u1")]
+)
+assert ENTRY_DTYPE.itemsize == 49
+# One map entry in a checkpoint file: block index, block id: 40 bytes.
+MAP_DTYPE = np.dtype([("index", "<u8"), ("id", "u1", (ID_LEN,))])
+assert MAP_DTYPE.itemsize == 40
+
+PACK_FOOTER = struct.Struct("<II32s8s")  # entry count, reserved, blake3(trailer), magic
+assert PACK_FOOTER.size == 48
+U32 = struct.Struct("<I")
+
+CP_ID_RE = re.compile(r"^cp-(\d{8})-([0-9a-f]{6})$")
+
+
+def checkpoint_id(seq: int, rand: str) -> str:
+    return f"cp-{seq:08d}-{rand}"
+
+
+def seq_of(cp_id: str) -> int:
+    m = CP_ID_RE.match(cp_id)
+    if not m:
+        raise JournalError(f"not a checkpoint id: {cp_id!r}")
+    return int(m.group(1))
+
+
+def vpg_dirname(vpg: str) -> str:
+    if not vpg:
+        raise JournalError("VPG name is empty")
+    name = quote(vpg, safe="-_.@+")
+    return "%2E" + name[1:] if name.startswith(".") else name
+
+
+def vpg_from_dirname(name: str) -> str:
+    return unquote(name)
+
+
+def _checksum(data: bytes | memoryview) -> bytes:
+    return blake3.blake3(data).digest()
+
+
+# ---- packs -----------------------------------------------------------------------------
+
+def pack_trailer(entries: np.ndarray) -> bytes:
+    table = entries.astype(ENTRY_DTYPE, copy=False).tobytes()
+    return table + PACK_FOOTER.pack(len(entries), 0, _checksum(table), PACK_END_MAGIC)
+
+
+def parse_pack_trailer(tail: bytes, what: str) -> np.ndarray:
+    """`tail` is the end of a pack, at least footer + table long."""
+    if len(tail) < PACK_FOOTER.size:
+        raise JournalError(f"{what}: too short for a pack footer")
+    count, _res, digest, magic = PACK_FOOTER.unpack(tail[-PACK_FOOTER.size :])
+    if magic != PACK_END_MAGIC:
+        raise JournalError(f"{what}: no pack footer (torn or not a pack)")
+    tlen = count * ENTRY_DTYPE.itemsize
+    table = tail[-PACK_FOOTER.size - tlen : -PACK_FOOTER.size]
+    if len(table) != tlen or _checksum(table) != digest:
+        raise JournalError(f"{what}: pack trailer checksum mismatch")
+    return np.frombuffer(table, dtype=ENTRY_DTYPE).copy()
+
+
+# ---- index files -------------------------------------------------------------------------
+
+@dataclass
+class IndexPack:
+    name: str
+    size: int
+    entries: np.ndarray  # ENTRY_DTYPE
+
+
+def encode_index(packs: list[IndexPack], created: str) -> bytes:
+    header = {
+        "format": FORMAT_VERSION,
+        "created": created,
+        "packs": [{"name": p.name, "size": p.size, "entries": len(p.entries)} for p in packs],
+    }
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    parts = [INDEX_MAGIC, U32.pack(len(hb)), hb]
+    parts += [p.entries.astype(ENTRY_DTYPE, copy=False).tobytes() for p in packs]
+    body = b"".join(parts)
+    return body + _checksum(body)
+
+
+def decode_index(data: bytes, what: str) -> list[IndexPack]:
+    if len(data) < 12 + ID_LEN or data[:8] != INDEX_MAGIC:
+        raise JournalError(f"{what}: not an index file")
+    if _checksum(memoryview(data)[:-ID_LEN]) != data[-ID_LEN:]:
+        raise JournalError(f"{what}: index checksum mismatch")
+    (hlen,) = U32.unpack_from(data, 8)
+    header = json.loads(data[12 : 12 + hlen])
+    if header.get("format") != FORMAT_VERSION:
+        raise JournalError(f"{what}: unsupported index format {header.get('format')}")
+    pos = 12 + hlen
+    out = []
+    for p in header["packs"]:
+        n = p["entries"] * ENTRY_DTYPE.itemsize
+        ents = np.frombuffer(data, dtype=ENTRY_DTYPE, count=p["entries"], offset=pos)
+        out.append(IndexPack(p["name"], p["size"], ents))
+        pos += n
+    if pos != len(data) - ID_LEN:
+        raise JournalError(f"{what}: index length mismatch")
+    return out
+
+
+# ---- checkpoint and base files ----------------------------------------------------------
+
+@dataclass
+class CkptFile:
+    header: dict[str, Any]
+    # (vm, disk) -> MAP_DTYPE array (index ascending)
+    maps: dict[tuple[str, str], np.ndarray]
+    nbytes: int
+
+
+def encode_ckpt(header: dict[str, Any], maps: list[np.ndarray]) -> bytes:
+    """`header["disks"]` lists the disks; `maps[i]` are the entries of disk i."""
+    assert len(maps) == len(header["disks"])
+    for d, m in zip(header["disks"], maps):
+        d["entries"] = int(len(m))
+    hb = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    parts = [CKPT_MAGIC, U32.pack(len(hb)), hb]
+    parts += [m.astype(MAP_DTYPE, copy=False).tobytes() for m in maps]
+    body = b"".join(parts)
+    return body + _checksum(body)
+
+
+def decode_ckpt(data: bytes, what: str) -> CkptFile:
+    if len(data) < 12 + ID_LEN or data[:8] != CKPT_MAGIC:
+        raise JournalError(f"{what}: not a checkpoint file")
+    if _checksum(memoryview(data)[:-ID_LEN]) != data[-ID_LEN:]:
+        raise JournalError(f"{what}: checkpoint file checksum mismatch")
+    (hlen,) = U32.unpack_from(data, 8)
+    header = json.loads(data[12 : 12 + hlen])
+    if header.get("format") != FORMAT_VERSION:
+        raise JournalError(f"{what}: unsupported checkpoint format {header.get('format')}")
+    pos = 12 + hlen
+    maps = {}
+    for d in header["disks"]:
+        n = d["entries"]
+        maps[(d["vm"], d["disk"])] = np.frombuffer(data, dtype=MAP_DTYPE, count=n, offset=pos)
+        pos += n * MAP_DTYPE.itemsize
+    if pos != len(data) - ID_LEN:
+        raise JournalError(f"{what}: checkpoint length mismatch")
+    return CkptFile(header, maps, len(data))

@@ -1,0 +1,390 @@
+"""The content-addressed block store: pack files, index files, reads, garbage collection."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import blake3
+import numpy as np
+import zstandard
+
+from vmrep.errors import JournalError
+from vmrep.journal import format as fmt
+from vmrep.journal._fs import fsync_dir, publish, rand_hex, unlink_quiet
+
+PACK_TARGET = 64 << 20  # a pack is closed once it holds this many bytes
+
+
+def id_prefixes(ids: np.ndarray) -> np.ndarray:
+    """First 8 bytes of each id (an (n, 32) uint8 array) as uint64.
+
+    Used for set membership in GC and accounting: a prefix collision can only make an
+    unreferenced block look referenced (kept), never the reverse."""
+    if len(ids) == 0:
+        return np.zeros(0, dtype=np.uint64)
+    return np.ascontiguousarray(ids[:, :8]).view("<u8").ravel()
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+_tls = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    c = getattr(_tls, "zc", None)
+    if c is None or _tls.zlevel != level:
+        c = _tls.zc = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        _tls.zlevel = level
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_tls, "zd", None)
+    if d is None:
+        d = _tls.zd = zstandard.ZstdDecompressor()
+    return d
+
+
+def encode_blob(data: bytes | memoryview, level: int) -> tuple[bytes | memoryview, int]:
+    """Compress; keep raw when compression saves less than 1/32 of the block."""
+    if level <= 0:
+        return data, fmt.CODEC_RAW
+    comp = _compressor(level).compress(data)
+    if len(comp) >= len(data) - (len(data) >> 5):
+        return data, fmt.CODEC_RAW
+    return comp, fmt.CODEC_ZSTD
+
+
+def decode_blob(blob: bytes, codec: int, rlen: int) -> bytes:
+    if codec == fmt.CODEC_RAW:
+        return blob
+    if codec == fmt.CODEC_ZSTD:
+        return _decompressor().decompress(blob, max_output_size=rlen)
+    raise JournalError(f"unknown codec {codec}")
+
+
+class PackWriter:
+    """A pack under construction in tmp/. Callers serialise add() themselves."""
+
+    def __init__(self, store: "BlockStore") -> None:
+        self.store = store
+        self.name = rand_hex(16)
+        self.tmp = store.tmp_dir / f"{self.name}.pack.tmp"
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(self.fd, fmt.PACK_MAGIC)
+        self.offset = len(fmt.PACK_MAGIC)
+        self.rows: list[tuple[bytes, int, int, int, int]] = []
+
+    def add(self, block_id: bytes, blob: bytes | memoryview, rlen: int, codec: int) -> int:
+        off = self.offset
+        view = memoryview(blob)
+        total = len(view)
+        while view:
+            n = os.pwrite(self.fd, view, off + (total - len(view)))
+            view = view[n:]
+        self.offset += total
+        self.rows.append((block_id, off, total, rlen, codec))
+        return off
+
+    def entries(self) -> np.ndarray:
+        arr = np.zeros(len(self.rows), dtype=fmt.ENTRY_DTYPE)
+        if self.rows:
+            arr["id"] = np.frombuffer(b"".join(r[0] for r in self.rows), dtype=np.uint8).reshape(-1, fmt.ID_LEN)
+            arr["offset"] = [r[1] for r in self.rows]
+            arr["slen"] = [r[2] for r in self.rows]
+            arr["rlen"] = [r[3] for r in self.rows]
+            arr["codec"] = [r[4] for r in self.rows]
+        return arr
+
+    def finish(self) -> fmt.IndexPack:
+        """Trailer, fsync, rename into packs/ (the caller fsyncs packs/ once for a batch)."""
+        ents = self.entries()
+        trailer = fmt.pack_trailer(ents)
+        os.pwrite(self.fd, trailer, self.offset)
+        size = self.offset + len(trailer)
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        os.rename(self.tmp, self.store.pack_path(self.name))
+        return fmt.IndexPack(self.name, size, ents)
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.tmp.unlink(missing_ok=True)
+
+
+Loc = tuple  # (pack name, offset, stored length, raw length, codec)
+
+
+@dataclass
+class GCStats:
+    packs_deleted: int = 0
+    packs_repacked: int = 0
+    bytes_freed: int = 0
+    blocks_removed: int = 0
+    index_files_rewritten: int = 0
+    removed_packs: list[str] = field(default_factory=list)
+
+
+class BlockStore:
+    def __init__(self, root: Path, block_size: int, compression_level: int) -> None:
+        self.root = root
+        self.block_size = block_size
+        self.level = compression_level
+        self.pack_dir = root / "packs"
+        self.index_dir = root / "index"
+        self.tmp_dir = root / "tmp"
+        self._lock = threading.RLock()
+        self.lookup: dict[bytes, Loc] = {}
+        self.packs: dict[str, fmt.IndexPack] = {}
+        self.index_files: dict[str, list[str]] = {}  # index file name -> pack names
+        self._fds: dict[str, int] = {}
+        self._table: tuple[np.ndarray, np.ndarray] | None = None  # sorted prefixes, slen
+
+    # ---- paths -------------------------------------------------------------------------
+    def pack_path(self, name: str) -> Path:
+        return self.pack_dir / f"{name}.pack"
+
+    # ---- index -------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Bring the in-memory index in line with index/ (files added or removed by others)."""
+        with self._lock:
+            names = {p.name for p in self.index_dir.iterdir() if p.suffix == ".idx"}
+            gone = set(self.index_files) - names
+            new = sorted(names - set(self.index_files))
+            loaded: dict[str, list[fmt.IndexPack]] = {}
+            for n in new:
+                try:
+                    data = (self.index_dir / n).read_bytes()
+                except FileNotFoundError:
+                    continue
+                loaded[n] = fmt.decode_index(data, f"index/{n}")
+            if gone:
+                for n in gone:
+                    del self.index_files[n]
+                keep = {p for packs in self.index_files.values() for p in packs}
+                self.packs = {k: v for k, v in self.packs.items() if k in keep}
+                for name in list(self._fds):
+                    if name not in keep:
+                        os.close(self._fds.pop(name))
+                self.lookup = {}
+                for p in self.packs.values():
+                    self._add_pack(p)
+            for n, packs in loaded.items():
+                self.index_files[n] = [p.name for p in packs]
+                for p in packs:
+                    if p.name not in self.packs:
+                        self.packs[p.name] = p
+                        self._add_pack(p)
+            if gone or loaded:
+                self._table = None
+
+    def _add_pack(self, p: fmt.IndexPack) -> None:
+        ids = p.entries["id"].tobytes()
+        offs = p.entries["offset"].tolist()
+        slens = p.entries["slen"].tolist()
+        rlens = p.entries["rlen"].tolist()
+        codecs = p.entries["codec"].tolist()
+        lk = self.lookup
+        name = p.name
+        for i in range(len(offs)):
+            key = ids[i * 32 : i * 32 + 32]
+            if key not in lk:
+                lk[key] = (name, offs[i], slens[i], rlens[i], codecs[i])
+
+    def publish_index(self, packs: list[fmt.IndexPack]) -> str:
+        name = f"{rand_hex(16)}.idx"
+        publish(self.tmp_dir, self.index_dir / name, fmt.encode_index(packs, now_iso()))
+        with self._lock:
+            self.index_files[name] = [p.name for p in packs]
+            for p in packs:
+                if p.name not in self.packs:
+                    self.packs[p.name] = p
+                    self._add_pack(p)
+            self._table = None
+        return name
+
+    def remove_index_files(self, names: list[str]) -> None:
+        for n in names:
+            unlink_quiet(self.index_dir / n)
+        fsync_dir(self.index_dir)
+        with self._lock:
+            for n in names:
+                self.index_files.pop(n, None)
+
+    def has(self, block_id: bytes) -> bool:
+        return block_id in self.lookup
+
+    def stored_size(self, block_id: bytes) -> int:
+        loc = self.lookup.get(block_id)
+        return loc[2] if loc else 0
+
+    def size_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted id prefixes, stored length) over every indexed blob, for accounting."""
+        with self._lock:
+            if self._table is None:
+                if self.packs:
+                    ents = np.concatenate([p.entries for p in self.packs.values()])
+                    pre = id_prefixes(ents["id"])
+                    order = np.argsort(pre, kind="stable")
+                    self._table = (pre[order], ents["slen"][order].astype(np.int64))
+                else:
+                    self._table = (np.zeros(0, np.uint64), np.zeros(0, np.int64))
+            return self._table
+
+    def bytes_of(self, ids: np.ndarray) -> int:
+        """Stored bytes of the distinct ids in an (n, 32) array (zero ids count 0)."""
+        pre = np.unique(id_prefixes(ids))
+        pre = pre[pre != 0] if len(pre) else pre
+        table, slen = self.size_table()
+        if not len(pre) or not len(table):
+            return 0
+        pos = np.searchsorted(table, pre)
+        pos = np.minimum(pos, len(table) - 1)
+        found = table[pos] == pre
+        return int(slen[pos[found]].sum())
+
+    def total_bytes(self) -> int:
+        return sum(p.size for p in self.packs.values())
+
+    # ---- reads -------------------------------------------------------------------------
+    def _fd(self, pack: str) -> int:
+        fd = self._fds.get(pack)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(pack)
+                if fd is None:
+                    fd = os.open(self.pack_path(pack), os.O_RDONLY)
+                    self._fds[pack] = fd
+        return fd
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def locate(self, block_id: bytes) -> Loc:
+        loc = self.lookup.get(block_id)
+        if loc is None:
+            self.refresh()
+            loc = self.lookup.get(block_id)
+            if loc is None:
+                raise JournalError(f"block {block_id.hex()} is not in the journal's index")
+        return loc
+
+    def read_stored(self, loc: Loc) -> bytes:
+        pack, off, slen, _rlen, _codec = loc
+        try:
+            blob = os.pread(self._fd(pack), slen, off)
+        except FileNotFoundError:
+            raise JournalError(f"pack {pack} is missing") from None
+        if len(blob) != slen:
+            raise JournalError(f"pack {pack} is truncated at offset {off}")
+        return blob
+
+    def read(self, block_id: bytes) -> bytes:
+        for attempt in (0, 1):
+            loc = self.locate(block_id)
+            try:
+                blob = self.read_stored(loc)
+                break
+            except JournalError:
+                if attempt:
+                    raise
+                self.refresh()  # the pack may have been repacked by a GC elsewhere
+        try:
+            data = decode_blob(blob, loc[4], loc[3])
+        except zstandard.ZstdError as exc:
+            raise JournalError(f"block {block_id.hex()} in pack {loc[0]}: cannot decompress ({exc})") from None
+        if len(data) != loc[3] or blake3.blake3(data).digest() != block_id:
+            raise JournalError(f"block {block_id.hex()} in pack {loc[0]} at {loc[1]}: hash mismatch")
+        return data
+
+    # ---- garbage collection (caller holds the repository lock exclusively) -------------
+    def gc(self, live: np.ndarray, repack_below: float = 0.5) -> GCStats:
+        """Delete packs with no live blob, repack packs with less than `repack_below` of
+        their blob bytes live. `live` is a sorted unique uint64 array of id prefixes."""
+        self.refresh()
+        st = GCStats()
+        drop: list[str] = []
+        repack: list[tuple[str, np.ndarray]] = []
+        for name, p in self.packs.items():
+            ents = p.entries
+            if len(ents) == 0:
+                drop.append(name)
+                continue
+            mask = np.isin(id_prefixes(ents["id"]), live, assume_unique=False)
+            if not mask.any():
+                drop.append(name)
+                st.blocks_removed += len(ents)
+                continue
+            live_bytes = int(ents["slen"][mask].sum())
+            total = int(ents["slen"].sum())
+            if live_bytes < repack_below * total:
+                repack.append((name, ents[mask]))
+                st.blocks_removed += int((~mask).sum())
+        if not drop and not repack:
+            return st
+        new_packs: list[fmt.IndexPack] = []
+        writer: PackWriter | None = None
+        try:
+            for name, rows in repack:
+                for row in rows:
+                    if writer is None:
+                        writer = PackWriter(self)
+                    bid = row["id"].tobytes()
+                    blob = self.read_stored((name, int(row["offset"]), int(row["slen"]), 0, 0))
+                    writer.add(bid, blob, int(row["rlen"]), int(row["codec"]))
+                    if writer.offset >= PACK_TARGET:
+                        new_packs.append(writer.finish())
+                        writer = None
+            if writer is not None:
+                new_packs.append(writer.finish())
+                writer = None
+        except BaseException:
+            if writer is not None:
+                writer.discard()
+            raise
+        if new_packs:
+            fsync_dir(self.pack_dir)
+        gone = set(drop) | {n for n, _ in repack}
+        affected = [n for n, packs in self.index_files.items() if gone.intersection(packs)]
+        survivors = []
+        seen = set()
+        for n in affected:
+            for pn in self.index_files[n]:
+                if pn not in gone and pn not in seen and pn in self.packs:
+                    seen.add(pn)
+                    survivors.append(self.packs[pn])
+        if survivors or new_packs:
+            self.publish_index(survivors + new_packs)
+        self.remove_index_files(affected)
+        st.index_files_rewritten = len(affected)
+        with self._lock:
+            for pn in gone:
+                fd = self._fds.pop(pn, None)
+                if fd is not None:
+                    os.close(fd)
+                self.packs.pop(pn, None)
+        for pn in gone:
+            st.bytes_freed += unlink_quiet(self.pack_path(pn))
+        st.bytes_freed -= sum(p.size for p in new_packs)
+        fsync_dir(self.pack_dir)
+        st.packs_deleted = len(drop)
+        st.packs_repacked = len(repack)
+        st.removed_packs = sorted(gone)
+        with self._lock:
+            self.lookup = {}
+            for p in self.packs.values():
+                self._add_pack(p)
+            self._table = None
+        return st
