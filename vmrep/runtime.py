@@ -49,7 +49,8 @@ class Runtime:
 
                 if self.config.home and "VMREP_HOME" not in os.environ:
                     os.environ["VMREP_HOME"] = str(self.config.resolve(self.config.home))
-                self._store = StateStore.open(os.environ.get("VMREP_DB_URL") or self.config.database_url)
+                # The file's database_url wins: a config names the state that belongs to it.
+                self._store = StateStore.open(self.config.database_url or os.environ.get("VMREP_DB_URL"))
             return self._store
 
     # -- sites ------------------------------------------------------------------------

@@ -1,0 +1,121 @@
+"""Shared fixtures: a real two-site lab (two simulator processes), its config and runtime.
+
+Nothing of vSphere is mocked: the lab is the govmomi simulator behind our launcher,
+reached with pyvmomi over HTTPS with the lab's CA verified.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+# Prefect must stay local and quiet in tests (no telemetry, a home of our own).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+_PREFECT_HOME = Path(__file__).resolve().parents[1] / "build" / "test-prefect-home"
+os.environ.setdefault("PREFECT_HOME", str(_PREFECT_HOME))
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lab import manage  # noqa: E402
+from vmrep.config import Config, load_config  # noqa: E402
+from vmrep.runtime import Runtime, forget_runtime, get_runtime  # noqa: E402
+
+
+class LabHandle:
+    """A running lab and what tests need of it."""
+
+    def __init__(self, base: Path, lab: manage.Lab) -> None:
+        self.base = base
+        self.lab = lab
+        self.config_path = lab.config_path
+
+    @property
+    def config(self) -> Config:
+        return load_config(self.config_path)
+
+    def runtime(self) -> Runtime:
+        return get_runtime(self.config_path)
+
+    def site(self, name: str) -> manage.SiteProcess:
+        return self.lab.sites[name]
+
+    def control(self, site: str) -> "LabControl":
+        return LabControl(self.lab.sites[site].control_url)
+
+
+class LabControl:
+    """The launcher's fault-injection and inspection endpoint."""
+
+    def __init__(self, url: str) -> None:
+        import requests
+
+        self.url = url.rstrip("/")
+        self.http = requests.Session()
+
+    def fault(self, method: str, action: str = "fault", fault: str | None = None, *, count: int = 1,
+              delay_ms: int = 0, match: str | None = None) -> None:
+        body = {"method": method, "action": action, "count": count, "delay_ms": delay_ms}
+        if fault:
+            body["fault"] = fault
+        if match:
+            body["match"] = match
+        r = self.http.post(f"{self.url}/faults", json=body, timeout=5)
+        r.raise_for_status()
+
+    def clear_faults(self) -> None:
+        self.http.delete(f"{self.url}/faults", timeout=5).raise_for_status()
+
+    def calls(self) -> dict[str, int]:
+        r = self.http.get(f"{self.url}/calls", timeout=5)
+        r.raise_for_status()
+        return r.json()
+
+    def reset_calls(self) -> None:
+        self.http.delete(f"{self.url}/calls", timeout=5).raise_for_status()
+
+    def drop_sessions(self) -> None:
+        self.http.delete(f"{self.url}/sessions", timeout=5).raise_for_status()
+
+    def never_boot(self, vm: str, never: bool = True) -> None:
+        self.http.post(f"{self.url}/vms/never-boot", json={"name": vm, "never": never}, timeout=5).raise_for_status()
+
+    def boot_delay(self, ms: int) -> None:
+        self.http.post(f"{self.url}/guest-boot-delay", json={"ms": ms}, timeout=5).raise_for_status()
+
+
+def _start_lab(base: Path, boot_delay: str = "200ms") -> LabHandle:
+    base.mkdir(parents=True, exist_ok=True)
+    lab = manage.up(base=base, config_path=base / "vmrep.yaml", boot_delay=boot_delay,
+                    database_url=f"sqlite:///{base / 'state.db'}")
+    return LabHandle(base, lab)
+
+
+def _stop_lab(handle: LabHandle) -> None:
+    forget_runtime(handle.config_path)
+    manage.down(base=handle.base)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
+    """A two-site lab shared by the tests of one module."""
+    handle = _start_lab(tmp_path_factory.mktemp("lab"))
+    try:
+        yield handle
+    finally:
+        _stop_lab(handle)
+
+
+@pytest.fixture
+def fresh_lab(tmp_path: Path) -> Iterator[LabHandle]:
+    """A two-site lab of the test's own."""
+    handle = _start_lab(tmp_path / "lab")
+    try:
+        yield handle
+    finally:
+        _stop_lab(handle)
