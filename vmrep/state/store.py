@@ -1,0 +1,682 @@
+"""The state store: vmrep's own SQL database (SQLite file by default, PostgreSQL by URL).
+
+Where the database is: `StateStore.open(url)`, else the `VMREP_DB_URL` environment
+variable, else ``sqlite:///<VMREP_HOME>/state.db`` (`VMREP_HOME` defaults to ``.vmrep``
+in the current directory and is created).
+
+Opening migrates to the newest schema (Alembic ``upgrade head``). Several processes may
+open the same database at once: on PostgreSQL the migration runs under a transaction-
+scoped advisory lock, on SQLite inside ``BEGIN IMMEDIATE`` (the database write lock), and
+whoever comes second finds the schema current and does nothing.
+
+SQLite runs in WAL mode (readers never wait for the writer) with a 30 s busy timeout.
+Every write transaction starts with ``BEGIN IMMEDIATE`` so that two writers queue on the
+busy timeout instead of failing when one of them read first; read-only helpers use a
+plain deferred ``BEGIN``.
+
+Cross-process guarantees rest on single conditional statements, not on Python locks:
+`try_lock` is ``UPDATE vpg_runtime SET lock_holder=… WHERE vpg=… AND lock_holder IS NULL``
+and an open alert is unique per (vpg, key) by a partial unique index.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+from sqlalchemy import Engine, case, create_engine, event, literal, or_, select, text, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from vmrep.state.models import (
+    ALERT_LEVELS,
+    OPERATION_KINDS,
+    OPERATION_RESULTS,
+    STEP_RESULTS,
+    TABLES,
+    Alert,
+    EmailDelivery,
+    Operation,
+    OperationStep,
+    Sample,
+    StatusHistory,
+    TestResult,
+    UTCDateTime,
+    VpgRuntime,
+    utcnow,
+)
+
+if TYPE_CHECKING:
+    import pandas
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+SQLITE_BUSY_TIMEOUT_S = 30.0
+PG_MIGRATION_LOCK_KEY = 0x766D726570  # "vmrep"
+
+# The column a table is ordered and filtered by in `frame(since=…, until=…)`.
+TIME_COLUMN = {
+    "vpg_runtime": "updated_at",
+    "vpg_status_history": "at",
+    "alerts": "raised_at",
+    "samples": "at",
+    "operations": "started_at",
+    "operation_steps": "started_at",
+    "test_results": "started_at",
+    "email_deliveries": "attempted_at",
+}
+
+
+def default_url() -> str:
+    """`VMREP_DB_URL`, else the SQLite file in `VMREP_HOME` (created)."""
+    url = os.environ.get("VMREP_DB_URL")
+    if url:
+        return url
+    home = Path(os.environ.get("VMREP_HOME") or ".vmrep")
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(home / 'state.db').resolve()}"
+
+
+def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+    # Turn off the driver's own transaction handling: `_sqlite_begin` emits BEGIN.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+    cur.execute("PRAGMA journal_mode = WAL")
+    cur.execute("PRAGMA synchronous = NORMAL")
+    cur.execute("PRAGMA foreign_keys = ON")
+    cur.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    readonly = conn.get_execution_options().get("vmrep_readonly", False)
+    conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+
+def make_engine(url: str) -> Engine:
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite":
+        if u.database and u.database != ":memory:" and not u.database.startswith("file:"):
+            Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(u, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    return create_engine(u, pool_pre_ping=True)
+
+
+def _alembic_config() -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return cfg
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest revision; safe to run from several processes."""
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    cfg = _alembic_config()
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    with engine.connect().execution_options(vmrep_readonly=True) as conn:
+        if MigrationContext.configure(conn).get_current_revision() == head:
+            return
+    with engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE = the database write lock
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": PG_MIGRATION_LOCK_KEY})
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def alert_key(code: str, vm: str | None = None, subject: str | None = None) -> str:
+    """What an alert is about: one open alert per (vpg, key)."""
+    return "|".join((code, vm or "", subject or ""))
+
+
+def _check(value: str, allowed: Iterable[str], what: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"{what} {value!r} is not one of {', '.join(allowed)}")
+
+
+def _columns(model: type, fields: dict[str, Any], what: str) -> None:
+    unknown = set(fields) - set(model.__table__.columns.keys())  # type: ignore[attr-defined]
+    if unknown:
+        raise TypeError(f"{what}: unknown field(s) {', '.join(sorted(unknown))}")
+
+
+@dataclass
+class StepHandle:
+    """What the body of `StateStore.step` may fill in: detail, or mark the step skipped."""
+
+    id: int
+    detail: dict[str, Any] = field(default_factory=dict)
+    result: str | None = None
+
+    def skip(self, reason: str) -> None:
+        self.result = "skipped"
+        self.detail["reason"] = reason
+
+
+class StateStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(
+            engine.execution_options(vmrep_readonly=True), expire_on_commit=False
+        )
+
+    @classmethod
+    def open(cls, url: str | None = None, *, migrate_schema: bool = True) -> "StateStore":
+        engine = make_engine(url or default_url())
+        if migrate_schema:
+            migrate(engine)
+        return cls(engine)
+
+    @property
+    def url(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "StateStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @contextmanager
+    def session(self, *, readonly: bool = False) -> Iterator[Session]:
+        """A transaction: committed at the end, rolled back on an exception."""
+        with (self._read_sessions if readonly else self._sessions)() as s, s.begin():
+            yield s
+
+    # --- runtime, status, lock -------------------------------------------------------
+
+    def _ensure_runtime(self, s: Session, vpg: str) -> None:
+        if s.get(VpgRuntime, vpg) is not None:
+            return
+        now = utcnow()
+        if s.bind.dialect.name == "postgresql":  # type: ignore[union-attr]
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        row = dict(vpg=vpg, status="Initializing", paused=False, initial_sync_done=False)
+        created = s.execute(
+            insert(VpgRuntime)
+            .values(**row, created_at=now, updated_at=now)
+            .on_conflict_do_nothing(index_elements=["vpg"])
+            .returning(VpgRuntime.vpg)
+        ).first()
+        if created is not None:  # we made it (not a concurrent creator)
+            s.add(StatusHistory(vpg=vpg, at=now, status="Initializing", detail="VPG created"))
+
+    def runtime(self, vpg: str) -> VpgRuntime:
+        """The VPG's runtime row, created (status Initializing) on first use."""
+        with self.session() as s:
+            self._ensure_runtime(s, vpg)
+            return s.get_one(VpgRuntime, vpg)
+
+    def runtimes(self) -> list[VpgRuntime]:
+        with self.session(readonly=True) as s:
+            return list(s.scalars(select(VpgRuntime).order_by(VpgRuntime.vpg)))
+
+    def update_runtime(self, vpg: str, **fields: Any) -> VpgRuntime:
+        """Set runtime fields (paused, initial_sync_done, last_checkpoint_at, …)."""
+        _columns(VpgRuntime, fields, "update_runtime")
+        with self.session() as s:
+            self._ensure_runtime(s, vpg)
+            rt = s.get_one(VpgRuntime, vpg)
+            for k, v in fields.items():
+                setattr(rt, k, v)
+            return rt
+
+    def note_checkpoint(self, vpg: str, at: datetime) -> None:
+        """A checkpoint was published: last (and, the first time, first) checkpoint time."""
+        with self.session() as s:
+            self._ensure_runtime(s, vpg)
+            rt = s.get_one(VpgRuntime, vpg)
+            if rt.first_checkpoint_at is None or at < rt.first_checkpoint_at:
+                rt.first_checkpoint_at = at
+            if rt.last_checkpoint_at is None or at > rt.last_checkpoint_at:
+                rt.last_checkpoint_at = at
+
+    def set_status(
+        self,
+        vpg: str,
+        status: str,
+        substatus: str | None = None,
+        detail: str | None = None,
+        *,
+        at: datetime | None = None,
+    ) -> bool:
+        """Set the status; a history row is written only when status or substatus change.
+
+        Returns whether it changed. The change test is part of the UPDATE, so two
+        processes setting the same status write one history row between them.
+        """
+        at = at or utcnow()
+        with self.session() as s:
+            self._ensure_runtime(s, vpg)
+            changed = s.execute(
+                update(VpgRuntime)
+                .where(
+                    VpgRuntime.vpg == vpg,
+                    or_(
+                        VpgRuntime.status.is_distinct_from(status),
+                        VpgRuntime.substatus.is_distinct_from(substatus),
+                    ),
+                )
+                .values(status=status, substatus=substatus, updated_at=at)
+            ).rowcount
+            if changed:
+                s.add(
+                    StatusHistory(vpg=vpg, at=at, status=status, substatus=substatus, detail=detail)
+                )
+            return bool(changed)
+
+    def status_history(self, vpg: str) -> list[StatusHistory]:
+        with self.session(readonly=True) as s:
+            q = select(StatusHistory).where(StatusHistory.vpg == vpg)
+            return list(s.scalars(q.order_by(StatusHistory.at, StatusHistory.id)))
+
+    def try_lock(self, vpg: str, operation_id: str, kind: str) -> bool:
+        """Take the VPG's operation lock; False if another operation holds it.
+
+        Re-entrant for the same operation id (a retried task may ask again).
+        """
+        now = literal(utcnow(), UTCDateTime())
+        with self.session() as s:
+            self._ensure_runtime(s, vpg)
+            mine = VpgRuntime.lock_holder == operation_id
+            got = s.execute(
+                update(VpgRuntime)
+                .where(VpgRuntime.vpg == vpg, or_(VpgRuntime.lock_holder.is_(None), mine))
+                .values(
+                    lock_holder=operation_id,
+                    lock_kind=kind,
+                    lock_acquired_at=case((mine, VpgRuntime.lock_acquired_at), else_=now),
+                )
+            ).rowcount
+            return bool(got)
+
+    def unlock(self, vpg: str, operation_id: str) -> bool:
+        """Release the lock if `operation_id` holds it; returns whether it did."""
+        with self.session() as s:
+            return bool(
+                s.execute(
+                    update(VpgRuntime)
+                    .where(VpgRuntime.vpg == vpg, VpgRuntime.lock_holder == operation_id)
+                    .values(lock_holder=None, lock_kind=None, lock_acquired_at=None)
+                ).rowcount
+            )
+
+    def force_unlock(self, vpg: str) -> str | None:
+        """Release whatever holds the lock (a crashed run); returns the former holder."""
+        with self.session() as s:
+            rt = s.get(VpgRuntime, vpg)
+            if rt is None or rt.lock_holder is None:
+                return None
+            holder = rt.lock_holder
+            rt.lock_holder = rt.lock_kind = rt.lock_acquired_at = None
+            log.warning("VPG %s: lock of operation %s released by force", vpg, holder)
+            return holder
+
+    # --- operations and steps --------------------------------------------------------
+
+    def start_operation(
+        self,
+        vpg: str,
+        kind: str,
+        started_by: str | None = None,
+        params: dict[str, Any] | None = None,
+        flow_run_id: str | None = None,
+        *,
+        operation_id: str | None = None,
+        started_at: datetime | None = None,
+        **fields: Any,
+    ) -> str:
+        """Record a running operation; returns its id (a uuid4 unless given).
+
+        With an `operation_id` that exists already nothing changes (idempotent retry).
+        """
+        _check(kind, OPERATION_KINDS, "operation kind")
+        _columns(Operation, fields, "start_operation")
+        op_id = operation_id or str(uuid.uuid4())
+        with self.session() as s:
+            if operation_id and s.get(Operation, operation_id) is not None:
+                return operation_id
+            s.add(
+                Operation(
+                    id=op_id,
+                    vpg=vpg,
+                    kind=kind,
+                    started_by=started_by,
+                    started_at=started_at or utcnow(),
+                    result="running",
+                    flow_run_id=flow_run_id,
+                    params=params,
+                    **fields,
+                )
+            )
+        return op_id
+
+    def finish_operation(
+        self,
+        operation_id: str,
+        result: str,
+        error: str | None = None,
+        *,
+        ended_at: datetime | None = None,
+        **fields: Any,
+    ) -> Operation:
+        """End an operation: result, error, and any other column (rto_seconds, checkpoint_id…)."""
+        _check(result, OPERATION_RESULTS[1:], "operation result")
+        _columns(Operation, fields, "finish_operation")
+        with self.session() as s:
+            op = s.get(Operation, operation_id)
+            if op is None:
+                raise ValueError(f"no operation {operation_id}")
+            op.result, op.error, op.ended_at = result, error, ended_at or utcnow()
+            for k, v in fields.items():
+                setattr(op, k, v)
+            return op
+
+    def operation(self, operation_id: str) -> Operation | None:
+        with self.session(readonly=True) as s:
+            return s.get(Operation, operation_id)
+
+    def operations(
+        self, vpg: str | None = None, kind: str | None = None, result: str | None = None
+    ) -> list[Operation]:
+        """Operations, newest first."""
+        q = select(Operation)
+        if vpg is not None:
+            q = q.where(Operation.vpg == vpg)
+        if kind is not None:
+            q = q.where(Operation.kind == kind)
+        if result is not None:
+            q = q.where(Operation.result == result)
+        with self.session(readonly=True) as s:
+            return list(s.scalars(q.order_by(Operation.started_at.desc(), Operation.id)))
+
+    def record_step(
+        self,
+        operation_id: str,
+        vm: str | None,
+        step: str,
+        result: str = "ok",
+        *,
+        started_at: datetime | None = None,
+        ended_at: datetime | None = None,
+        error: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> int:
+        """Record one step (vm None = VPG-wide); a finished one gets ended_at = now."""
+        _check(result, STEP_RESULTS, "step result")
+        now = utcnow()
+        if result != "running" and ended_at is None:
+            ended_at = now
+        with self.session() as s:
+            row = OperationStep(
+                operation_id=operation_id,
+                vm=vm,
+                step=step,
+                started_at=started_at or now,
+                ended_at=ended_at,
+                result=result,
+                error=error,
+                detail=detail,
+            )
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def _end_step(self, step_id: int, result: str, error: str | None, detail: dict) -> None:
+        with self.session() as s:
+            row = s.get_one(OperationStep, step_id)
+            row.result, row.error, row.ended_at = result, error, utcnow()
+            row.detail = detail or None
+
+    @contextmanager
+    def step(
+        self, operation_id: str, vm: str | None, step: str, *, detail: dict[str, Any] | None = None
+    ) -> Iterator[StepHandle]:
+        """Record a step around a block: running → ok | skipped | failed (with the error).
+
+        The exception (also a cancellation) is re-raised after it has been recorded.
+        """
+        handle = StepHandle(self.record_step(operation_id, vm, step, "running", detail=detail))
+        handle.detail.update(detail or {})
+        try:
+            yield handle
+        except BaseException as exc:
+            kind = "" if isinstance(exc, Exception) else "cancelled: "
+            error = f"{kind}{type(exc).__name__}: {exc}".rstrip(": ")
+            try:
+                self._end_step(handle.id, "failed", error, handle.detail)
+            except Exception:  # never hide the step's own error behind ours
+                log.exception("could not record the failure of step %s/%s", step, vm)
+            raise
+        self._end_step(handle.id, handle.result or "ok", None, handle.detail)
+
+    def steps(self, operation_id: str) -> list[OperationStep]:
+        with self.session(readonly=True) as s:
+            q = select(OperationStep).where(OperationStep.operation_id == operation_id)
+            return list(s.scalars(q.order_by(OperationStep.started_at, OperationStep.id)))
+
+    # --- tests, samples, alerts, emails -----------------------------------------------
+
+    def add_test_result(
+        self,
+        operation_id: str | None,
+        vpg: str,
+        *,
+        started_at: datetime,
+        success: bool,
+        ended_at: datetime | None = None,
+        checkpoint_id: str | None = None,
+        checkpoint_time: datetime | None = None,
+        verification_ok: bool | None = None,
+        cleanup_ok: bool | None = None,
+        notes: str | None = None,
+        tested_by: str | None = None,
+    ) -> int:
+        """Record a DR test and reset the VPG's test clock (last_test_at = its start).
+
+        Every finished test resets the clock, as the test was run; whether it passed is
+        kept next to it (`last_test_success`) and in the report.
+        """
+        with self.session() as s:
+            row = TestResult(
+                operation_id=operation_id,
+                vpg=vpg,
+                checkpoint_id=checkpoint_id,
+                checkpoint_time=checkpoint_time,
+                started_at=started_at,
+                ended_at=ended_at or utcnow(),
+                success=success,
+                verification_ok=verification_ok,
+                cleanup_ok=cleanup_ok,
+                notes=notes,
+                tested_by=tested_by,
+            )
+            s.add(row)
+            self._ensure_runtime(s, vpg)
+            rt = s.get_one(VpgRuntime, vpg)
+            if rt.last_test_at is None or started_at >= rt.last_test_at:
+                rt.last_test_at, rt.last_test_success = started_at, success
+            s.flush()
+            return row.id
+
+    def test_results(self, vpg: str | None = None) -> list[TestResult]:
+        """Test results, newest first."""
+        q = select(TestResult)
+        if vpg is not None:
+            q = q.where(TestResult.vpg == vpg)
+        with self.session(readonly=True) as s:
+            return list(s.scalars(q.order_by(TestResult.started_at.desc(), TestResult.id.desc())))
+
+    def add_sample(
+        self,
+        vpg: str,
+        *,
+        at: datetime | None = None,
+        rpo_seconds: float | None,
+        rpo_target_seconds: float,
+        history_seconds: float | None,
+        history_target_seconds: float,
+        journal_bytes: int | None = None,
+        journal_limit_bytes: int | None = None,
+        status: str | None = None,
+        substatus: str | None = None,
+    ) -> int:
+        with self.session() as s:
+            row = Sample(
+                vpg=vpg,
+                at=at or utcnow(),
+                rpo_seconds=rpo_seconds,
+                rpo_target_seconds=rpo_target_seconds,
+                history_seconds=history_seconds,
+                history_target_seconds=history_target_seconds,
+                journal_bytes=journal_bytes,
+                journal_limit_bytes=journal_limit_bytes,
+                status=status,
+                substatus=substatus,
+            )
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def open_alerts(self, vpg: str | None = None) -> list[Alert]:
+        q = select(Alert).where(Alert.cleared_at.is_(None))
+        if vpg is not None:
+            q = q.where(Alert.vpg == vpg)
+        with self.session(readonly=True) as s:
+            return list(s.scalars(q.order_by(Alert.raised_at, Alert.id)))
+
+    def raise_alert(
+        self,
+        vpg: str,
+        code: str,
+        level: str,
+        text: str,
+        *,
+        vm: str | None = None,
+        subject: str | None = None,
+        data: dict[str, Any] | None = None,
+        at: datetime | None = None,
+    ) -> Alert | None:
+        """Open an alert; None if the same one (vpg, code, vm, subject) is open already."""
+        _check(level, ALERT_LEVELS, "alert level")
+        row = Alert(
+            vpg=vpg,
+            vm=vm,
+            code=code,
+            level=level,
+            text=text,
+            raised_at=at or utcnow(),
+            data=data,
+            key=alert_key(code, vm, subject),
+        )
+        try:
+            with self.session() as s:
+                s.add(row)
+        except IntegrityError:
+            return None
+        return row
+
+    def clear_alert(self, alert_id: int, *, at: datetime | None = None) -> bool:
+        """Close an open alert; False if it was closed already."""
+        with self.session() as s:
+            return bool(
+                s.execute(
+                    update(Alert)
+                    .where(Alert.id == alert_id, Alert.cleared_at.is_(None))
+                    .values(cleared_at=at or utcnow())
+                ).rowcount
+            )
+
+    def record_email(
+        self,
+        kind: str,
+        ref: str | None,
+        recipients: str | Iterable[str],
+        subject: str | None,
+        ok: bool,
+        *,
+        error: str | None = None,
+        attempts: int = 1,
+        attempted_at: datetime | None = None,
+        report_path: str | Path | None = None,
+    ) -> int:
+        if not isinstance(recipients, str):
+            recipients = ", ".join(recipients)
+        with self.session() as s:
+            row = EmailDelivery(
+                kind=kind,
+                ref=ref,
+                recipients=recipients,
+                subject=subject,
+                attempted_at=attempted_at or utcnow(),
+                attempts=attempts,
+                ok=ok,
+                error=error,
+                report_path=str(report_path) if report_path is not None else None,
+            )
+            s.add(row)
+            s.flush()
+            return row.id
+
+    # --- pandas ------------------------------------------------------------------------
+
+    def frame(
+        self,
+        table: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        **filters: Any,
+    ) -> "pandas.DataFrame":
+        """A table as a DataFrame, oldest first; times as datetime64[ns, UTC].
+
+        `filters` are column = value (a list/tuple/set means IN, None means IS NULL);
+        `since`/`until` bound the table's time column (TIME_COLUMN) as [since, until).
+        """
+        import pandas as pd
+
+        if table not in TABLES:
+            raise ValueError(f"no table {table!r} (tables: {', '.join(TABLES)})")
+        t = TABLES[table].__table__
+        q = select(t)
+        for name, value in filters.items():
+            if name not in t.c:
+                raise ValueError(f"table {table} has no column {name!r}")
+            col = t.c[name]
+            if isinstance(value, (list, tuple, set, frozenset)):
+                q = q.where(col.in_(list(value)))
+            else:
+                q = q.where(col.is_(None) if value is None else col == value)
+        tcol = t.c[TIME_COLUMN[table]]
+        if since is not None:
+            q = q.where(tcol >= since)
+        if until is not None:
+            q = q.where(tcol < until)
+        q = q.order_by(tcol, *t.primary_key.columns)
+        with self.engine.connect().execution_options(vmrep_readonly=True) as conn:
+            df = pd.read_sql(q, conn)
+        for col in t.columns:
+            if isinstance(col.type, UTCDateTime):
+                df[col.name] = pd.to_datetime(df[col.name], utc=True)
+        return df
