@@ -190,7 +190,9 @@ def _device_specs(vm_name: str, ds: str, disks: list[DiskSeed], network: Any, ne
         backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
             fileName=f"[{ds}] {vm_name}/disk{i}.vmdk", diskMode="persistent", thinProvisioned=True)
         disk = vim.vm.device.VirtualDisk(key=2000 + i, controllerKey=1000, unitNumber=i,
-                                         capacityInKB=d.size_mib * 1024, backing=backing)
+                                         capacityInKB=d.size_mib * 1024, backing=backing,
+                                         deviceInfo=vim.Description(label=f"Hard disk {i + 1}",
+                                                                    summary=f"{d.size_mib * 1024} KB"))
         specs.append(vim.vm.device.VirtualDeviceSpec(operation="add", fileOperation="create", device=disk))
     nic = vim.vm.device.VirtualVmxnet3(
         key=4000, backing=vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(network=network, deviceName=net_name),
@@ -247,9 +249,13 @@ def _find(client: Any, vimtype: type, name: str) -> Any:
 def add_portgroups(client: Any, names: list[str]) -> None:
     from vmrep.vsphere.task import run_task
 
-    dvs = _find(client, vim.dvs.VmwareDistributedVirtualSwitch, "DC0_DVS")
+    from vmrep.vsphere.property import retrieve
+
+    switches = retrieve(client, vim.DistributedVirtualSwitch, ["name"])
+    if not switches:
+        raise LabError("lab: no distributed switch to add port groups to")
     specs = [vim.dvs.DistributedVirtualPortgroup.ConfigSpec(name=n, type="earlyBinding", numPorts=32) for n in names]
-    run_task(client, "DC0_DVS", dvs.AddDVPortgroup_Task, specs)
+    run_task(client, switches[0].name, switches[0].ref.AddDVPortgroup_Task, specs)
 
 
 def seed_site(client: Any, site: SiteProcess, vms: list[VMSeed], rng: random.Random) -> None:

@@ -578,8 +578,14 @@ class StateStore:
         data: dict[str, Any] | None = None,
         at: datetime | None = None,
     ) -> Alert | None:
-        """Open an alert; None if the same one (vpg, code, vm, subject) is open already."""
+        """Open an alert; None if the same one (vpg, code, vm, subject) is open already.
+
+        `subject` tells apart alerts of one code and VM (e.g. the missing network); it is
+        kept in `data["subject"]`.
+        """
         _check(level, ALERT_LEVELS, "alert level")
+        if subject is not None:
+            data = {"subject": subject, **(data or {})}
         row = Alert(
             vpg=vpg,
             vm=vm,

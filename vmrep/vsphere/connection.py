@@ -22,7 +22,7 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_random_exponential,
 )
 
 from vmrep.config import Site
@@ -56,13 +56,56 @@ class CallStats:
 
 def ssl_context(site: Site) -> ssl.SSLContext:
     tls = site.tls
-    if tls.insecure or tls.thumbprint:
-        # A pinned thumbprint replaces chain verification; pyvmomi checks the pin.
-        ctx = ssl._create_unverified_context()  # noqa: SLF001 - explicit, per-site choice
-        return ctx
+    if tls.insecure:
+        return ssl._create_unverified_context()  # noqa: SLF001 - explicit, per-site choice
+    if tls.thumbprint:
+        # pyvmomi 9 checks a pin only after chain verification failed, and not on its
+        # first request: the context checks the pin itself on every connection.
+        return PinnedContext.for_thumbprint(tls.thumbprint)
     if tls.ca_file:
         return ssl.create_default_context(cafile=str(tls.ca_file))
     return ssl.create_default_context()
+
+
+class PinnedContext(ssl.SSLContext):
+    """TLS whose only trust is the server certificate's SHA-256, checked on every handshake."""
+
+    pin: str = ""
+
+    @classmethod
+    def for_thumbprint(cls, thumbprint: str) -> "PinnedContext":
+        ctx = cls(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.pin = thumbprint
+        return ctx
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+        import hashlib
+
+        sock = super().wrap_socket(*args, **kwargs)
+        der = sock.getpeercert(binary_form=True) or b""
+        if hashlib.sha256(der).hexdigest() != self.pin:
+            sock.close()
+            raise ssl.SSLError("server certificate does not match the pinned thumbprint")
+        return sock
+
+
+def check_pin(site: Site, host: str, port: int) -> None:
+    """Compare the server certificate's SHA-256 with the pinned thumbprint."""
+    import hashlib
+    import socket
+
+    ctx = ssl._create_unverified_context()  # noqa: SLF001 - the pin is the verification
+    try:
+        with socket.create_connection((host, port), timeout=site.timeout_seconds) as raw:
+            with ctx.wrap_socket(raw, server_hostname=host) as tls:
+                der = tls.getpeercert(binary_form=True) or b""
+    except OSError as exc:
+        raise ConnectionFailed(f"site {site.name} ({site.host}): cannot connect: {exc.strerror or exc}") from None
+    if hashlib.sha256(der).hexdigest() != site.tls.thumbprint:
+        raise ConnectionFailed(
+            f"site {site.name} ({site.host}): server certificate does not match the pinned thumbprint")
 
 
 def split_host(host: str) -> tuple[str, int]:
@@ -92,6 +135,8 @@ class Client:
     # -- connection -------------------------------------------------------------------
 
     def _connect(self) -> Any:
+        if self.site.tls.thumbprint:
+            check_pin(self.site, self.host, self.port)
         try:
             return SmartConnect(
                 host=self.host,
@@ -99,7 +144,6 @@ class Client:
                 user=self.site.user,
                 pwd=self._password,
                 sslContext=ssl_context(self.site),
-                thumbprint=self.site.tls.thumbprint,
                 connectionPoolTimeout=int(self.site.timeout_seconds),
             )
         except vim.fault.InvalidLogin:
@@ -128,6 +172,9 @@ class Client:
         """Log in again on the same stub, so every object reference stays valid."""
         with self._login_lock:
             self.stats.relogins += 1
+            # Log in as a new client: a server that still knows the old cookie would
+            # refuse a second login on the same session.
+            self.si._stub.cookie = ""  # noqa: SLF001
             try:
                 self.content.sessionManager.Login(self.site.user, self._password)
             except vim.fault.InvalidLogin:
@@ -160,9 +207,10 @@ class Client:
 
     # -- calls ------------------------------------------------------------------------
 
-    def call(self, what: str, fn: Callable[..., T], *args: Any, name: str | None = None, **kwargs: Any) -> T:
+    def call(self, what: str, fn: Callable[..., T], *args: Any, method_name: str | None = None,
+             **kwargs: Any) -> T:
         """Run one vSphere call, retrying transient faults; `what` names the object for errors."""
-        label = name or getattr(fn, "__name__", "call")
+        label = method_name or method_label(fn)
 
         def before_retry(state: RetryCallState) -> None:
             self.stats.retries += 1
@@ -174,7 +222,7 @@ class Client:
 
         retrying = Retrying(
             stop=stop_after_attempt(self.retry.attempts),
-            wait=wait_exponential_jitter(initial=self.retry.initial, max=self.retry.maximum),
+            wait=wait_random_exponential(multiplier=self.retry.initial, max=self.retry.maximum),
             retry=retry_if_exception(faults.is_transient),
             before_sleep=before_retry,
             reraise=True,
@@ -198,6 +246,17 @@ class Client:
                 raise faults.as_user_error(exc, f"site {self.site.name}: {what}") from exc
             raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def method_label(fn: Any) -> str:
+    """The SOAP method behind a pyVmomi bound method (a lambda closing over it), or the function's name."""
+    name = getattr(fn, "__name__", "call")
+    if name == "<lambda>" and getattr(fn, "__closure__", None):
+        for cell in fn.__closure__:
+            info = getattr(cell.cell_contents, "info", None)
+            if info is not None and getattr(info, "wsdlName", None):
+                return info.wsdlName
+    return name
 
 
 def connect(site: Site, password: str | None = None, **kw: Any) -> Client:

@@ -59,6 +59,12 @@ class HttpDatastore:
         self.datacenter = datacenter
         self._local = threading.local()
 
+    def _verify(self) -> bool | str:
+        tls = self.client.site.tls
+        if tls.thumbprint or tls.insecure:
+            return False  # the pin is checked by the adapter; insecure is the site's explicit choice
+        return str(tls.ca_file) if tls.ca_file else True
+
     def _session(self) -> requests.Session:
         s = getattr(self._local, "session", None)
         if s is None:
@@ -66,11 +72,6 @@ class HttpDatastore:
             tls = self.client.site.tls
             if tls.thumbprint:
                 s.mount("https://", _PinnedAdapter(tls.thumbprint))
-                s.verify = False
-            elif tls.insecure:
-                s.verify = False
-            elif tls.ca_file:
-                s.verify = str(tls.ca_file)
             self._local.session = s
         name, value = self.client.session_cookie
         s.cookies.set(name, value)
@@ -85,7 +86,9 @@ class HttpDatastore:
         url, params = self._url(path)
 
         def go() -> requests.Response:
-            r = self._session().request(method, url, params=params, timeout=self.client.site.timeout_seconds, **kw)
+            # verify per request: a session-level value loses against REQUESTS_CA_BUNDLE
+            r = self._session().request(method, url, params=params, timeout=self.client.site.timeout_seconds,
+                                        verify=self._verify(), **kw)
             if r.status_code == 401:
                 # The cookie went stale with the session: log in again, then retry.
                 self.client.relogin()
@@ -94,7 +97,7 @@ class HttpDatastore:
                 raise TransientError(f"{path}: HTTP {r.status_code}")
             return r
 
-        return self.client.call(path, go, name=f"DatastoreFile.{method}")
+        return self.client.call(path, go, method_name=f"DatastoreFile.{method}")
 
     def size(self, path: str) -> int:
         r = self._request("GET", path, headers={"Range": "bytes=0-0"}, stream=True)

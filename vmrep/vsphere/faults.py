@@ -40,7 +40,7 @@ def is_session_lost(exc: BaseException) -> bool:
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, TransientError):
         return True
-    if isinstance(exc, ssl.SSLCertVerificationError):
+    if isinstance(exc, (ssl.SSLCertVerificationError, requests.exceptions.SSLError)):
         return False  # a certificate that does not verify will not verify on retry either
     if isinstance(exc, _TRANSIENT_FAULTS):
         return True

@@ -13,7 +13,7 @@ from pyVmomi import vim
 from vmrep.errors import NotFound
 from vmrep.vsphere.connection import Client
 from vmrep.vsphere.datastore import flat_path, parse_ds_path
-from vmrep.vsphere.property import Obj, retrieve
+from vmrep.vsphere.property import Obj, retrieve, retrieve_types
 
 VM_PATHS = (
     "name",
@@ -149,14 +149,9 @@ class Inventory:
 
     def __init__(self, client: Client) -> None:
         self.client = client
-        self.networks = {o.ref._moId: o.name for o in retrieve(client, vim.Network, ["name"])}
-        self.portgroups = {
-            o.get("key"): o.name for o in retrieve(client, vim.dvs.DistributedVirtualPortgroup, ["name", "key"])
-        }
-        self.fields = {
-            f.key: f.name for f in (client.call("custom fields", lambda: client.content.customFieldsManager.field,
-                                                name="RetrieveCustomFields") or [])
-        } if client.content.customFieldsManager is not None else {}
+        self.networks: dict[str, str] = {}
+        self.portgroups: dict[str, str] = {}
+        self.fields: dict[int, str] = {}
         self._vms: list[VMInfo] | None = None
         self._hosts: list[Obj] | None = None
         self._datastores: list[Obj] | None = None
@@ -168,8 +163,28 @@ class Inventory:
     # -- VMs --------------------------------------------------------------------------
 
     def vms(self) -> list[VMInfo]:
+        """Every VM with its devices, guest state and custom values, together with the
+        networks and custom field names needed to read them: one round trip."""
         if self._vms is None:
-            self._vms = [self._vm(o) for o in retrieve(self.client, vim.VirtualMachine, VM_PATHS)]
+            cfm = self.client.content.customFieldsManager
+            extra = [(cfm, vim.CustomFieldsManager, ["field"])] if cfm is not None else []
+            objs = retrieve_types(self.client, {
+                vim.VirtualMachine: VM_PATHS,
+                vim.Network: ["name"],
+                vim.dvs.DistributedVirtualPortgroup: ["name", "key"],
+            }, extra)
+            vms = []
+            for o in objs:
+                if isinstance(o.ref, vim.CustomFieldsManager):
+                    self.fields = {f.key: f.name for f in (o.get("field") or [])}
+                elif isinstance(o.ref, vim.dvs.DistributedVirtualPortgroup):
+                    self.portgroups[o.get("key")] = o.name
+                    self.networks[o.ref._moId] = o.name
+                elif isinstance(o.ref, vim.Network):
+                    self.networks[o.ref._moId] = o.name
+                else:
+                    vms.append(o)
+            self._vms = [self._vm(o) for o in vms]
         return self._vms
 
     def _vm(self, o: Obj) -> VMInfo:
@@ -233,6 +248,8 @@ class Inventory:
         return self._datacenters
 
     def network_names(self) -> set[str]:
+        if self._vms is None:
+            self.vms()
         return set(self.networks.values()) | set(self.portgroups.values())
 
     @staticmethod
@@ -259,6 +276,9 @@ class Inventory:
         return self._by_name(self.resource_pools(), name, "resource pool", self.client.site.name)
 
     def network(self, name: str) -> Any:
+        """The moid of a network or port group by name."""
+        if self._vms is None:
+            self.vms()
         for moid, n in self.networks.items():
             if n == name:
                 return moid

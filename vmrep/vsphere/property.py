@@ -30,25 +30,25 @@ class Obj:
         return self.props.get("name", self.ref._moId)
 
 
-def _spec_for_view(view: Any, obj_type: type, paths: Sequence[str]) -> vmodl.query.PropertyCollector.FilterSpec:
-    traverse = vmodl.query.PropertyCollector.TraversalSpec(
-        name="view", path="view", skip=False, type=vim.view.ContainerView
-    )
-    obj_spec = vmodl.query.PropertyCollector.ObjectSpec(obj=view, skip=True, selectSet=[traverse])
-    prop_spec = vmodl.query.PropertyCollector.PropertySpec(type=obj_type, pathSet=list(paths), all=False)
-    return vmodl.query.PropertyCollector.FilterSpec(objectSet=[obj_spec], propSet=[prop_spec])
-
-
-def _spec_for_objects(objs: Iterable[Any], obj_type: type, paths: Sequence[str]) -> vmodl.query.PropertyCollector.FilterSpec:
-    obj_specs = [vmodl.query.PropertyCollector.ObjectSpec(obj=o, skip=False) for o in objs]
-    prop_spec = vmodl.query.PropertyCollector.PropertySpec(type=obj_type, pathSet=list(paths), all=False)
-    return vmodl.query.PropertyCollector.FilterSpec(objectSet=obj_specs, propSet=[prop_spec])
+def _spec(view: Any, types: dict[type, Sequence[str]], objects: Sequence[tuple[Any, type, Sequence[str]]] = ()
+          ) -> vmodl.query.PropertyCollector.FilterSpec:
+    PC = vmodl.query.PropertyCollector
+    obj_specs = []
+    if view is not None:
+        traverse = PC.TraversalSpec(name="view", path="view", skip=False, type=vim.view.ContainerView)
+        obj_specs.append(PC.ObjectSpec(obj=view, skip=True, selectSet=[traverse]))
+    prop_specs = [PC.PropertySpec(type=t, pathSet=list(p), all=False) for t, p in types.items()]
+    for obj, t, paths in objects:
+        obj_specs.append(PC.ObjectSpec(obj=obj, skip=False))
+        if t not in types:
+            prop_specs.append(PC.PropertySpec(type=t, pathSet=list(paths), all=False))
+    return PC.FilterSpec(objectSet=obj_specs, propSet=prop_specs)
 
 
 def _collect(client: Client, spec: Any, what: str) -> list[Obj]:
     pc = client.content.propertyCollector
     options = vmodl.query.PropertyCollector.RetrieveOptions(maxObjects=1000)
-    result = client.call(what, pc.RetrievePropertiesEx, [spec], options, name="RetrievePropertiesEx")
+    result = client.call(what, pc.RetrievePropertiesEx, [spec], options, method_name="RetrievePropertiesEx")
     out: list[Obj] = []
     while result is not None:
         for oc in result.objects or []:
@@ -56,8 +56,38 @@ def _collect(client: Client, spec: Any, what: str) -> list[Obj]:
         token = getattr(result, "token", None)
         if not token:
             break
-        result = client.call(what, pc.ContinueRetrievePropertiesEx, token, name="ContinueRetrievePropertiesEx")
+        result = client.call(what, pc.ContinueRetrievePropertiesEx, token,
+                             method_name="ContinueRetrievePropertiesEx")
     return out
+
+
+def _view(client: Client, types: Sequence[type], what: str) -> Any:
+    """A container view over the whole inventory, kept for the session (created once, so a
+    read costs one round trip, not three)."""
+    views = client.__dict__.setdefault("_views", {})
+    key = tuple(sorted(t.__name__ for t in types))
+    view = views.get(key)
+    if view is None:
+        vm = client.content.viewManager
+        view = client.call(what, vm.CreateContainerView, client.content.rootFolder, list(types), True,
+                           method_name="CreateContainerView")
+        views[key] = view
+    return view
+
+
+def retrieve_types(client: Client, types: dict[type, Sequence[str]],
+                   objects: Sequence[tuple[Any, type, Sequence[str]]] = ()) -> list[Obj]:
+    """Read several object types of the whole inventory (plus single objects) in one round trip."""
+    what = "/".join(t.__name__.rsplit(".", 1)[-1] for t in types) + " inventory"
+    for attempt in (1, 2):
+        view = _view(client, list(types), what)
+        try:
+            return _collect(client, _spec(view, types, objects), what)
+        except Exception as exc:  # noqa: BLE001 - a view dies with its session
+            if attempt == 2 or "ManagedObjectNotFound" not in type(exc).__name__ + str(exc.__cause__):
+                raise
+            client.__dict__["_views"].clear()
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def retrieve(
@@ -68,21 +98,22 @@ def retrieve(
     container: Any = None,
     objects: Iterable[Any] | None = None,
 ) -> list[Obj]:
-    """Read `paths` of every `obj_type` below `container` (default: root folder), or of the given objects."""
+    """Read `paths` of every `obj_type` in the inventory (or below `container`), or of the given objects."""
     what = f"{obj_type.__name__.rsplit('.', 1)[-1]} inventory"
     if objects is not None:
-        objs = list(objects)
+        objs = [(o, obj_type, paths) for o in objects]
         if not objs:
             return []
-        return _collect(client, _spec_for_objects(objs, obj_type, paths), what)
+        return _collect(client, _spec(None, {}, objs), what)
+    if container is None:
+        return retrieve_types(client, {obj_type: paths})
     vm = client.content.viewManager
-    root = container or client.content.rootFolder
-    view = client.call(what, vm.CreateContainerView, root, [obj_type], True, name="CreateContainerView")
+    view = client.call(what, vm.CreateContainerView, container, [obj_type], True, method_name="CreateContainerView")
     try:
-        return _collect(client, _spec_for_view(view, obj_type, paths), what)
+        return _collect(client, _spec(view, {obj_type: paths}), what)
     finally:
         try:
-            client.call(what, view.DestroyView, name="DestroyView")
+            client.call(what, view.DestroyView, method_name="DestroyView")
         except Exception:  # noqa: BLE001 - a leaked view is harmless, a failed read is not
             pass
 

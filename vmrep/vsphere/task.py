@@ -39,6 +39,5 @@ def wait_for_task(client: Client, task: Any, what: str, *, timeout: float = 600.
 
 def run_task(client: Client, what: str, method: Any, *args: Any, timeout: float = 600.0, **kwargs: Any) -> Any:
     """Start a task (one retried call) and wait for it."""
-    name = getattr(method, "__name__", None) or str(method)
-    task = client.call(what, method, *args, name=name, **kwargs)
+    task = client.call(what, method, *args, **kwargs)
     return wait_for_task(client, task, what, timeout=timeout)
