@@ -331,7 +331,13 @@ def test_calls_are_counted(lab, si):
 def test_dropped_sessions_must_log_in_again(lab, si):
     c = content(si)
     vm = vm_by_name(si, "DC0_H0_VM0")
-    assert control(lab, "DELETE", "/sessions").json()["terminated"] >= 1
+    rest = f"https://{lab['host']}/rest/com/vmware/cis"
+    token = requests.post(rest + "/session", auth=("lab", "lab"), verify=lab["ca_file"], timeout=5).json()["value"]
+    headers = {"vmware-api-session-id": token}
+    assert requests.get(rest + "/tagging/category", headers=headers, verify=lab["ca_file"], timeout=5).ok
+    assert control(lab, "DELETE", "/sessions").json()["terminated"] >= 2
+    assert requests.get(rest + "/tagging/category", headers=headers, verify=lab["ca_file"],
+                        timeout=5).status_code == 401
     with pytest.raises(vim.fault.NotAuthenticated):
         props(si, vm, "name")
     with pytest.raises(vim.fault.NotAuthenticated):

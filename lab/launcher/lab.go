@@ -12,6 +12,7 @@ import (
 	"io"
 	"log"
 	"net/http"
+	"net/url"
 	"os"
 	"path"
 	"path/filepath"
@@ -129,7 +130,35 @@ func (l *lab) dropSessions(ctx context.Context) (int, error) {
 	l.mu.Lock()
 	l.sessions = make(map[string]bool)
 	l.mu.Unlock()
-	return n, nil
+	return n + l.dropRESTSessions(), nil
+}
+
+// dropRESTSessions clears the vAPI (REST, /rest) simulator's sessions. Its
+// handler type is unexported; it is reached through the mux and its exported
+// Session map, under its own mutex (the one its handlers hold).
+func (l *lab) dropRESTSessions() (n int) {
+	mux, ok := l.mux.(*http.ServeMux)
+	if !ok {
+		return 0
+	}
+	h, _ := mux.Handler(&http.Request{Method: http.MethodGet, URL: &url.URL{Path: "/rest/com/vmware/cis/session"}})
+	locker, ok := h.(sync.Locker)
+	if !ok {
+		return 0
+	}
+	v := reflect.ValueOf(h)
+	if v.Kind() != reflect.Ptr || v.Elem().Kind() != reflect.Struct {
+		return 0
+	}
+	f := v.Elem().FieldByName("Session")
+	if !f.IsValid() || f.Kind() != reflect.Map || !f.CanSet() {
+		return 0
+	}
+	locker.Lock()
+	defer locker.Unlock()
+	n = f.Len()
+	f.Set(reflect.MakeMap(f.Type()))
+	return n
 }
 
 // --- HTTP entry point ---------------------------------------------------------
