@@ -119,3 +119,6 @@ def fresh_lab(tmp_path: Path) -> Iterator[LabHandle]:
         yield handle
     finally:
         _stop_lab(handle)
+
+
+from conftest_pg import db_url, pg_server, prefect_harness  # noqa: E402,F401  (shared fixtures)

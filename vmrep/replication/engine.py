@@ -253,10 +253,15 @@ def apply_retention(rt: Runtime, vpg: VPG, now: datetime | None = None) -> Any:
     now = now or utcnow()
     limit = vpg.hard_limit_bytes or None
     result = rt.journal.apply_retention(vpg.name, now - timedelta(seconds=vpg.history_seconds), limit)
-    if getattr(result, "hard_limit_hit", False):
-        rt.store.raise_alert(vpg.name, "JOURNAL_HARD_LIMIT", "warning",
-                             f"journal hard limit reached: oldest history dropped to stay under "
-                             f"{vpg.journal_hard_limit_gb:g} GB")
+    if result.hard_limit_hit:
+        # An event, not a state: recorded raised and cleared at once, so it shows in the
+        # history and the reports without staying open.
+        row = rt.store.raise_alert(
+            vpg.name, "JOURNAL_HARD_LIMIT", "warning",
+            f"VPG {vpg.name}: journal hard limit {vpg.journal_hard_limit_gb:g} GB reached: "
+            f"{len(result.dropped_by_limit)} oldest checkpoint(s) dropped", data={"dropped": result.dropped_by_limit})
+        if row is not None:
+            rt.store.clear_alert(row.id)
     return result
 
 
