@@ -96,7 +96,7 @@ def publish_artifacts(report: Report) -> list[UUID] | None:
                                          description=report.subject, _sync=True))
         html = report.paths.get("html")
         if html is not None:
-            ids.append(create_link_artifact(link=html.resolve().as_uri(), link_text=f"{report.title} (HTML)",
+            ids.append(create_link_artifact(link=html.resolve().as_uri(), link_text=f"{_md(report.title)} (HTML)",
                                             key=f"{key}-html", description=str(html), _sync=True))
         ids.append(create_markdown_artifact(markdown=markdown(report), key=f"{key}-summary",
                                             description=report.subject, _sync=True))
