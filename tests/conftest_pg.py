@@ -142,8 +142,13 @@ class PgServer:
 
     def create_database(self, name: str | None = None) -> str:
         """A new empty database; returns its SQLAlchemy URL."""
+        import psycopg
+
         name = name or f"t_{uuid.uuid4().hex[:12]}"
-        self.admin(f'CREATE DATABASE "{name}"')
+        try:  # FILE_COPY: ~30 ms instead of ~300 ms (PostgreSQL 15+, fsync is off here)
+            self.admin(f'CREATE DATABASE "{name}" STRATEGY = FILE_COPY')
+        except psycopg.errors.SyntaxError:
+            self.admin(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
     def drop_database(self, name: str) -> None:

@@ -160,10 +160,13 @@ def test_runtime_is_created_once_and_status_history_only_on_change(store: StateS
     )
     assert store.runtime("erp").created_at == rt.created_at
     t = rt.created_at + timedelta(seconds=1)
-    assert store.set_status("erp", "Initializing", "InitialSync", "copying", at=t)
-    assert not store.set_status("erp", "Initializing", "InitialSync", "still copying", at=t)
+    assert store.set_status("erp", "Initializing", "InitialSync", "copying", at=t) == (
+        "Initializing",
+        None,
+    )
+    assert store.set_status("erp", "Initializing", "InitialSync", "still copying", at=t) is None
     assert store.set_status("erp", "MeetingSLA", None, at=t + timedelta(minutes=5))
-    assert not store.set_status("erp", "MeetingSLA", None)
+    assert store.set_status("erp", "MeetingSLA", None) is None
     hist = [(h.status, h.substatus, h.detail) for h in store.status_history("erp")]
     assert hist == [
         ("Initializing", None, "VPG created"),

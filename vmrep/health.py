@@ -225,11 +225,13 @@ def add_months(t: datetime, months: int) -> datetime:
 
 
 def _secs(seconds: float) -> str:
-    if seconds < 120:
+    if seconds < 600:
         return f"{seconds:.0f} s"
     if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
 
 
 def _gib(n: float) -> str:
@@ -412,11 +414,11 @@ def apply_transitions(
     in that order; nothing when everything is as desired already."""
     out: list[Transition] = []
     if isinstance(desired, Evaluation):
-        before = store.runtime(vpg)
-        if store.set_status(vpg, desired.status, desired.substatus, desired.detail, at=now):
+        before = store.set_status(vpg, desired.status, desired.substatus, desired.detail, at=now)
+        if before is not None:
             out.append(
                 Transition("status", vpg, now, status=desired.status, substatus=desired.substatus,
-                           previous_status=before.status, previous_substatus=before.substatus,
+                           previous_status=before[0], previous_substatus=before[1],
                            detail=desired.detail)  # fmt: skip
             )
         wanted = {a.key: a for a in desired.alerts}

@@ -204,10 +204,10 @@ class StateStore:
 
     # --- runtime, status, lock -------------------------------------------------------
 
-    def _ensure_runtime(self, s: Session, vpg: str) -> None:
+    def _ensure_runtime(self, s: Session, vpg: str, at: datetime | None = None) -> None:
         if s.get(VpgRuntime, vpg) is not None:
             return
-        now = utcnow()
+        now = at or utcnow()
         if s.bind.dialect.name == "postgresql":  # type: ignore[union-attr]
             from sqlalchemy.dialects.postgresql import insert
         else:
@@ -260,31 +260,28 @@ class StateStore:
         detail: str | None = None,
         *,
         at: datetime | None = None,
-    ) -> bool:
+    ) -> tuple[str, str | None] | None:
         """Set the status; a history row is written only when status or substatus change.
 
-        Returns whether it changed. The change test is part of the UPDATE, so two
-        processes setting the same status write one history row between them.
+        Returns the previous (status, substatus) when it changed, else None. The row is
+        read FOR UPDATE (SQLite: under BEGIN IMMEDIATE), so two processes setting the
+        same status write one history row between them.
         """
         at = at or utcnow()
         with self.session() as s:
-            self._ensure_runtime(s, vpg)
-            changed = s.execute(
-                update(VpgRuntime)
-                .where(
-                    VpgRuntime.vpg == vpg,
-                    or_(
-                        VpgRuntime.status.is_distinct_from(status),
-                        VpgRuntime.substatus.is_distinct_from(substatus),
-                    ),
-                )
-                .values(status=status, substatus=substatus, updated_at=at)
-            ).rowcount
-            if changed:
-                s.add(
-                    StatusHistory(vpg=vpg, at=at, status=status, substatus=substatus, detail=detail)
-                )
-            return bool(changed)
+            self._ensure_runtime(s, vpg, at)
+            rt = s.execute(
+                select(VpgRuntime)
+                .where(VpgRuntime.vpg == vpg)
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            ).scalar_one()
+            before = (rt.status, rt.substatus)
+            if before == (status, substatus):
+                return None
+            rt.status, rt.substatus, rt.updated_at = status, substatus, at
+            s.add(StatusHistory(vpg=vpg, at=at, status=status, substatus=substatus, detail=detail))
+            return before
 
     def status_history(self, vpg: str) -> list[StatusHistory]:
         with self.session(readonly=True) as s:
