@@ -1,0 +1,48 @@
+"""vmrep.secrets: references resolve from the environment; errors name the reference and
+never the value. (Prefect Secret blocks: tests/test_reports_prefect.py.)"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from vmrep.config import SecretRef
+from vmrep.errors import SecretError
+from vmrep.secrets import resolve_secret
+
+VALUE = "hunter2-Very-Secret"
+
+
+def test_env_reference_in_every_form(monkeypatch):
+    monkeypatch.setenv("VMREP_T_PW", VALUE)
+    assert resolve_secret("env:VMREP_T_PW") == VALUE
+    assert resolve_secret({"env": "VMREP_T_PW"}) == VALUE
+    assert resolve_secret(SecretRef(env="VMREP_T_PW")) == VALUE
+    assert resolve_secret("env:OTHER", environ={"OTHER": "x"}) == "x"
+
+
+def test_missing_or_empty_variable_names_the_reference_and_the_setting(monkeypatch):
+    monkeypatch.delenv("VMREP_T_NONE", raising=False)
+    with pytest.raises(SecretError) as e:
+        resolve_secret("env:VMREP_T_NONE", "sites.prod.password")
+    assert str(e.value) == "sites.prod.password (env:VMREP_T_NONE): environment variable VMREP_T_NONE is not set"
+    monkeypatch.setenv("VMREP_T_NONE", "")
+    with pytest.raises(SecretError, match=r"^secret env:VMREP_T_NONE: environment variable"):
+        resolve_secret("env:VMREP_T_NONE")
+
+
+@pytest.mark.parametrize("bad", [VALUE, {"value": VALUE}, {"env": VALUE, "prefect_secret": VALUE}])
+def test_a_clear_text_value_is_refused_without_being_echoed(bad):
+    with pytest.raises(SecretError) as e:
+        resolve_secret(bad, "notifications.password")
+    assert VALUE not in str(e.value)
+    assert str(e.value).startswith("notifications.password: not a secret reference")
+
+
+def test_the_value_is_never_logged(monkeypatch, caplog):
+    monkeypatch.setenv("VMREP_T_PW", VALUE)
+    with caplog.at_level(logging.DEBUG):
+        resolve_secret("env:VMREP_T_PW", "sites.prod.password")
+    assert caplog.records  # it does log that it resolved the reference...
+    assert all(VALUE not in r.getMessage() for r in caplog.records)  # ...not what it found
