@@ -8,6 +8,7 @@ compared with the previous checkpoint's map, and only the changed ones go to the
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import blake3
+import numpy as np
 
 from vmrep.errors import JournalError
 from vmrep.journal import BlockMap, CheckpointWriter
@@ -38,10 +40,11 @@ class LocalFileSource:
     `size` defaults to the file's length; a file shorter than `size` reads as zeros past
     its end (a freshly created flat file is often empty whatever the disk's capacity)."""
 
-    def __init__(self, path: Path | str, size: int | None = None) -> None:
+    def __init__(self, path: Path | str, size: int | None = None, *, use_mmap: bool = True) -> None:
         self.path = Path(path)
         self.fd = os.open(self.path, os.O_RDONLY)
         self.size = os.fstat(self.fd).st_size if size is None else size
+        self.use_mmap = use_mmap
         try:
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         except (AttributeError, OSError):
@@ -58,6 +61,20 @@ class LocalFileSource:
                 break
             got += n
         return want
+
+    def map(self, offset: int, length: int) -> mmap.mmap | None:
+        """A read-only mapping of [offset, offset+length): hashing straight from the page
+        cache saves the copy that pread makes. None where a mapping can't be used (past the
+        end of the file, unaligned): the caller falls back to readinto."""
+        if not self.use_mmap or offset % mmap.ALLOCATIONGRANULARITY or length <= 0:
+            return None
+        if offset + length > os.fstat(self.fd).st_size:
+            return None
+        flags = mmap.MAP_SHARED
+        try:
+            return mmap.mmap(self.fd, length, flags=flags, prot=mmap.PROT_READ, offset=offset)
+        except (OSError, ValueError):
+            return None
 
     def read(self, offset: int, length: int) -> bytes:
         length = max(0, min(length, self.size - offset))
@@ -124,6 +141,18 @@ def _chunks(blocks: list[int] | range, per_chunk: int) -> list[tuple[int, int]]:
     return out
 
 
+_HEAD = bytes(64)
+
+
+def _view_is_zero(view: memoryview) -> bool:
+    if bytes(view[:64]) != _HEAD[: min(64, len(view))]:
+        return False
+    n = len(view)
+    if n % 8 == 0:
+        return not np.count_nonzero(np.frombuffer(view, dtype=np.uint64))
+    return not np.count_nonzero(np.frombuffer(view, dtype=np.uint8))
+
+
 def sync_disk(
     writer: CheckpointWriter,
     vm: str,
@@ -161,6 +190,8 @@ def sync_disk(
     readinto = getattr(source, "readinto", None)
     zero_block = bytes(bs)
 
+    mapper = getattr(source, "map", None)
+
     def worker() -> None:
         buf = bytearray(per_chunk * bs) if readinto else None
         local = DiskSyncStats()
@@ -173,38 +204,55 @@ def sync_disk(
                 first, count = nxt
                 off = first * bs
                 length = min(count * bs, size - off)
-                if buf is not None:
+                mapped = mapper(off, length) if mapper else None
+                if mapped is not None:
+                    data = None
+                    mv = memoryview(mapped)
+                elif buf is not None:
                     data = buf
                     readinto(off, memoryview(buf)[:length])
+                    mv = memoryview(buf)
                 else:
                     data = source.read(off, length)
                     if len(data) < length:
                         data = bytes(data) + bytes(length - len(data))
-                mv = memoryview(data)
+                    mv = memoryview(data)
                 local.bytes_read += length
-                for k in range(count):
-                    i = first + k
-                    a = k * bs
-                    ln = min(bs, length - a)
-                    local.blocks_read += 1
-                    zero = data.startswith(zero_block if ln == bs else bytes(ln), a, a + ln)
-                    if zero:
-                        local.blocks_zero += 1
-                        if previous is not None and previous.get(i) is None:
+                try:
+                    for k in range(count):
+                        i = first + k
+                        a = k * bs
+                        ln = min(bs, length - a)
+                        local.blocks_read += 1
+                        block = mv[a : a + ln]
+                        if data is not None:
+                            zero = data.startswith(zero_block if ln == bs else bytes(ln), a, a + ln)
+                        else:
+                            zero = _view_is_zero(block)
+                        if zero:
+                            local.blocks_zero += 1
+                            if previous is not None and previous.get(i) is None:
+                                continue
+                            writer.put_zero(vm, disk, i)
+                            local.blocks_changed += 1
                             continue
-                        writer.put_zero(vm, disk, i)
+                        bid = blake3.blake3(block).digest()
+                        if previous is not None and previous.get(i) == bid:
+                            continue
                         local.blocks_changed += 1
-                        continue
-                    block = mv[a : a + ln]
-                    bid = blake3.blake3(block).digest()
-                    if previous is not None and previous.get(i) == bid:
-                        continue
-                    local.blocks_changed += 1
-                    stored = writer.put_hashed(vm, disk, i, bid, block)
-                    if stored:
-                        local.bytes_stored += stored
-                    else:
-                        local.blocks_deduplicated += 1
+                        stored = writer.put_hashed(vm, disk, i, bid, block)
+                        if stored:
+                            local.bytes_stored += stored
+                        else:
+                            local.blocks_deduplicated += 1
+                finally:
+                    block = None
+                    mv.release()
+                    if mapped is not None:
+                        try:
+                            mapped.close()
+                        except BufferError:  # a view escaped; the mapping goes with it
+                            pass
                 if progress:
                     progress(length)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller

@@ -1,0 +1,325 @@
+"""vmrep's block engine and journal against borg, restic and rsync on one disk image.
+
+    .venv/bin/python bench/bench_replication.py [--size-gib 2] [--out bench/out]
+    .venv/bin/python bench/bench_replication.py --block-sizes 256K,1M,4M   # vmrep only
+
+Creates an image (half random, half zeros), then in one run: initial copy by every tool;
+then, three times each, change 1 % of the 1 MiB blocks at random and let every tool take
+the change (vmrep by hash scan and given the changed-block list, restic, borg with fixed
+1 MiB chunks, rsync delta onto its previous copy); the same at 10 %; `cat` as the read
+limit; vmrep restore_disk against cp. Medians of the three cycles. Not part of pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _peers import drop_tree, du, ensure_peers, peer_env, run  # noqa: E402
+
+from vmrep.journal import Journal  # noqa: E402
+from vmrep.replication.blocks import LocalFileSource, sync_disk  # noqa: E402
+
+MiB = 1 << 20
+GiB = 1 << 30
+VPG, VM, DISK = "bench", "vm1", "disk1"
+
+
+@dataclass
+class Row:
+    scenario: str
+    tool: str
+    seconds: list[float] = field(default_factory=list)
+    read: list[int] = field(default_factory=list)
+    stored: list[int] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def t(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def r(self) -> int:
+        return int(statistics.median(self.read)) if self.read else -1
+
+    @property
+    def s(self) -> int:
+        return int(statistics.median(self.stored)) if self.stored else -1
+
+
+def human(n: int) -> str:
+    if n < 0:
+        return "-"
+    for unit, f in (("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
+        if n >= f:
+            return f"{n / f:.2f} {unit}"
+    return f"{n} B"
+
+
+def parse_size(s: str) -> int:
+    s = s.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1024, "M": MiB, "G": GiB}.get(s[-1:], 1)
+    return int(float(s.rstrip("KMG")) * mult)
+
+
+def make_image(path: Path, size: int) -> None:
+    half = size // 2
+    with open(path, "wb") as f:
+        left = half
+        while left:
+            n = min(left, 64 * MiB)
+            f.write(os.urandom(n))
+            left -= n
+        zero = bytes(64 * MiB)
+        left = size - half
+        while left:
+            n = min(left, len(zero))
+            f.write(zero[:n])
+            left -= n
+
+
+def change_image(path: Path, size: int, percent: float, rng: random.Random) -> list[tuple[int, int]]:
+    """Overwrite `percent` % of the 1 MiB blocks with random data; return the ranges."""
+    nblocks = size // MiB
+    k = max(1, int(nblocks * percent / 100))
+    picked = sorted(rng.sample(range(nblocks), k))
+    with open(path, "r+b") as f:
+        for b in picked:
+            f.seek(b * MiB)
+            f.write(os.urandom(MiB))
+    return [(b * MiB, MiB) for b in picked]
+
+
+def scatter_small_writes(path: Path, size: int, count: int, rng: random.Random) -> list[tuple[int, int]]:
+    out = []
+    with open(path, "r+b") as f:
+        for _ in range(count):
+            off = rng.randrange(size // 4096) * 4096
+            f.seek(off)
+            f.write(os.urandom(4096))
+            out.append((off, 4096))
+    return out
+
+
+class VmrepPeer:
+    """A journal kept across cycles, as the replication service keeps one."""
+
+    def __init__(self, root: Path, block_size: int, cbt: bool) -> None:
+        self.root = root
+        drop_tree(root)
+        self.j = Journal.open(root, block_size=block_size, compression_level=1)
+        self.cbt = cbt
+
+    def cycle(self, image: Path, ranges: list[tuple[int, int]] | None) -> tuple[float, int, int]:
+        before = du(self.root)
+        t0 = time.perf_counter()
+        cps = self.j.checkpoints(VPG)
+        prev = self.j.block_map(VPG, cps[-1].id, VM, DISK) if cps else None
+        with self.j.begin(VPG) as w, LocalFileSource(image) as src:
+            st = sync_disk(w, VM, DISK, src, previous=prev,
+                           changed_ranges=ranges if (self.cbt and prev is not None) else None, threads=2)
+            w.commit()
+        dt = time.perf_counter() - t0
+        return dt, st.bytes_read, du(self.root) - before
+
+
+def bench_vmrep_only(args: argparse.Namespace, work: Path, image: Path, size: int) -> None:
+    """Block-size sweep: vmrep alone, 1 % of 1 MiB blocks and scattered 4 KiB writes."""
+    rng = random.Random(7)
+    lines = ["| block size | initial s | +1 % (1 MiB extents) s / stored | +1 % CBT s | "
+             "2048 × 4 KiB writes s / stored | restore s | journal after |", "|---|---|---|---|---|---|---|"]
+    for bs_s in args.block_sizes.split(","):
+        bs = parse_size(bs_s)
+        make_image(image, size)
+        a = VmrepPeer(work / f"j-{bs}", bs, cbt=False)
+        t_init, _, _ = a.cycle(image, None)
+        inc, cbt, small = [], [], []
+        for _ in range(args.repeat):
+            ranges = change_image(image, size, 1, rng)
+            inc.append(a.cycle(image, None))
+            a.cbt = True
+            ranges = change_image(image, size, 1, rng)
+            cbt.append(a.cycle(image, ranges))
+            ranges = scatter_small_writes(image, size, 2048, rng)
+            small.append(a.cycle(image, ranges))
+            a.cbt = False
+        out = work / "restore.img"
+        t0 = time.perf_counter()
+        a.j.restore_disk(VPG, "latest", VM, DISK, out, fsync=False)
+        t_rest = time.perf_counter() - t0
+        assert out.read_bytes() == image.read_bytes(), "restore mismatch"
+        out.unlink()
+
+        def med(xs, k):
+            return statistics.median(x[k] for x in xs)
+
+        lines.append(
+            f"| {human(bs)} | {t_init:.2f} | {med(inc, 0):.3f} / {human(int(med(inc, 2)))} | "
+            f"{med(cbt, 0):.3f} | {med(small, 0):.3f} / {human(int(med(small, 2)))} | {t_rest:.2f} | "
+            f"{human(du(a.root))} |"
+        )
+        a.j.close()
+        drop_tree(a.root)
+        print(lines[-1], flush=True)
+    print("\n".join(lines))
+    (Path(args.out) / "bench_block_sizes.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-gib", type=float, default=2.0)
+    ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--block-size", default="1M")
+    ap.add_argument("--block-sizes", default=None, help="sweep vmrep alone over these block sizes")
+    ap.add_argument("--no-peers", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out).resolve()
+    work = out / "work"
+    out.mkdir(parents=True, exist_ok=True)
+    drop_tree(work)
+    work.mkdir(parents=True)
+    size = int(args.size_gib * GiB) // MiB * MiB
+    image = work / "disk.img"
+    if args.block_sizes:
+        bench_vmrep_only(args, work, image, size)
+        drop_tree(work)
+        return 0
+    bs = parse_size(args.block_size)
+    peers = [] if args.no_peers else ["borg", "restic", "rsync"]
+    missing = ensure_peers(peers)
+    for m in missing:
+        print(f"warning: {m} is not installed; skipped", file=sys.stderr)
+        peers.remove(m)
+    env = peer_env(work)
+    print(f"image {human(size)} (half random, half zeros), vmrep block size {human(bs)}, "
+          f"{os.cpu_count()} CPUs", flush=True)
+    make_image(image, size)
+    rows: dict[tuple[str, str], Row] = {}
+
+    def rec(scn: str, tool: str, t: float, read: int = -1, stored: int = -1, note: str = "") -> None:
+        r = rows.setdefault((scn, tool), Row(scn, tool, note=note))
+        r.seconds.append(t)
+        if read >= 0:
+            r.read.append(read)
+        if stored >= 0:
+            r.stored.append(stored)
+        print(f"  {scn:>8} {tool:<22} {t:7.3f} s  read {human(read):>10}  stored {human(stored):>10}", flush=True)
+
+    # read limit
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        subprocess.run(f"cat '{image}' > /dev/null", shell=True, check=True)
+        rec("read", "cat image > /dev/null", time.perf_counter() - t0, size, 0)
+
+    # initial copies
+    scan = VmrepPeer(work / "vmrep-scan", bs, cbt=False)
+    cbt = VmrepPeer(work / "vmrep-cbt", bs, cbt=True)
+    for p in (scan, cbt):
+        t, rd, st = p.cycle(image, None)
+        rec("initial", "vmrep", t, rd, st)
+    extra = VmrepPeer(work / "vmrep-extra", bs, cbt=False)  # a third sample of the initial copy
+    t, rd, st = extra.cycle(image, None)
+    rec("initial", "vmrep", t, rd, st)
+    extra.j.close()
+    drop_tree(extra.root)
+    borg_repo, restic_repo, rsync_copy = work / "borg", work / "restic", work / "rsync-copy.img"
+    if "borg" in peers:
+        run(["borg", "init", "--encryption=none", str(borg_repo)], env)
+        b0 = du(borg_repo)
+        t, _ = run(["borg", "create", "--chunker-params", "fixed,1048576", f"{borg_repo}::c0", str(image)], env)
+        rec("initial", "borg", t, size, du(borg_repo) - b0)
+    if "restic" in peers:
+        run(["restic", "init", "--repo", str(restic_repo)], env)
+        r0 = du(restic_repo)
+        t, _ = run(["restic", "backup", "--repo", str(restic_repo), str(image)], env)
+        rec("initial", "restic", t, size, du(restic_repo) - r0)
+    if "rsync" in peers:
+        t, _ = run(["rsync", "--inplace", str(image), str(rsync_copy)], env)
+        rec("initial", "rsync", t, size, size)
+
+    # incremental cycles
+    rng = random.Random(42)
+    n = 0
+    for pct in (1, 10):
+        scn = f"+{pct} %"
+        for _rep in range(args.repeat):
+            n += 1
+            ranges = change_image(image, size, pct, rng)
+            t, rd, st = scan.cycle(image, None)
+            rec(scn, "vmrep hash scan", t, rd, st)
+            t, rd, st = cbt.cycle(image, ranges)
+            rec(scn, "vmrep changed list", t, rd, st)
+            if "borg" in peers:
+                b0 = du(borg_repo)
+                t, _ = run(["borg", "create", "--chunker-params", "fixed,1048576",
+                            f"{borg_repo}::c{n}", str(image)], env)
+                rec(scn, "borg", t, size, du(borg_repo) - b0)
+            if "restic" in peers:
+                r0 = du(restic_repo)
+                t, _ = run(["restic", "backup", "--repo", str(restic_repo), str(image)], env)
+                rec(scn, "restic", t, size, du(restic_repo) - r0)
+            if "rsync" in peers:
+                t, o = run(["rsync", "--no-whole-file", "--inplace", "--ignore-times", "--stats",
+                            str(image), str(rsync_copy)], env)
+                lit = next((int(x.split(":")[1].split()[0].replace(",", ""))
+                            for x in o.splitlines() if x.startswith("Literal data")), -1)
+                rec(scn, "rsync", t, 2 * size, lit, note="reads source and basis")
+
+    # restore
+    for _ in range(args.repeat):
+        dst = work / "restored.img"
+        t0 = time.perf_counter()
+        written = scan.j.restore_disk(VPG, "latest", VM, DISK, dst, fsync=False)
+        rec("restore", "vmrep restore_disk", time.perf_counter() - t0, written, written)
+        ok = dst.read_bytes() == image.read_bytes()
+        if not ok:
+            print("ERROR: restored image differs", file=sys.stderr)
+            return 1
+        dst.unlink()
+        t0 = time.perf_counter()
+        subprocess.run(["cp", str(image), str(dst)], check=True)
+        rec("restore", "cp", time.perf_counter() - t0, size, size)
+        dst.unlink()
+    scan.j.close()
+    cbt.j.close()
+
+    # table
+    ref = {"initial": "vmrep", "+1 %": "vmrep hash scan", "+10 %": "vmrep hash scan",
+           "restore": "vmrep restore_disk", "read": "cat image > /dev/null"}
+    lines = [
+        f"image {human(size)} (half random, half zeros), block size {human(bs)}, {os.cpu_count()} CPUs, "
+        f"medians of {args.repeat}",
+        "",
+        "| scenario | tool | time s | bytes read | bytes stored | time / vmrep |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (scn, tool), r in rows.items():
+        base = rows.get((scn, ref[scn]))
+        ratio = f"{r.t / base.t:.1f}×" if base and scn != "read" else ""
+        note = f" ({r.note})" if r.note else ""
+        lines.append(f"| {scn} | {tool} | {r.t:.3f} | {human(r.r)}{note} | {human(r.s)} | {ratio} |")
+    text = "\n".join(lines)
+    print()
+    print(text)
+    (out / "bench_replication.md").write_text(text + "\n")
+    (out / "bench_replication.json").write_text(json.dumps(
+        [{"scenario": r.scenario, "tool": r.tool, "seconds": r.seconds, "read": r.read, "stored": r.stored}
+         for r in rows.values()], indent=1))
+    drop_tree(work)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,173 @@
+"""The block engine: change detection, CBT ranges, zero blocks, resumable full copies."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vmrep.errors import JournalError
+from vmrep.journal import Journal
+from vmrep.replication.blocks import LocalFileSource, ranges_to_blocks, sync_disk
+
+BS = 4096
+
+
+def write_at(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def image(path: Path, nblocks: int, *, random_blocks: set[int] = frozenset(), tail: int = 0) -> Path:
+    with open(path, "wb") as f:
+        for i in range(nblocks):
+            f.write(os.urandom(BS) if i in random_blocks else bytes(BS))
+        if tail:
+            f.write(os.urandom(tail))
+    return path
+
+
+def test_ranges_to_blocks():
+    assert ranges_to_blocks([], BS) == []
+    assert ranges_to_blocks([(0, 1)], BS) == [0]
+    assert ranges_to_blocks([(BS - 1, 2)], BS) == [0, 1]
+    assert ranges_to_blocks([(BS, BS)], BS) == [1]
+    assert ranges_to_blocks([(3 * BS, 0), (5 * BS + 10, 3 * BS)], BS) == [5, 6, 7, 8]
+    assert ranges_to_blocks([(0, BS), (0, 2 * BS)], BS) == [0, 1]
+
+
+def test_local_source_reads_zeros_past_eof(tmp_path):
+    p = tmp_path / "short"
+    p.write_bytes(b"abc")
+    with LocalFileSource(p, size=2 * BS) as src:
+        assert src.size == 2 * BS
+        assert src.read(0, 5) == b"abc\0\0"
+        buf = bytearray(b"x" * BS)
+        src.readinto(BS, memoryview(buf))
+        assert buf == bytes(BS)
+
+
+def test_hash_scan_puts_only_changed_blocks(tmp_path):
+    j = Journal.open(tmp_path / "j", block_size=BS)
+    img = image(tmp_path / "d.img", 64, random_blocks=set(range(0, 64, 2)), tail=100)
+    with j.begin("g") as w, LocalFileSource(img) as src:
+        st = sync_disk(w, "vm", "d", src, previous=None)
+        cp1 = w.commit()
+    assert st.blocks_read == 65 and st.blocks_zero == 32
+    assert st.bytes_stored >= 32 * BS  # random: stored raw
+    prev = j.block_map("g", cp1.id, "vm", "d")
+    write_at(img, 3 * BS + 5, b"new")  # a zero block becomes data
+    write_at(img, 4 * BS, bytes(BS))  # a data block becomes zero
+    write_at(img, 64 * BS + 10, b"tail")  # the short last block
+    with j.begin("g") as w, LocalFileSource(img) as src:
+        st = sync_disk(w, "vm", "d", src, previous=prev, threads=3)
+        cp2 = w.commit()
+    assert st.blocks_changed == 3 and cp2.changed_blocks == 3
+    assert st.bytes_read == 64 * BS + 100
+    out = tmp_path / "out"
+    j.restore_disk("g", cp2.id, "vm", "d", out)
+    assert out.read_bytes() == img.read_bytes()
+    m = j.block_map("g", cp2.id, "vm", "d")
+    assert m[4] is None and m[3] is not None and len(m) == 65
+
+
+def test_changed_ranges_read_only_those_blocks(tmp_path):
+    j = Journal.open(tmp_path / "j", block_size=BS)
+    img = image(tmp_path / "d.img", 32, random_blocks=set(range(32)))
+    with j.begin("g") as w, LocalFileSource(img) as src:
+        sync_disk(w, "vm", "d", src, previous=None)
+        cp1 = w.commit()
+    write_at(img, 10 * BS + 100, os.urandom(2 * BS))  # touches blocks 10, 11, 12
+    ranges = [(10 * BS + 100, 2 * BS)]
+    with j.begin("g") as w, LocalFileSource(img) as src:
+        st = sync_disk(w, "vm", "d", src, previous=j.block_map("g", cp1.id, "vm", "d"), changed_ranges=ranges)
+        cp2 = w.commit()
+    assert st.bytes_read == 3 * BS and st.blocks_changed == 3
+    assert b"".join(d or bytes(BS) for _, d in j.iter_disk("g", cp2.id, "vm", "d")) == img.read_bytes()
+
+
+def test_zero_disk_costs_nothing(tmp_path):
+    j = Journal.open(tmp_path / "j", block_size=BS)
+    img = tmp_path / "zero.img"
+    with open(img, "wb") as f:
+        f.truncate(256 * BS)
+    with j.begin("g") as w, LocalFileSource(img) as src:
+        st = sync_disk(w, "vm", "d", src, previous=None)
+        cp = w.commit()
+    assert st.bytes_stored == 0 and st.blocks_zero == 256
+    assert cp.changed_blocks == 0 and cp.added_bytes == 0
+    assert list((tmp_path / "j" / "packs").iterdir()) == []
+    assert j.usage("g").total_bytes == 0
+    out = tmp_path / "out"
+    assert j.restore_disk("g", cp.id, "vm", "d", out) == 0
+    assert out.stat().st_size == 256 * BS and out.stat().st_blocks == 0  # sparse
+
+
+class FailingSource(LocalFileSource):
+    def __init__(self, path: Path, fail_after: int) -> None:
+        super().__init__(path, use_mmap=False)
+        self.calls = 0
+        self.fail_after = fail_after
+
+    def readinto(self, offset, buf):
+        self.calls += 1
+        if self.calls > self.fail_after:
+            raise OSError("link to the protected site dropped")
+        return super().readinto(offset, buf)
+
+
+def test_interrupted_full_copy_reruns_storing_only_the_rest(tmp_path, monkeypatch):
+    monkeypatch.setattr("vmrep.replication.blocks.CHUNK_BYTES", 8 * BS)
+    monkeypatch.setattr("vmrep.journal.store.PACK_TARGET", 16 * BS)  # several packs
+    j = Journal.open(tmp_path / "j", block_size=BS)
+    n = 128
+    img = image(tmp_path / "d.img", n, random_blocks=set(range(n)))
+    with pytest.raises(OSError):
+        with j.begin("g") as w:
+            sync_disk(w, "vm", "d", FailingSource(img, fail_after=6), previous=None, threads=1)
+            w.commit()
+    assert j.checkpoints("g") == []
+    stored_before = sum(p.stat().st_size for p in (tmp_path / "j" / "packs").iterdir())
+    assert stored_before >= 6 * 8 * BS
+    # a new process (new Journal object) reruns the full copy
+    j2 = Journal.open(tmp_path / "j", block_size=BS)
+    with j2.begin("g") as w, LocalFileSource(img) as src:
+        st = sync_disk(w, "vm", "d", src, previous=None)
+        cp = w.commit()
+    assert st.blocks_deduplicated == 6 * 8
+    assert st.bytes_stored == (n - 48) * BS
+    assert cp.added_bytes == st.bytes_stored
+    out = tmp_path / "out"
+    j2.restore_disk("g", cp.id, "vm", "d", out)
+    assert out.read_bytes() == img.read_bytes()
+
+
+def test_full_copy_of_existing_disk_records_zeroed_blocks(tmp_path):
+    """previous=None on a disk the checkpoint chain already has (CBT reset): zero blocks
+    must overwrite old data."""
+    j = Journal.open(tmp_path / "j", block_size=BS)
+    img = image(tmp_path / "d.img", 8, random_blocks=set(range(8)))
+    with j.begin("g") as w, LocalFileSource(img) as src:
+        sync_disk(w, "vm", "d", src, previous=None)
+        w.commit()
+    write_at(img, 2 * BS, bytes(BS))
+    with j.begin("g") as w, LocalFileSource(img) as src:
+        sync_disk(w, "vm", "d", src, previous=None)
+        cp = w.commit()
+    assert j.block_map("g", cp.id, "vm", "d")[2] is None
+    out = tmp_path / "out"
+    j.restore_disk("g", cp.id, "vm", "d", out)
+    assert out.read_bytes() == img.read_bytes()
+
+
+def test_put_block_rejects_oversized_and_needs_size_for_new_disk(tmp_path):
+    j = Journal.open(tmp_path / "j", block_size=BS)
+    with j.begin("g") as w:
+        with pytest.raises(JournalError):
+            w.put_block("vm", "d", 0, b"x" * (BS + 1))
+        w.put_block("vm", "d", 0, b"x" * BS)
+        with pytest.raises(JournalError, match="set_disk_size"):
+            w.commit()
+    assert j.checkpoints("g") == []
