@@ -22,6 +22,8 @@ RPO_COMPLIANT = 0.99  # share of samples meeting the RPO target
 RPO_MINIMUM = 0.95
 HISTORY_COMPLIANT = 0.95  # share of samples whose journal history reached its target
 DEFAULT_TEST_INTERVAL = 6  # months, DESIGN.md's default
+GAP_INTERVALS = 10  # a gap of more sampling intervals than this (median) ...
+GAP_MIN_SECONDS = 3600.0  # ... and longer than this puts a VPG at risk: RPO unknown
 
 
 def _p(share: float) -> str:
@@ -44,7 +46,8 @@ RULE = [
         AT_RISK,
         "anything in between: RPO met in "
         f"{_p(RPO_MINIMUM)}–{_p(RPO_COMPLIANT)} of the samples, journal history short of its "
-        "target too often, or no DR test yet although none is due.",
+        "target too often, a gap in the samples (more than 10 sampling intervals and more than "
+        "an hour without one: RPO unknown), or no DR test yet although none is due.",
     ),
 ]
 NOTES = [
@@ -77,6 +80,7 @@ def _vpg_summary(
     as_of: datetime,
 ) -> dict[str, Any]:
     n = int(len(smp))
+    gap, gap_from, gap_limit = _largest_gap(smp["at"], since, as_of)
     rpo = smp["rpo_seconds"]
     meets = rpo.notna() & (rpo <= smp["rpo_target_seconds"])
     hist = smp["history_seconds"]
@@ -126,6 +130,9 @@ def _vpg_summary(
         "history_target_seconds": history_target,
         "history_met_share": float(hist_meets.mean()) if n else None,
         "history_min_seconds": float(hist.min()) if hist.notna().any() else None,
+        "largest_gap_seconds": gap,
+        "largest_gap_from": gap_from,
+        "gap_limit_seconds": gap_limit,
         "test_interval_months": "off" if interval is None else interval,
         "tests": int(len(tp)),
         "tests_passed": int((tp["success"] == True).sum()),  # noqa: E712 (nullable boolean)
@@ -144,6 +151,23 @@ def _vpg_summary(
     return s
 
 
+def _largest_gap(at: pd.Series, since: datetime, end: datetime) -> tuple[float | None, Any, float | None]:
+    """The longest time without a sample in [since, end] (edges included), where it began,
+    and the longest gap tolerated: 10 sampling intervals (median), at least an hour."""
+    if at.empty:
+        return None, None, None
+    times = pd.concat([pd.Series([pd.Timestamp(since)]), at.sort_values(), pd.Series([pd.Timestamp(end)])],
+                      ignore_index=True)
+    times = times[times <= pd.Timestamp(end)].reset_index(drop=True)
+    deltas = times.diff().dt.total_seconds().iloc[1:]
+    if deltas.empty:
+        return None, None, None
+    i = int(deltas.values.argmax()) + 1
+    inner = at.sort_values().diff().dt.total_seconds().dropna()
+    median = float(inner.median()) if len(inner) else 0.0
+    return float(deltas.max()), times.iloc[i - 1], max(GAP_MIN_SECONDS, GAP_INTERVALS * median)
+
+
 def verdict(s: dict[str, Any]) -> tuple[str, list[str]]:
     """The rule of RULE, applied to one VPG's summary; returns the verdict and why."""
     bad: list[str] = []
@@ -160,6 +184,12 @@ def verdict(s: dict[str, Any]) -> tuple[str, list[str]]:
         h = s["history_met_share"]
         if h < HISTORY_COMPLIANT:
             risk.append(f"journal history met its target in only {fmt_pct(h)} of the samples (below {_p(HISTORY_COMPLIANT)})")
+        gap = s.get("largest_gap_seconds")
+        if gap is not None and s.get("gap_limit_seconds") is not None and gap > s["gap_limit_seconds"]:
+            risk.append(
+                f"no samples for {fmt_duration(gap)} from {fmt_dt(s['largest_gap_from'])}: "
+                "RPO unknown in that time (was the monitor running?)"
+            )
     if testing:
         if s["test_overdue"]:
             since = f"since {fmt_dt(s['test_due_at'])}" if s["test_due_at"] is not None else ""

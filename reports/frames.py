@@ -209,10 +209,17 @@ def test_result(db: Any, operation_id: str) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- periods
 
 
+SAMPLE_COLUMNS = (
+    "vpg", "at", "rpo_seconds", "rpo_target_seconds", "history_seconds", "history_target_seconds",
+    "journal_bytes", "journal_limit_bytes", "status",
+)
+
+
 def samples(db: Any, vpgs: Sequence[str] | None, since: datetime, until: datetime) -> pd.DataFrame:
+    """Samples taken in [since, until), the columns the reports use (a month is many rows)."""
     t = tables(db, "samples")["samples"]
     stmt = (
-        sa.select(t)
+        sa.select(*(t.c[c] for c in SAMPLE_COLUMNS))
         .where(
             t.c.at >= _bind_time(t.c.at, since),
             t.c.at < _bind_time(t.c.at, until),

@@ -26,6 +26,7 @@ from reports.compliance import AT_RISK, COMPLIANT, NOT_COMPLIANT, verdict
 from reports.render import fmt_duration, fmt_pct
 from test_reports_data import EVIL_VM, NOW, SINCE, UNTIL, make_config, populate
 from vmrep.state import StateStore
+from vmrep.state.models import Sample
 
 needs_chromium = pytest.mark.skipif(browser.chromium() is None, reason="chromium is not installed")
 
@@ -320,6 +321,27 @@ def test_compliance_of_a_subset_and_an_overdue_vpg(db, cfg, tmp_path):
     assert any(r.startswith("DR test overdue since 2026-03-15") for r in crm["reasons"])
     with pytest.raises(ReportError, match="must end after it starts"):
         build_compliance_report(store.engine, UNTIL, SINCE, None, cfg)
+
+
+def test_a_gap_in_the_samples_puts_a_vpg_at_risk(cfg, tmp_path):
+    """Samples every 10 minutes, none for 2 days: the RPO then is unknown, not 'met'."""
+    store = StateStore.open(f"sqlite:///{tmp_path / 'gap.db'}")
+    rows = []
+    t = SINCE
+    while t < UNTIL:
+        if not (datetime(2025, 10, 10, tzinfo=UTC) <= t < datetime(2025, 10, 12, tzinfo=UTC)):
+            rows.append(dict(vpg="erp", at=t, rpo_seconds=30.0, rpo_target_seconds=300.0,
+                             history_seconds=90000.0, history_target_seconds=86400.0))
+        t += timedelta(minutes=10)
+    with store.engine.begin() as conn:
+        conn.execute(sa.insert(Sample.__table__), rows)
+    store.add_test_result(None, "erp", started_at=datetime(2025, 10, 2, tzinfo=UTC), success=True)
+    s = build_compliance_report(store.engine, SINCE, UNTIL, ["erp"], cfg, now=NOW).figures["vpgs"]["erp"]
+    store.close()
+    assert s["rpo_met_share"] == 1.0 and s["verdict"] == AT_RISK
+    assert s["largest_gap_seconds"] == 2 * 86400 + 600
+    assert s["reasons"] == ["no samples for 2 d from 2025-10-09 23:50:00 UTC: RPO unknown in that time "
+                            "(was the monitor running?)"]
 
 
 @pytest.mark.parametrize(
