@@ -55,6 +55,7 @@ type lab struct {
 	rules    []*faultRule
 	nextID   int
 	sessions map[string]bool // session keys (cookie values) of logged-in sessions
+	epoch    int             // incremented by every DELETE /sessions
 }
 
 func newLab(mux http.Handler, client *vim25.Client, guest *guestSim) *lab {
@@ -116,6 +117,17 @@ func (l *lab) sessionValid(r *http.Request) (string, bool) {
 // dropSessions terminates every session the simulator knows (as a vCenter
 // restart would) and returns how many there were.
 func (l *lab) dropSessions(ctx context.Context) (int, error) {
+	// A login racing with this is either listed below (and terminated) or
+	// sees the new epoch when it records its session (and terminates it
+	// itself): the simulator and l.sessions never disagree about a session.
+	l.mu.Lock()
+	l.epoch++
+	known := make([]string, 0, len(l.sessions))
+	for k := range l.sessions {
+		known = append(known, k)
+	}
+	l.mu.Unlock()
+
 	smRef := *l.client.ServiceContent.SessionManager
 	var sm mo.SessionManager
 	if err := property.DefaultCollector(l.client).RetrieveOne(ctx, smRef, []string{"sessionList"}, &sm); err != nil {
@@ -123,14 +135,23 @@ func (l *lab) dropSessions(ctx context.Context) (int, error) {
 	}
 	n := 0
 	for _, s := range sm.SessionList {
-		if _, err := methods.TerminateSession(ctx, l.client, &types.TerminateSession{This: smRef, SessionId: []string{s.Key}}); err == nil {
+		if l.terminate(ctx, s.Key) {
 			n++
 		}
+		known = append(known, s.Key)
 	}
 	l.mu.Lock()
-	l.sessions = make(map[string]bool)
+	for _, k := range known {
+		delete(l.sessions, k)
+	}
 	l.mu.Unlock()
 	return n + l.dropRESTSessions(), nil
+}
+
+func (l *lab) terminate(ctx context.Context, key string) bool {
+	smRef := *l.client.ServiceContent.SessionManager
+	_, err := methods.TerminateSession(ctx, l.client, &types.TerminateSession{This: smRef, SessionId: []string{key}})
+	return err == nil
 }
 
 // dropRESTSessions clears the vAPI (REST, /rest) simulator's sessions. Its
@@ -298,11 +319,15 @@ func (l *lab) serveSOAP(w http.ResponseWriter, r *http.Request) {
 		preCustom = pendingCustomization(this)
 	}
 
+	l.mu.Lock()
+	epoch := l.epoch
+	l.mu.Unlock()
+
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	r.ContentLength = int64(len(body))
 	rec := &recorder{header: make(http.Header)}
 	if p := l.serveRecovered(rec, r); p != nil {
-		log.Printf("lab: panic in %s on %s: %v\n%s", method, this, p, p.stack)
+		log.Printf("lab: panic in %s on %s: %v\n%s", method, this, p.value, p.stack)
 		msg := fmt.Sprintf("vcsim panic in %s: %v", method, p.value)
 		writeSOAPFault(w, msg, &types.SystemError{Reason: msg})
 		return
@@ -312,8 +337,14 @@ func (l *lab) serveSOAP(w http.ResponseWriter, r *http.Request) {
 	for _, c := range (&http.Response{Header: rec.header}).Cookies() {
 		if c.Name == soap.SessionCookieName && c.Value != "" {
 			l.mu.Lock()
-			l.sessions[c.Value] = true
+			current := l.epoch == epoch
+			if current {
+				l.sessions[c.Value] = true
+			}
 			l.mu.Unlock()
+			if !current { // a DELETE /sessions ran meanwhile: this login did not survive it
+				l.terminate(context.Background(), c.Value)
+			}
 		}
 	}
 	if rec.status == http.StatusOK {
