@@ -169,8 +169,10 @@ def build_dr_test_report(
     rto_met = None if rto is None or rto_target is None else rto <= rto_target
 
     reasons: list[str] = []
-    if op["result"] in ("failed", "cancelled"):
-        reasons.append(f"the test operation {op['result']}")
+    if op["result"] == "failed":
+        reasons.append("the test operation failed")
+    elif op["result"] == "cancelled":
+        reasons.append("the test operation was cancelled")
     if success is False:
         reasons.append("the tester recorded the test as failed")
     if verification_ok is False:

@@ -100,7 +100,7 @@ def _dedupe(addresses: Iterable[str]) -> list[str]:
 
 def build_message(report: Report, recipients: Sequence[str], sender: str) -> EmailMessage:
     msg = EmailMessage()
-    msg["Subject"] = report.subject
+    msg["Subject"] = " ".join(report.subject.split())  # one line whatever the names hold
     msg["From"] = sender
     msg["To"] = ", ".join(recipients)
     msg["Date"] = formatdate(localtime=False, usegmt=True)
