@@ -6,7 +6,6 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from conftest_pg import db_url, pg_server  # noqa: F401  (tests/conftest.py may also provide them)
 from vmrep.config import VPG, VMSpec
 from vmrep.health import (
     ALERT_CODES,
@@ -62,7 +61,7 @@ def state(cfg: VPG, f: Facts) -> tuple[str, str | None, set[str]]:
 
 
 @pytest.fixture
-def store(db_url: str):  # noqa: F811
+def store(db_url: str):
     with StateStore.open(db_url) as s:
         yield s
 

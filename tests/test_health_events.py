@@ -6,7 +6,6 @@ import time
 import uuid
 from datetime import timedelta
 
-from conftest_pg import prefect_harness  # noqa: F401  (tests/conftest.py may also provide it)
 from vmrep.config import VPG, VMSpec
 from vmrep.health import Facts, apply_transitions, emit_events, evaluate
 from vmrep.state import StateStore, utcnow
@@ -30,7 +29,7 @@ def read_events(resource_id: str, since, want: int, timeout: float = 20.0) -> li
             time.sleep(0.2)
 
 
-def test_alert_and_status_transitions_are_emitted_and_read_back(prefect_harness, tmp_path) -> None:  # noqa: F811
+def test_alert_and_status_transitions_are_emitted_and_read_back(prefect_harness, tmp_path) -> None:
     name = f"erp-{uuid.uuid4().hex[:8]}"  # the harness is shared: a resource of our own
     cfg = VPG(name=name, protected_site="a", recovery_site="b", vms=[VMSpec(name="erp-db")],
               rpo_target_seconds=300, test_interval_months="off")  # fmt: skip

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from sqlalchemy import inspect, text
 
-from conftest_pg import db_url, pg_server  # noqa: F401  (tests/conftest.py may also provide them)
+from vmrep.errors import VmrepError
 from vmrep.state import StateStore, default_url
 from vmrep.state.models import TABLES
 
@@ -19,7 +19,7 @@ T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
 
 
 @pytest.fixture
-def store(db_url: str):  # noqa: F811
+def store(db_url: str):
     with StateStore.open(db_url) as s:
         yield s
 
@@ -100,7 +100,7 @@ def head_revision() -> str:
     return ScriptDirectory.from_config(_alembic_config()).get_current_head()
 
 
-def test_migrations_apply_on_empty_db_and_reopen_is_a_no_op(db_url: str) -> None:  # noqa: F811
+def test_migrations_apply_on_empty_db_and_reopen_is_a_no_op(db_url: str) -> None:
     with StateStore.open(db_url) as s:
         tables = set(inspect(s.engine).get_table_names())
         assert set(TABLES) <= tables and "alembic_version" in tables
@@ -114,6 +114,13 @@ def test_migrations_apply_on_empty_db_and_reopen_is_a_no_op(db_url: str) -> None
             assert s.runtime("erp").status == "MeetingSLA"  # data kept
 
 
+def test_a_schema_newer_than_the_code_is_refused(db_url: str) -> None:
+    with StateStore.open(db_url) as s, s.engine.begin() as c:
+        c.execute(text("UPDATE alembic_version SET version_num = 'f00dcafe'"))
+    with pytest.raises(VmrepError, match="revision f00dcafe, unknown to this vmrep"):
+        StateStore.open(db_url)
+
+
 def test_models_and_migrations_agree(store: StateStore) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
@@ -125,7 +132,7 @@ def test_models_and_migrations_agree(store: StateStore) -> None:
     assert diff == []
 
 
-def test_concurrent_first_open_from_several_processes(db_url: str, workers) -> None:  # noqa: F811
+def test_concurrent_first_open_from_several_processes(db_url: str, workers) -> None:
     for w in workers:  # all of them migrate the empty database at the same moment
         w.send(f"open {db_url}")
     assert [w.recv() for w in workers] == ["opened"] * len(workers)
@@ -198,7 +205,7 @@ def test_times_are_stored_and_returned_as_aware_utc(store: StateStore) -> None:
 # --- lock ---------------------------------------------------------------------------
 
 
-def test_lock_contention_between_two_stores(db_url: str) -> None:  # noqa: F811
+def test_lock_contention_between_two_stores(db_url: str) -> None:
     with StateStore.open(db_url) as a, StateStore.open(db_url) as b:
         assert a.try_lock("erp", "op-a", "test")
         assert a.try_lock("erp", "op-a", "test")  # the holder may ask again (task retry)
@@ -217,7 +224,7 @@ def test_lock_contention_between_two_stores(db_url: str) -> None:  # noqa: F811
         assert a.try_lock("other", "op-c", "replicate")  # locks are per VPG
 
 
-def test_lock_across_processes(db_url: str, workers) -> None:  # noqa: F811
+def test_lock_across_processes(db_url: str, workers) -> None:
     other = workers[0]
     assert other.call(f"open {db_url}") == "opened"
     assert other.call("lock op-a") == "True"
@@ -230,7 +237,7 @@ def test_lock_across_processes(db_url: str, workers) -> None:  # noqa: F811
         assert not here.try_lock("erp", "op-here", "failover")
 
 
-def test_lock_race_between_processes_has_exactly_one_winner(db_url: str, workers) -> None:  # noqa: F811
+def test_lock_race_between_processes_has_exactly_one_winner(db_url: str, workers) -> None:
     StateStore.open(db_url).close()
     assert [w.call(f"open {db_url}") for w in workers] == ["opened"] * len(workers)
     for i, w in enumerate(workers):

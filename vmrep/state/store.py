@@ -35,6 +35,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from vmrep.errors import VmrepError
 from vmrep.state.models import (
     ALERT_LEVELS,
     OPERATION_KINDS,
@@ -128,10 +129,18 @@ def migrate(engine: Engine) -> None:
     from alembic.script import ScriptDirectory
 
     cfg = _alembic_config()
-    head = ScriptDirectory.from_config(cfg).get_current_head()
+    script = ScriptDirectory.from_config(cfg)
+    head = script.get_current_head()
     with engine.connect().execution_options(vmrep_readonly=True) as conn:
-        if MigrationContext.configure(conn).get_current_revision() == head:
-            return
+        current = MigrationContext.configure(conn).get_current_revision()
+    if current == head:
+        return
+    if current is not None and current not in {r.revision for r in script.walk_revisions()}:
+        url = engine.url.render_as_string(hide_password=True)
+        raise VmrepError(
+            f"state database {url} has schema revision {current}, unknown to this vmrep "
+            f"(newest known: {head}): it was written by a newer version"
+        )
     with engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE = the database write lock
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": PG_MIGRATION_LOCK_KEY})
@@ -180,7 +189,11 @@ class StateStore:
     def open(cls, url: str | None = None, *, migrate_schema: bool = True) -> "StateStore":
         engine = make_engine(url or default_url())
         if migrate_schema:
-            migrate(engine)
+            try:
+                migrate(engine)
+            except BaseException:
+                engine.dispose()
+                raise
         return cls(engine)
 
     @property
