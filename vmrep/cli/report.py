@@ -1,0 +1,246 @@
+"""Report commands: `vmrep report dr-test`, `vmrep report compliance`, `vmrep report emails`.
+
+Quick commands: they read the state database directly (no Prefect run, no server), write
+the HTML and its CSVs, print the paths, and email the report only when asked (`--email`).
+The scheduled flows in flows/reports.py do the same and also publish Prefect artifacts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from vmrep.cli.common import ConfigOpt, JsonOpt, app, config_from, console, print_json
+from vmrep.errors import VmrepError
+
+report_app = typer.Typer(help="DR-test and compliance reports (HTML + CSV), and their emails.",
+                         no_args_is_help=True)
+app.add_typer(report_app, name="report")
+
+
+# --------------------------------------------------------------------------------------
+# Helpers shared with flows/reports.py (kept here, free of Prefect, so the CLI stays quick)
+
+
+def reports_dir(config: Any) -> Path:
+    """Where reports are written: $VMREP_REPORTS_DIR, else `vmrep.d/reports` beside the
+    config file (or under $VMREP_HOME when the config was not read from a file)."""
+    env = os.environ.get("VMREP_REPORTS_DIR")
+    if env:
+        return Path(env).resolve()
+    source = getattr(config, "source", None)
+    if source is not None:
+        return Path(source).parent / "vmrep.d" / "reports"
+    return Path(os.environ.get("VMREP_HOME") or ".vmrep").resolve() / "reports"
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(w|d|h|m|s)")
+_UNITS = {"w": 7 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_when(text: str, now: datetime, what: str) -> datetime:
+    """A point in time: an ISO date/time (UTC when no zone is given), `now`, or a duration
+    back from now (`30d`, `12h`)."""
+    t = text.strip().lower()
+    if t == "now":
+        return now
+    m = _DURATION.fullmatch(t)
+    if m:
+        return now - timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+    try:
+        d = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise VmrepError(f"{what}: cannot read {text!r} (try 30d, 12h, 2025-10-01 or 2025-10-01T08:00)") from None
+    return d.replace(tzinfo=timezone.utc) if d.tzinfo is None else d.astimezone(timezone.utc)
+
+
+def parse_period(period: str, now: datetime | None = None) -> tuple[datetime, datetime]:
+    """A compliance period as [since, until) in UTC.
+
+    `previous-month` (the calendar month before now), `this-month` (its start until now),
+    `YYYY-MM` (that month, until now if it is the current one), or a duration back from
+    now: `30d`, `12h`, `90m`, `2w`.
+    """
+    now = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    p = period.strip().lower()
+    month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    if p == "previous-month":
+        prev = (month_start - timedelta(days=1)).replace(day=1)
+        return prev, month_start
+    if p == "this-month":
+        return month_start, now
+    m = re.fullmatch(r"(\d{4})-(\d{2})", p)
+    if m:
+        year, month = int(m.group(1)), int(m.group(2))
+        if not 1 <= month <= 12:
+            raise ValueError(f"period {period!r}: there is no month {month}")
+        start = datetime(year, month, 1, tzinfo=timezone.utc)
+        end = datetime(year + (month == 12), month % 12 + 1, 1, tzinfo=timezone.utc)
+        if start >= now:
+            raise ValueError(f"period {period!r} has not started yet")
+        return start, min(end, now)
+    m = _DURATION.fullmatch(p)
+    if m:
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+        if seconds <= 0:
+            raise ValueError(f"period {period!r}: must be longer than zero")
+        return now - timedelta(seconds=seconds), now
+    raise ValueError(f"period {period!r}: use previous-month, this-month, YYYY-MM or a duration such as 30d")
+
+
+def resolve_test_operation(store: Any, run_id: str | None) -> str | None:
+    """The test operation a RUN_ID names: an operation id, the Prefect flow run id of the
+    DR-test run, or a unique prefix of either (as the UI and logs show them shortened)."""
+    if run_id is None:
+        return None
+    ops = store.frame("operations", kind="test")
+    if ops.empty:
+        raise VmrepError("no DR test has been recorded in the state database yet")
+    for col in ("id", "flow_run_id"):
+        hit = ops[ops[col].astype(str) == run_id]
+        if len(hit):
+            return str(hit.iloc[-1]["id"])
+    hits = ops[ops["id"].astype(str).str.startswith(run_id) | ops["flow_run_id"].astype(str).str.startswith(run_id)]
+    if len(hits) == 1:
+        return str(hits.iloc[0]["id"])
+    if len(hits) > 1:
+        raise VmrepError(f"{run_id!r} matches {len(hits)} DR tests; give more of the id")
+    other = store.operation(run_id)
+    if other is not None:
+        raise VmrepError(f"operation {run_id} is a {other.kind}, not a DR test")
+    raise VmrepError(f"no DR test with operation or flow run id {run_id!r} (see `vmrep report emails` "
+                     "or the Prefect UI for ids)")
+
+
+def _show(report: Any, delivery: Any, json_out: bool) -> None:
+    out = {"kind": report.kind, "ref": report.ref, "title": report.title, "verdict": report.verdict,
+           "vpgs": list(report.vpgs), "subject": report.subject, "paths": {k: str(v) for k, v in report.paths.items()}}
+    if delivery is not None:
+        out["email"] = {"ok": delivery.ok, "recipients": delivery.recipients, "attempts": delivery.attempts,
+                        "error": delivery.error, "delivery_id": delivery.delivery_id}
+    if json_out:
+        print_json(out)
+        return
+    console.print(f"{report.title}: {report.verdict}", markup=False)
+    for name, path in report.paths.items():
+        console.print(f"  {name:<16} {path}", markup=False)
+    if delivery is not None:
+        if delivery.ok:
+            console.print(f"  emailed to {', '.join(delivery.recipients)}", markup=False)
+        else:
+            console.print(f"  email FAILED after {delivery.attempts} attempt(s): {delivery.error} "
+                          "(recorded; see `vmrep report emails`)", markup=False)
+
+
+def _send(report: Any, rt: Any) -> Any:
+    from reports.mail import report_recipients, send_report
+
+    return send_report(report, report_recipients(report, rt.config), rt.config.notifications, rt.store)
+
+
+OutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help="HTML file to write (CSVs beside it), or a folder; "
+                                     "default: vmrep.d/reports beside the config"),
+]
+EmailOpt = Annotated[bool, typer.Option("--email/--no-email", help="also email it to the VPGs' email_to "
+                                                                  "and notifications.default_to")]
+
+
+@report_app.command("dr-test")
+def report_dr_test(
+    run_id: Annotated[str | None, typer.Argument(
+        metavar="[RUN_ID]", help="operation id or Prefect flow run id of the test (default: the latest test)")] = None,
+    out: OutOpt = None,
+    email: EmailOpt = False,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """The report of one DR test: verdict, RPO achieved, RTO measured, per-VM steps and verification."""
+    from reports import build_dr_test_report
+    from reports.frames import ReportError
+    from vmrep.runtime import get_runtime
+
+    rt = get_runtime(config_from(config).source)
+    op_id = resolve_test_operation(rt.store, run_id)
+    try:
+        report = build_dr_test_report(rt.store.engine, op_id, rt.config)
+    except ReportError as exc:
+        raise VmrepError(str(exc)) from None
+    report.write(out or reports_dir(rt.config))
+    _show(report, _send(report, rt) if email else None, json_out)
+
+
+@report_app.command("compliance")
+def report_compliance(
+    since: Annotated[str, typer.Option(help="start: a duration back from now (30d, 12h), a date "
+                                            "(2025-10-01), previous-month, this-month or YYYY-MM")] = "30d",
+    until: Annotated[str | None, typer.Option(help="end (exclusive): a date or a duration back from now; default now")] = None,
+    vpg: Annotated[list[str] | None, typer.Option("--vpg", help="only this VPG (repeatable); default all")] = None,
+    out: OutOpt = None,
+    email: EmailOpt = False,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Compliance over a period, per VPG: RPO met, journal history met, tests done and not overdue."""
+    from reports import build_compliance_report
+    from reports.frames import ReportError
+    from vmrep.runtime import get_runtime
+
+    now = datetime.now(timezone.utc)
+    key = since.strip().lower()
+    if key in ("previous-month", "this-month") or re.fullmatch(r"\d{4}-\d{2}", key):
+        if until is not None:
+            raise VmrepError(f"--since {since} names a whole period; leave out --until")
+        try:
+            start, end = parse_period(key, now)
+        except ValueError as exc:
+            raise VmrepError(f"--since: {exc}") from None
+    else:
+        start = parse_when(since, now, "--since")
+        end = parse_when(until, now, "--until") if until else now
+    rt = get_runtime(config_from(config).source)
+    if vpg:
+        for name in vpg:
+            rt.config.vpg(name)  # an unknown name is an error naming the known ones
+    try:
+        report = build_compliance_report(rt.store.engine, start, end, list(vpg) if vpg else None, rt.config)
+    except ReportError as exc:
+        raise VmrepError(str(exc)) from None
+    report.write(out or reports_dir(rt.config))
+    _show(report, _send(report, rt) if email else None, json_out)
+
+
+@report_app.command("emails")
+def report_emails(
+    failed: Annotated[bool, typer.Option("--failed", help="only deliveries that failed")] = False,
+    last: Annotated[int, typer.Option(help="at most this many, newest last")] = 20,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Report and alert emails sent: when, to whom, attempts, and the error of those that failed."""
+    from vmrep.runtime import get_runtime
+
+    rt = get_runtime(config_from(config).source)
+    df = rt.store.frame("email_deliveries", **({"ok": False} if failed else {}))
+    df = df.tail(last)
+    rows = [{"id": int(r["id"]), "attempted_at": r["attempted_at"].isoformat(), "kind": r["kind"], "ref": r["ref"],
+             "ok": bool(r["ok"]), "attempts": int(r["attempts"]), "recipients": r["recipients"],
+             "subject": r["subject"], "error": r["error"] if isinstance(r["error"], str) else None,
+             "report_path": r["report_path"] if isinstance(r["report_path"], str) else None}
+            for r in df.to_dict("records")]
+    if json_out:
+        print_json(rows)
+        return
+    if not rows:
+        console.print("no email deliveries recorded" + (" that failed" if failed else ""), markup=False)
+    for r in rows:
+        state = "sent  " if r["ok"] else "FAILED"
+        console.print(f"{r['attempted_at'][:19]}  {state} {r['kind']:<10} to {r['recipients'] or '-'}  "
+                      f"{r['subject'] or ''}" + (f"  ({r['attempts']} attempts: {r['error']})" if not r["ok"] else ""),
+                      markup=False)
