@@ -4,6 +4,7 @@ blocks, on the session's test server) and PostgreSQL (the same figures as on SQL
 from __future__ import annotations
 
 import email
+import json
 import socket
 from email import policy
 
@@ -47,7 +48,7 @@ def test_artifacts_are_published_inside_a_flow_run(prefect_harness, sqlite_store
         )
     by_key = {a.key: a for a in arts if a.id in created}
     table = by_key["dr-test-erp"].data
-    table = table if isinstance(table, list) else __import__("json").loads(table)
+    table = table if isinstance(table, list) else json.loads(table)
     figures = {r["figure"]: r["value"] for r in table}
     assert figures["rto_seconds"] == 612.0 and figures["verdict"] == "PASS"
     assert figures["rpo_achieved_seconds"] == 42.0 and figures["verification_ok"] is True
