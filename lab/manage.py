@@ -84,14 +84,20 @@ class SiteProcess:
         return self.__dict__.copy()
 
 
+LAB_USER = "lab-admin"
+
+
 def start_site(name: str, workdir: Path, *, vms_per_pool: int = 0, datastores: int = 2,
-               boot_delay: str = "1s", extra: list[str] | None = None, timeout: float = 30.0) -> SiteProcess:
+               boot_delay: str = "1s", extra: list[str] | None = None, timeout: float = 30.0,
+               password_file: Path | None = None) -> SiteProcess:
     binary = ensure_launcher()
     workdir.mkdir(parents=True, exist_ok=True)
     state = workdir / "state.json"
     state.unlink(missing_ok=True)
     args = [str(binary), "-listen", "127.0.0.1:0", "-tls-dir", str(workdir), "-state-file", str(state),
             "-vm", str(vms_per_pool), "-ds", str(datastores), "-boot-delay", boot_delay, *(extra or [])]
+    if password_file is not None:
+        args += ["-username", LAB_USER, "-password-file", str(password_file)]
     log = open(workdir / "launcher.log", "ab")
     env = dict(os.environ, TMPDIR=str(workdir))  # the simulator's datastore folders live here
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -204,7 +210,7 @@ def _device_specs(vm_name: str, ds: str, disks: list[DiskSeed], network: Any, ne
 def _site_config(site: SiteProcess, password_file: Path) -> dict[str, Any]:
     return {
         "host": site.host,
-        "user": "lab-admin",
+        "user": LAB_USER,
         "password": {"file": str(password_file)},
         "tls": {"ca_file": site.ca_file},
         "datastore_mounts": dict(site.datastores),
@@ -212,13 +218,13 @@ def _site_config(site: SiteProcess, password_file: Path) -> dict[str, Any]:
     }
 
 
-def connect_site(site: SiteProcess, name: str) -> Any:
+def connect_site(site: SiteProcess, name: str, password: str = "lab") -> Any:
     from vmrep.config import Site
     from vmrep.vsphere.connection import Client
 
-    cfg = Site(name=name, host=site.host, user="lab-admin", password={"env": "UNUSED"},
+    cfg = Site(name=name, host=site.host, user=LAB_USER, password={"env": "UNUSED"},
                tls={"ca_file": site.ca_file}, datastore_mounts=site.datastores)
-    return Client(cfg, "lab")
+    return Client(cfg, password)
 
 
 def create_vm(client: Any, seed: VMSeed, *, folder: Any, pool: Any, host: Any, network: Any, net_name: str,
@@ -345,15 +351,16 @@ def up(base: Path | None = None, config_path: Path | None = None, *, boot_delay:
     config_path = (config_path or Path("vmrep.yaml")).resolve()
     lab = Lab(dir=d, config_path=config_path)
     rng = random.Random(seed)
+    password_file = d / "password"
+    password = secrets.token_hex(16)
+    password_file.write_text(password)
+    password_file.chmod(0o600)
     try:
         for name in ("siteA", "siteB"):
-            lab.sites[name] = start_site(name, d / name, boot_delay=boot_delay)
+            lab.sites[name] = start_site(name, d / name, boot_delay=boot_delay, password_file=password_file)
         (d / "lab.json").write_text(json.dumps(lab.state(), indent=2))
-        password_file = d / "password"
-        password_file.write_text(secrets.token_hex(16))
-        password_file.chmod(0o600)
-        a = connect_site(lab.sites["siteA"], "siteA")
-        b = connect_site(lab.sites["siteB"], "siteB")
+        a = connect_site(lab.sites["siteA"], "siteA", password)
+        b = connect_site(lab.sites["siteB"], "siteB", password)
         try:
             seed_site(a, lab.sites["siteA"], DEFAULT_VMS, rng)
             add_portgroups(a, ["prod", "dr-test"])

@@ -94,14 +94,15 @@ def test_folder_demands_the_session(lab) -> None:  # type: ignore[no-untyped-def
     assert r.status_code == 401
 
 
-def test_wrong_credentials_are_one_line(lab) -> None:  # type: ignore[no-untyped-def]
-    ctl = lab.control("siteA")
-    ctl.fault("Login", "fault", "InvalidLogin", count=1)
-    try:
-        with pytest.raises(Exception) as e:
-            connect(lab.config.sites["siteA"], retry=FAST)
-    finally:
-        ctl.clear_faults()
+def test_wrong_credentials_are_one_line(lab, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from vmrep.errors import ConnectionFailed
+
+    site = lab.config.sites["siteA"]
+    wrong = tmp_path / "pw"
+    wrong.write_text("not-the-password")
+    site.password.file = wrong
+    with pytest.raises(ConnectionFailed) as e:
+        connect(site, retry=FAST)
     assert str(e.value) == "site siteA: login refused for user 'lab-admin' (wrong credentials)"
 
 

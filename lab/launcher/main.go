@@ -5,6 +5,7 @@
 package main
 
 import (
+	"strings"
 	"context"
 	"encoding/json"
 	"flag"
@@ -58,6 +59,8 @@ func main() {
 	shutdownDelay := flag.Duration("shutdown-delay", 500*time.Millisecond, "time from an accepted ShutdownGuest/RebootGuest until it happens")
 	tlsDir := flag.String("tls-dir", "", "directory for ca.pem (required)")
 	stateFile := flag.String("state-file", "", "also write the READY json to this file (removed on exit)")
+	username := flag.String("username", "", "the only user that may log in (default: any non-empty user/password, as vcsim)")
+	passwordFile := flag.String("password-file", "", "file holding the password of -username (so it is not on the command line)")
 	logFile := flag.String("log", "", "simulator log file (default: stderr; \"off\" discards it)")
 	flag.Parse()
 
@@ -125,6 +128,15 @@ func main() {
 
 	model.Service.TLS = labCert.config
 	model.Service.Listen = &url.URL{Host: *listen}
+	if *username != "" {
+		// With Listen.User set, the simulator's SessionManager accepts only these
+		// credentials: wrong ones get InvalidLogin, as from a real vCenter.
+		pw, err := os.ReadFile(*passwordFile)
+		if err != nil {
+			fatalf("-password-file: %v", err)
+		}
+		model.Service.Listen.User = url.UserPassword(*username, strings.TrimSpace(string(pw)))
+	}
 	model.Service.RegisterEndpoints = true
 	srv := model.Service.NewServer()
 
