@@ -39,6 +39,7 @@ $(STAMPS)/venv: pyproject.toml $(STAMPS)/debian
 	@touch $@
 
 include lab/launcher/build.mk
+build/vcsim-lab: | $(STAMPS)/debian   # Go and govmomi's sources come from Debian
 
 deps: $(STAMPS)/venv build/vcsim-lab
 
