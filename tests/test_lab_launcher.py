@@ -218,9 +218,11 @@ def test_tls_is_verified_with_the_generated_ca(lab):
 
 def test_sigterm_exits_zero_and_removes_temp_dirs(tmp_path):
     proc, info = _start(tmp_path, "-vm", "1", "-state-file", str(tmp_path / "state.json"))
-    dirs = list(info["datastores"].values())
-    assert all(Path(d).is_dir() for d in dirs) and (tmp_path / "state.json").exists()
-    assert _stop(proc) == 0
+    try:
+        dirs = list(info["datastores"].values())
+        assert all(Path(d).is_dir() for d in dirs) and (tmp_path / "state.json").exists()
+    finally:
+        assert _stop(proc) == 0
     assert not any(Path(d).exists() for d in dirs)
     assert not (tmp_path / "state.json").exists()
 
