@@ -55,7 +55,7 @@ def test_hash_scan_puts_only_changed_blocks(tmp_path):
     with j.begin("g") as w, LocalFileSource(img) as src:
         st = sync_disk(w, "vm", "d", src, previous=None)
         cp1 = w.commit()
-    assert st.blocks_read == 65 and st.blocks_zero == 32
+    assert st.blocks_read == 65 and st.blocks_zero == 32 and st.blocks_changed == 33
     assert st.bytes_stored >= 32 * BS  # random: stored raw
     prev = j.block_map("g", cp1.id, "vm", "d")
     write_at(img, 3 * BS + 5, b"new")  # a zero block becomes data
@@ -96,7 +96,7 @@ def test_zero_disk_costs_nothing(tmp_path):
     with j.begin("g") as w, LocalFileSource(img) as src:
         st = sync_disk(w, "vm", "d", src, previous=None)
         cp = w.commit()
-    assert st.bytes_stored == 0 and st.blocks_zero == 256
+    assert st.bytes_stored == 0 and st.blocks_zero == 256 and st.blocks_changed == 0
     assert cp.changed_blocks == 0 and cp.added_bytes == 0
     assert list((tmp_path / "j" / "packs").iterdir()) == []
     assert j.usage("g").total_bytes == 0

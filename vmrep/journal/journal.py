@@ -1100,16 +1100,18 @@ class CheckpointWriter:
                 d = self._entries.setdefault(key, {})
         d[index] = bid
 
-    def put_zero(self, vm: str, disk: str, index: int) -> None:
+    def put_zero(self, vm: str, disk: str, index: int) -> bool:
+        """Block `index` is all zeros. Returns whether a map entry was needed (False for a
+        disk new in this checkpoint, whose blocks are zero unless written)."""
         self._check()
         key = (vm, disk)
         if not self._disk_known(key):
-            # new (or reset) disk: its blocks are zero unless written; record nothing
             d = self._entries.get(key)
             if d is not None:
                 d.pop(index, None)
-            return
+            return False
         self._record(key, index, fmt.ZERO_ID)
+        return True
 
     def set_disk_size(self, vm: str, disk: str, size: int) -> None:
         self._check()

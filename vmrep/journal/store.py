@@ -143,7 +143,12 @@ class BlockStore:
         self.index_dir = root / "index"
         self.tmp_dir = root / "tmp"
         self._lock = threading.RLock()
-        self.lookup: dict[bytes, Loc] = {}
+        # Block id -> location. Most entries live in sorted numpy arrays (16 bytes per
+        # block besides the 49-byte entry tables); packs added since the last rebuild are
+        # in a dict, folded into the arrays once it grows past RECENT_MAX.
+        self._recent: dict[bytes, Loc] = {}
+        # (sorted id prefixes, pack number, row in pack, pack names), replaced as a whole
+        self._sorted: tuple = (np.zeros(0, np.uint64), np.zeros(0, np.int32), np.zeros(0, np.int32), [])
         self.packs: dict[str, fmt.IndexPack] = {}
         self.index_files: dict[str, list[str]] = {}  # index file name -> pack names
         self._fds: dict[str, int] = {}
@@ -175,17 +180,59 @@ class BlockStore:
                 for name in list(self._fds):
                     if name not in keep:
                         os.close(self._fds.pop(name))
-                self.lookup = {}
-                for p in self.packs.values():
-                    self._add_pack(p)
+                self._rebuild()
+            fresh = []
             for n, packs in loaded.items():
                 self.index_files[n] = [p.name for p in packs]
                 for p in packs:
                     if p.name not in self.packs:
                         self.packs[p.name] = p
-                        self._add_pack(p)
+                        fresh.append(p)
+            if fresh:
+                self._add_packs(fresh)
             if gone or loaded:
                 self._table = None
+
+    RECENT_MAX = 200_000
+
+    def _rebuild(self) -> None:
+        """Sorted arrays over every known pack (caller holds the lock)."""
+        names = list(self.packs)
+        if names:
+            pre = np.concatenate([id_prefixes(self.packs[n].entries["id"]) for n in names])
+            pno = np.concatenate([np.full(len(self.packs[n].entries), k, np.int32) for k, n in enumerate(names)])
+            row = np.concatenate([np.arange(len(self.packs[n].entries), dtype=np.int32) for n in names])
+            order = np.argsort(pre, kind="stable")
+            self._sorted = (pre[order], pno[order], row[order], names)
+        else:
+            self._sorted = (np.zeros(0, np.uint64), np.zeros(0, np.int32), np.zeros(0, np.int32), [])
+        self._recent = {}
+
+    def lookup(self, block_id: bytes) -> Loc | None:
+        loc = self._recent.get(block_id)
+        if loc is not None:
+            return loc
+        pre_arr, pno, rows, names = self._sorted
+        if not len(pre_arr):
+            return None
+        pre = np.uint64(int.from_bytes(block_id[:8], "little"))
+        k = int(np.searchsorted(pre_arr, pre))
+        while k < len(pre_arr) and pre_arr[k] == pre:
+            p = self.packs.get(names[pno[k]])
+            if p is not None:
+                e = p.entries[rows[k]]
+                if e["id"].tobytes() == block_id:
+                    return (p.name, int(e["offset"]), int(e["slen"]), int(e["rlen"]), int(e["codec"]))
+            k += 1
+        return None
+
+    def _add_packs(self, packs: list[fmt.IndexPack]) -> None:
+        """Make packs (already in self.packs) findable (caller holds the lock)."""
+        if len(self._recent) + sum(len(p.entries) for p in packs) > self.RECENT_MAX:
+            self._rebuild()
+            return
+        for p in packs:
+            self._add_pack(p)
 
     def _add_pack(self, p: fmt.IndexPack) -> None:
         ids = p.entries["id"].tobytes()
@@ -193,7 +240,7 @@ class BlockStore:
         slens = p.entries["slen"].tolist()
         rlens = p.entries["rlen"].tolist()
         codecs = p.entries["codec"].tolist()
-        lk = self.lookup
+        lk = self._recent
         name = p.name
         for i in range(len(offs)):
             key = ids[i * 32 : i * 32 + 32]
@@ -205,10 +252,10 @@ class BlockStore:
         publish(self.tmp_dir, self.index_dir / name, fmt.encode_index(packs, now_iso()))
         with self._lock:
             self.index_files[name] = [p.name for p in packs]
-            for p in packs:
-                if p.name not in self.packs:
-                    self.packs[p.name] = p
-                    self._add_pack(p)
+            fresh = [p for p in packs if p.name not in self.packs]
+            for p in fresh:
+                self.packs[p.name] = p
+            self._add_packs(fresh)
             self._table = None
         return name
 
@@ -221,10 +268,10 @@ class BlockStore:
                 self.index_files.pop(n, None)
 
     def has(self, block_id: bytes) -> bool:
-        return block_id in self.lookup
+        return self.lookup(block_id) is not None
 
     def stored_size(self, block_id: bytes) -> int:
-        loc = self.lookup.get(block_id)
+        loc = self.lookup(block_id)
         return loc[2] if loc else 0
 
     def size_table(self) -> tuple[np.ndarray, np.ndarray]:
@@ -273,10 +320,10 @@ class BlockStore:
             self._fds.clear()
 
     def locate(self, block_id: bytes) -> Loc:
-        loc = self.lookup.get(block_id)
+        loc = self.lookup(block_id)
         if loc is None:
             self.refresh()
-            loc = self.lookup.get(block_id)
+            loc = self.lookup(block_id)
             if loc is None:
                 raise JournalError(f"block {block_id.hex()} is not in the journal's index")
         return loc
@@ -383,8 +430,6 @@ class BlockStore:
         st.packs_repacked = len(repack)
         st.removed_packs = sorted(gone)
         with self._lock:
-            self.lookup = {}
-            for p in self.packs.values():
-                self._add_pack(p)
+            self._rebuild()
             self._table = None
         return st

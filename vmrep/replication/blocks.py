@@ -233,8 +233,8 @@ def sync_disk(
                             local.blocks_zero += 1
                             if previous is not None and previous.get(i) is None:
                                 continue
-                            writer.put_zero(vm, disk, i)
-                            local.blocks_changed += 1
+                            if writer.put_zero(vm, disk, i) is not False:
+                                local.blocks_changed += 1
                             continue
                         bid = blake3.blake3(block).digest()
                         if previous is not None and previous.get(i) == bid:
