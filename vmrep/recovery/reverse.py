@@ -1,0 +1,123 @@
+"""Reverse protection: after a committed failover or move, the recovered VMs are
+protected back to the original site, and failback is a move of that reverse VPG.
+
+The reverse VPG of `X` is named `X-reverse` and is written by vmrep as
+`<config dir>/vmrep.d/vpgs/X-reverse.yaml` (``{reverse_of, created_at, operation, vpg:
+{…}}``); `load_config` adds such files to the VPGs of the config (a VPG of the same
+name in the config file wins). The reverse VPG of a generated reverse VPG is the VPG it
+was generated from: failing back `X-reverse` with reverse protection protects `X` again.
+
+The reverse VPG's recovery placement is where the original VMs were (host, datastore,
+folder, networks, read before the failover), its test network that of the original VPG,
+and each disk's pre-seed the original VM's flat file, which stays on its datastore
+(reverse protection unregisters the original VMs, it does not delete them): the initial
+sync of the reverse VPG stores those blocks first and then sends only the differences.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vmrep.config import VPG, Config
+from vmrep.errors import VmrepError
+from vmrep.recovery import naming
+from vmrep.recovery.plan import Plan, networks_for, state_dir
+
+
+def generated_path(config: Config, name: str) -> Path:
+    return state_dir(config) / "vpgs" / f"{naming.safe(name)}.yaml"
+
+
+def generated_meta(config: Config, name: str) -> dict[str, Any] | None:
+    p = generated_path(config, name)
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def reverse_target(config: Config, vpg: VPG) -> tuple[str, bool]:
+    """(name of the VPG that protects `vpg`'s recovered VMs back, whether it must be generated)."""
+    meta = generated_meta(config, vpg.name)
+    if meta and meta.get("reverse_of"):
+        origin = meta["reverse_of"]
+        if any(v.name == origin for v in config.vpgs):
+            return origin, False
+    return naming.reverse_vpg_name(vpg.name), True
+
+
+def reverse_definition(vpg: VPG, plan: Plan, name: str) -> dict[str, Any]:
+    vms = []
+    for v in plan.vms:
+        spec = vpg.vm(v.source)
+        si = v.source_info or {}
+        src_nics = si.get("nics") or []
+        tests = networks_for(vpg, v.source, naming.KIND_TEST, len(src_nics))
+        nics = []
+        for i in range(max(len(src_nics), 0)):
+            nic: dict[str, Any] = {}
+            if src_nics[i].get("network"):
+                nic["live_network"] = src_nics[i]["network"]
+            if i < len(tests) and tests[i][0] and tests[i][0] != nic.get("live_network"):
+                nic["test_network"] = tests[i][0]
+            nics.append(nic)
+        entry: dict[str, Any] = {"name": v.source}
+        if spec.boot_group:
+            entry["boot_group"] = spec.boot_group
+        for key, src in (("recovery_host", "host"), ("recovery_datastore", "datastore"),
+                         ("recovery_folder", "folder")):
+            if si.get(src):
+                entry[key] = si[src]
+        if nics:
+            entry["nics"] = nics
+        if si.get("disks"):
+            entry["preseed"] = dict(si["disks"])
+        vms.append(entry)
+    d: dict[str, Any] = {
+        "name": name,
+        "protected_site": vpg.recovery_site,
+        "recovery_site": vpg.protected_site,
+        "vms": vms,
+        "priority": vpg.priority.value,
+        "rpo_target_seconds": vpg.rpo_target_seconds,
+        "journal_history_hours": vpg.journal_history_hours,
+        "journal_hard_limit_gb": vpg.journal_hard_limit_gb,
+        "journal_warning_percent": vpg.journal_warning_percent,
+        "test_interval_months": vpg.test_interval_months,
+        "wan_compression": vpg.wan_compression,
+        "boot_groups": [g.model_dump() for g in vpg.boot_groups],
+        "commit_policy": vpg.commit_policy.model_dump(),
+        "shutdown_policy": vpg.shutdown_policy,
+        "email_to": list(vpg.email_to),
+    }
+    if vpg.recovery.test_network:
+        d["recovery"] = {"test_network": vpg.recovery.test_network}
+    for key in ("pre_recovery_script", "post_recovery_script"):
+        s = getattr(vpg, key)
+        if s is not None:
+            d[key] = s.model_dump()
+    return d
+
+
+def save_generated(config: Config, vpg_dict: dict[str, Any], *, reverse_of: str, operation_id: str) -> VPG:
+    """Write the generated VPG beside the config and add it to this process's config."""
+    model = VPG.model_validate(vpg_dict)
+    for site in (model.protected_site, model.recovery_site):
+        if site not in config.sites:
+            raise VmrepError(f"reverse VPG {model.name}: site {site!r} is not in the config")
+    p = generated_path(config, model.name)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"reverse_of": reverse_of, "created_at": datetime.now(timezone.utc).isoformat(),
+           "operation": operation_id, "vpg": vpg_dict}
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text("# Written by vmrep (reverse protection); see docs/recovery.md.\n"
+                   + yaml.safe_dump(doc, sort_keys=False))
+    os.replace(tmp, p)
+    config.vpgs = [v for v in config.vpgs if v.name != model.name] + [model]
+    return model
