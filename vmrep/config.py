@@ -398,4 +398,31 @@ def load_config(path: Path | str | None = None) -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{p}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if isinstance(data, dict):
+        own = list(data.get("vpgs") or [])
+        names = {v.get("name") for v in own if isinstance(v, dict)}
+        generated = [v for v in generated_vpgs(p) if v.get("name") not in names]
+        if generated:
+            data["vpgs"] = own + generated
     return parse_config(data, p)
+
+
+GENERATED_VPGS_DIR = Path("vmrep.d") / "vpgs"
+
+
+def generated_vpgs(config_path: Path) -> list[dict[str, Any]]:
+    """VPG definitions vmrep wrote itself beside the config (reverse protection, see
+    docs/recovery.md): `<config dir>/vmrep.d/vpgs/*.yaml`, each `{vpg: {...}, ...}`.
+    A VPG of the same name in the config file itself wins."""
+    d = config_path.resolve().parent / GENERATED_VPGS_DIR
+    if not d.is_dir():
+        return []
+    out = []
+    for f in sorted(d.glob("*.yaml")):
+        try:
+            doc = yaml.safe_load(f.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{f}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if isinstance(doc, dict) and isinstance(doc.get("vpg"), dict):
+            out.append(doc["vpg"])
+    return out
