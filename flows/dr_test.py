@@ -1,0 +1,60 @@
+"""Test failover (named dr_test: pytest would collect a flows/test_failover.py).
+
+`dr_test` runs start -> verify -> keep -> stop; `dr_test_start` leaves the test running
+for people to look at and `dr_test_stop` ends it. Every step is a task run; clean-up is
+in the engine's exception path, in the cancel/crash hooks below, and redone by the next
+operation on the VPG (its first step removes leftovers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows._common import flow_run_id, started_by
+from tasks.recovery import PrefectRunner
+from vmrep.recovery import operations as ops
+
+
+def interrupted(flow: Any, flow_run: Any, state: Any) -> None:
+    """on_cancellation / on_crashed: clean up what this run's operation left (the next
+    operation on the VPG would find it too)."""
+    params = flow_run.parameters or {}
+    ops.after_flow_interrupted(params.get("config", "vmrep.yaml"), params["vpg"], str(flow_run.id),
+                               f"flow run {state.name}")
+
+
+def _raise_if_failed(summary: dict[str, Any]) -> dict[str, Any]:
+    if summary.get("success") is False:
+        reason = summary.get("error") or "not successful"
+        raise ops.TestFailed(f"VPG {summary['vpg']}: test failed ({reason}); test VMs removed", summary)
+    return summary
+
+
+@flow(name="dr-test", task_runner=ThreadPoolTaskRunner(max_workers=8),
+      on_cancellation=[interrupted], on_crashed=[interrupted])
+def dr_test(vpg: str, config: str = "vmrep.yaml", checkpoint: str = "latest", keep_minutes: float = 0.0,
+            notes: str | None = None, who: str | None = None, verify_timeout: float = 600.0) -> dict[str, Any]:
+    """Test failover of a VPG into its test network: start, verify, keep, stop."""
+    summary = ops.run_test(config, vpg, checkpoint=checkpoint, keep_minutes=keep_minutes, notes=notes,
+                           who=started_by(who), flow_run_id=flow_run_id(), runner=PrefectRunner(),
+                           verify_timeout=verify_timeout)
+    return _raise_if_failed(summary)
+
+
+@flow(name="dr-test-start", task_runner=ThreadPoolTaskRunner(max_workers=8),
+      on_cancellation=[interrupted], on_crashed=[interrupted])
+def dr_test_start(vpg: str, config: str = "vmrep.yaml", checkpoint: str = "latest", notes: str | None = None,
+                  who: str | None = None, verify_timeout: float = 600.0) -> dict[str, Any]:
+    """Start a test and leave it running (stop it with dr-test-stop)."""
+    return ops.run_test(config, vpg, checkpoint=checkpoint, notes=notes, who=started_by(who),
+                        flow_run_id=flow_run_id(), runner=PrefectRunner(), stop=False,
+                        verify_timeout=verify_timeout)
+
+
+@flow(name="dr-test-stop", task_runner=ThreadPoolTaskRunner(max_workers=8))
+def dr_test_stop(vpg: str, success: bool, config: str = "vmrep.yaml", notes: str | None = None,
+                 who: str | None = None) -> dict[str, Any]:
+    """Stop the VPG's running test: record success and notes, remove test VMs and scratch copies."""
+    return ops.stop_test(config, vpg, success=success, notes=notes, who=started_by(who), runner=PrefectRunner())

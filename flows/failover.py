@@ -1,0 +1,48 @@
+"""Live failover, commit and rollback.
+
+`failover` recovers on the production network and then, per the commit policy, waits
+for the timeout and commits or rolls back (unless someone does it by hand first);
+policy none leaves it awaiting commit. `commit` and `rollback` end a failover or move
+awaiting commit. The confirmation parameter must repeat the VPG's name, so a stray click
+in the UI cannot start a failover."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows._common import flow_run_id, started_by
+from flows.dr_test import interrupted
+from tasks.recovery import PrefectRunner
+from vmrep.recovery import operations as ops
+
+
+@flow(name="failover", task_runner=ThreadPoolTaskRunner(max_workers=8),
+      on_cancellation=[interrupted], on_crashed=[interrupted])
+def failover(vpg: str, confirm: str, config: str = "vmrep.yaml", checkpoint: str = "latest",
+             shutdown: str | None = None, commit_policy: str | None = None,
+             commit_after_minutes: float | None = None, who: str | None = None,
+             verify_timeout: float = 600.0, shutdown_timeout: float = 300.0) -> dict[str, Any]:
+    """Live failover of a VPG (confirm: the VPG's name again)."""
+    return ops.run_failover(config, vpg, confirm=confirm, checkpoint=checkpoint, shutdown=shutdown,
+                            commit_policy=commit_policy, commit_after_minutes=commit_after_minutes,
+                            who=started_by(who), flow_run_id=flow_run_id(), runner=PrefectRunner(),
+                            verify_timeout=verify_timeout, shutdown_timeout=shutdown_timeout)
+
+
+@flow(name="commit", task_runner=ThreadPoolTaskRunner(max_workers=8),
+      on_cancellation=[interrupted], on_crashed=[interrupted])
+def commit(vpg: str, config: str = "vmrep.yaml", reverse_protection: bool = False,
+           who: str | None = None) -> dict[str, Any]:
+    """Commit the failover awaiting commit; with reverse protection, protect back."""
+    return ops.commit(config, vpg, reverse_protection=reverse_protection, who=started_by(who),
+                      flow_run_id=flow_run_id(), runner=PrefectRunner())
+
+
+@flow(name="rollback", task_runner=ThreadPoolTaskRunner(max_workers=8),
+      on_cancellation=[interrupted], on_crashed=[interrupted])
+def rollback(vpg: str, config: str = "vmrep.yaml", who: str | None = None) -> dict[str, Any]:
+    """Roll back the failover awaiting commit: recovered VMs removed, source back as it was."""
+    return ops.rollback(config, vpg, who=started_by(who), flow_run_id=flow_run_id(), runner=PrefectRunner())

@@ -1,0 +1,26 @@
+"""Move: graceful shutdown (rolled back if it fails and force was not chosen), final
+checkpoint, failover to it, commit, reverse protection by default. Failback is a move
+of the reverse VPG."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows._common import flow_run_id, started_by
+from flows.dr_test import interrupted
+from tasks.recovery import PrefectRunner
+from vmrep.recovery import operations as ops
+
+
+@flow(name="move", task_runner=ThreadPoolTaskRunner(max_workers=8),
+      on_cancellation=[interrupted], on_crashed=[interrupted])
+def move(vpg: str, confirm: str, config: str = "vmrep.yaml", shutdown: str = "graceful",
+         reverse_protection: bool = True, keep_source_vms: bool = False, who: str | None = None,
+         verify_timeout: float = 600.0, shutdown_timeout: float = 300.0) -> dict[str, Any]:
+    """Planned move of a VPG to its recovery site (confirm: the VPG's name again)."""
+    return ops.run_move(config, vpg, confirm=confirm, shutdown=shutdown, reverse_protection=reverse_protection,
+                        keep_source_vms=keep_source_vms, who=started_by(who), flow_run_id=flow_run_id(),
+                        runner=PrefectRunner(), verify_timeout=verify_timeout, shutdown_timeout=shutdown_timeout)
