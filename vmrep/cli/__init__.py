@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
             return exc.exit_code
         if isinstance(exc, click.exceptions.Abort):
             return 1
+        try:  # typer >= 0.2x raises its own vendored click's exceptions
+            from typer._click.exceptions import ClickException as TyperClickException
+        except ImportError:  # pragma: no cover - older typer uses click itself
+            TyperClickException = ()  # type: ignore[assignment,misc]
+        if TyperClickException and isinstance(exc, TyperClickException):
+            exc.show()
+            return exc.exit_code
         raise
 
 
