@@ -97,6 +97,7 @@ def test_zero_disk_costs_nothing(tmp_path):
         st = sync_disk(w, "vm", "d", src, previous=None)
         cp = w.commit()
     assert st.bytes_stored == 0 and st.blocks_zero == 256 and st.blocks_changed == 0
+    assert st.bytes_read == 0  # a sparse file's holes are not even read
     assert cp.changed_blocks == 0 and cp.added_bytes == 0
     assert list((tmp_path / "j" / "packs").iterdir()) == []
     assert j.usage("g").total_bytes == 0
@@ -171,3 +172,27 @@ def test_put_block_rejects_oversized_and_needs_size_for_new_disk(tmp_path):
         with pytest.raises(JournalError, match="set_disk_size"):
             w.commit()
     assert j.checkpoints("g") == []
+
+
+def test_sparse_source_reads_only_data_regions(tmp_path, monkeypatch):
+    monkeypatch.setattr("vmrep.replication.blocks.CHUNK_BYTES", 4 * BS)
+    img = tmp_path / "thin.img"
+    with open(img, "wb") as f:
+        f.truncate(1024 * BS)
+    data = os.urandom(2 * BS)
+    write_at(img, 600 * BS, data)
+    j = Journal.open(tmp_path / "j", block_size=BS)
+    with j.begin("g") as w, LocalFileSource(img) as src:
+        st = sync_disk(w, "vm", "d", src, previous=None)
+        cp = w.commit()
+    assert st.blocks_changed == 2 and st.bytes_stored == 2 * BS
+    assert st.bytes_read < 64 * BS  # file systems allocate in extents; far less than the disk
+    prev = j.block_map("g", cp.id, "vm", "d")
+    write_at(img, 600 * BS, bytes(BS))  # data block zeroed (stays allocated)
+    with j.begin("g") as w, LocalFileSource(img) as src:
+        st = sync_disk(w, "vm", "d", src, previous=prev)
+        cp2 = w.commit()
+    assert st.blocks_changed == 1
+    out = tmp_path / "out"
+    j.restore_disk("g", cp2.id, "vm", "d", out)
+    assert out.read_bytes() == img.read_bytes()

@@ -8,6 +8,7 @@ compared with the previous checkpoint's map, and only the changed ones go to the
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import threading
@@ -75,6 +76,15 @@ class LocalFileSource:
             return mmap.mmap(self.fd, length, flags=flags, prot=mmap.PROT_READ, offset=offset)
         except (OSError, ValueError):
             return None
+
+    def is_hole(self, offset: int, length: int) -> bool:
+        """True if [offset, offset+length) is a hole of a sparse file (or past its end):
+        zeros that need not be read. Thin disks on NFS datastores are sparse files."""
+        try:
+            nxt = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as exc:  # ENXIO: no data at or after offset (holes to the end)
+            return exc.errno == errno.ENXIO
+        return nxt >= offset + length
 
     def read(self, offset: int, length: int) -> bytes:
         length = max(0, min(length, self.size - offset))
@@ -191,6 +201,7 @@ def sync_disk(
     zero_block = bytes(bs)
 
     mapper = getattr(source, "map", None)
+    is_hole = getattr(source, "is_hole", None)
 
     def worker() -> None:
         buf = bytearray(per_chunk * bs) if readinto else None
@@ -204,6 +215,17 @@ def sync_disk(
                 first, count = nxt
                 off = first * bs
                 length = min(count * bs, size - off)
+                if is_hole is not None and is_hole(off, length):
+                    local.blocks_read += count
+                    local.blocks_zero += count
+                    for i in range(first, first + count):
+                        if previous is not None and previous.get(i) is None:
+                            continue
+                        if writer.put_zero(vm, disk, i) is not False:
+                            local.blocks_changed += 1
+                    if progress:
+                        progress(length)
+                    continue
                 mapped = mapper(off, length) if mapper else None
                 if mapped is not None:
                     data = None
