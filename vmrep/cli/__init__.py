@@ -3,7 +3,14 @@ itself on `app`; errors the user can act on print as one line and exit non-zero.
 
 from __future__ import annotations
 
+import os
 import sys
+
+# Before Prefect is imported anywhere: no telemetry (no internet here, and none wanted),
+# and the CLI's own output is what the user reads, not Prefect's INFO lines.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from vmrep.cli.common import app, console_err
 from vmrep.errors import VmrepError
