@@ -154,3 +154,18 @@ def test_domain_controller_by_custom_attribute(fresh_lab) -> None:  # type: igno
     problems = [p.line() for p in validate(cfg, ["files"])]
     assert problems == ["VPG files: VM files-01: may not be protected: marked as an Active Directory domain "
                         "controller (they replicate natively)"]
+
+
+def test_domain_controller_by_tag(fresh_lab) -> None:  # type: ignore[no-untyped-def]
+    from vmrep.vsphere.tags import Tags
+
+    cfg = fresh_lab.config
+    with connect(cfg.sites["siteA"]) as c:
+        tags = Tags(c)
+        tag = tags.ensure_tag("roles", "domain-controller")
+        tags.attach(tag, Inventory(c).vm("erp-app").ref)
+        assert tags.of_vms([Inventory(c).vm("erp-app").ref]) == {Inventory(c).vm("erp-app").ref._moId:
+                                                                  {"domain-controller"}}
+    problems = [p.line() for p in validate(cfg, ["erp"])]
+    assert problems == ["VPG erp: VM erp-app: may not be protected: marked as an Active Directory domain "
+                        "controller (they replicate natively)"]

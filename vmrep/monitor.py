@@ -16,7 +16,7 @@ from vmrep.errors import VmrepError
 from vmrep.health import Evaluation, Transition, UnprotectedVM, apply_transitions, evaluate, gather_facts
 from vmrep.protection import exclusions
 from vmrep.runtime import Runtime
-from vmrep.vsphere.inventory import Inventory, VMInfo
+from vmrep.vsphere.inventory import Inventory
 
 LIVE_KINDS = ("failover", "move")
 
@@ -28,14 +28,18 @@ class VpgHealth:
     transitions: list[Transition] = field(default_factory=list)
 
 
-def unprotected(vpg: VPG, vms: dict[str, VMInfo], rt: Runtime) -> list[UnprotectedVM]:
+def unprotected(vpg: VPG, inv: Inventory, rt: Runtime) -> list[UnprotectedVM]:
+    from vmrep.validate import vm_tags
+
+    vms = inv.vms_by_name()
+    tags = vm_tags(inv, [vms[s.name] for s in vpg.vms if s.name in vms], rt.config)
     out = []
     for spec in vpg.vms:
         vm = vms.get(spec.name)
         if vm is None:
             out.append(UnprotectedVM(spec.name, "deleted"))
             continue
-        for ex in exclusions(vm, rt.config.domain_controller_marker):
+        for ex in exclusions(vm, rt.config.domain_controller_marker, tags.get(vm.ref._moId, set())):
             out.append(UnprotectedVM(spec.name, ex.code, ex.reason))
     return out
 
@@ -94,7 +98,7 @@ def monitor_pass(rt: Runtime, now: datetime | None = None, vpgs: list[str] | Non
         if prot is None:
             facts["error"] = f"protected site unreachable: {errors[vpg.protected_site]}"
         else:
-            facts["unprotected_vms"] = unprotected(vpg, prot.vms_by_name(), rt)
+            facts["unprotected_vms"] = unprotected(vpg, prot, rt)
         if rec is not None:
             facts["recovery_networks_missing"] = missing_networks(vpg, rec.network_names())
         elif prot is not None:

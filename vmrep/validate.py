@@ -7,6 +7,7 @@ VMs), and every VM is checked for what may not be protected.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -15,6 +16,8 @@ from vmrep.errors import VmrepError
 from vmrep.protection import exclusions
 from vmrep.vsphere.connection import Client, connect
 from vmrep.vsphere.inventory import Inventory
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -102,12 +105,29 @@ def _check_recovery_names(vpg: VPG, inv: Inventory) -> list[Problem]:
     return problems
 
 
+def vm_tags(inv: Inventory, vms: list, config: Config) -> dict[str, set[str]]:  # type: ignore[type-arg]
+    """Tags of the VMs when a tag marks domain controllers; a site without the vAPI
+    endpoint (a bare ESXi) has no tags, and the other markers still apply."""
+    if not config.domain_controller_marker.tag or not vms:
+        return {}
+    from vmrep.vsphere.tags import Tags
+
+    try:
+        return Tags(inv.client).of_vms(vm.ref for vm in vms)
+    except Exception as exc:  # noqa: BLE001 - tags are one marker of three
+        log.warning("site %s: tags not readable (%s); domain controllers recognised by the other markers only",
+                    inv.client.site.name, exc)
+        return {}
+
+
 def check_vpg(vpg: VPG, config: Config, sites: Sites) -> list[Problem]:
     problems: list[Problem] = []
     prot = sites.inventory(vpg.protected_site)
     if prot is None:
         return [Problem(vpg.name, f"site {vpg.protected_site}", sites.errors[vpg.protected_site])]
     found = prot.vms_by_name()
+    present = [found[s.name] for s in vpg.vms if s.name in found]
+    tags = vm_tags(prot, present, config)
     for spec in vpg.vms:
         vm = found.get(spec.name)
         if vm is None:
@@ -115,7 +135,7 @@ def check_vpg(vpg: VPG, config: Config, sites: Sites) -> list[Problem]:
             continue
         if not vm.disks:
             problems.append(Problem(vpg.name, f"VM {spec.name}", "has no disks to replicate"))
-        for ex in exclusions(vm, config.domain_controller_marker):
+        for ex in exclusions(vm, config.domain_controller_marker, tags.get(vm.ref._moId, set())):
             problems.append(Problem(vpg.name, f"VM {spec.name}", f"may not be protected: {ex.reason}"))
     rec = sites.inventory(vpg.recovery_site)
     if rec is None:
