@@ -176,7 +176,7 @@ def holder_is_stale(store: Any, row: Any) -> bool:
         return False
     op = store.operation(row.lock_holder)
     if op is None:
-        return row.lock_kind in RECOVERY_KINDS
+        return False  # no record of it: nothing tells us it is gone (refuse rather than guess)
     if op.kind in LIVE_KINDS and op.result == "succeeded":
         return False  # awaiting commit or rollback
     if op.result != "running":
