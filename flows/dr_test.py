@@ -13,6 +13,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._common import flow_run_id, started_by
+from flows.reports import dr_test_report
 from tasks.recovery import PrefectRunner
 from vmrep.recovery import operations as ops
 
@@ -37,10 +38,16 @@ def _raise_if_failed(summary: dict[str, Any]) -> dict[str, Any]:
 def dr_test(vpg: str, config: str = "vmrep.yaml", checkpoint: str = "latest", keep_minutes: float = 0.0,
             notes: str | None = None, who: str | None = None, verify_timeout: float = 600.0) -> dict[str, Any]:
     """Test failover of a VPG into its test network: start, verify, keep, stop."""
-    summary = ops.run_test(config, vpg, checkpoint=checkpoint, keep_minutes=keep_minutes, notes=notes,
-                           who=started_by(who), flow_run_id=flow_run_id(), runner=PrefectRunner(),
-                           verify_timeout=verify_timeout)
-    return _raise_if_failed(summary)
+    summary: dict[str, Any] = {}
+    try:
+        summary = ops.run_test(config, vpg, checkpoint=checkpoint, keep_minutes=keep_minutes, notes=notes,
+                               who=started_by(who), flow_run_id=flow_run_id(), runner=PrefectRunner(),
+                               verify_timeout=verify_timeout)
+        return _raise_if_failed(summary)
+    finally:
+        # Reports (flows/reports.py): after every test, passed or failed, write the DR-test
+        # report, publish it as Prefect artifacts and email it. Never raises.
+        dr_test_report(config, summary.get("operation_id"))
 
 
 @flow(name="dr-test-start", task_runner=ThreadPoolTaskRunner(max_workers=8),
@@ -57,4 +64,11 @@ def dr_test_start(vpg: str, config: str = "vmrep.yaml", checkpoint: str = "lates
 def dr_test_stop(vpg: str, success: bool, config: str = "vmrep.yaml", notes: str | None = None,
                  who: str | None = None) -> dict[str, Any]:
     """Stop the VPG's running test: record success and notes, remove test VMs and scratch copies."""
-    return ops.stop_test(config, vpg, success=success, notes=notes, who=started_by(who), runner=PrefectRunner())
+    summary: dict[str, Any] = {}
+    try:
+        summary = ops.stop_test(config, vpg, success=success, notes=notes, who=started_by(who),
+                                runner=PrefectRunner())
+        return summary
+    finally:
+        # Reports (flows/reports.py): the test ends here, so its report is sent now. Never raises.
+        dr_test_report(config, summary.get("operation_id"), vpg=vpg)

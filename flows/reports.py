@@ -139,18 +139,61 @@ def _deliver(config: str, report: Report, send: bool) -> dict[str, Any]:
     return out
 
 
-def dr_test_report(config: str, operation_id: str | None = None, *, send_email: bool = True,
-                   out_dir: str | None = None) -> dict[str, Any] | None:
+def _test_operation(config: str, operation_id: str | None, vpg: str | None) -> str | None:
+    """The test operation to report: the id given; else the one this flow run recorded;
+    else (with `vpg`) the VPG's latest test if it ended during this flow run or has not
+    ended. None: there is nothing to report (a test refused before it started records no
+    operation; a stop refused because no test runs ended none)."""
+    if operation_id:
+        return operation_id
+    store = get_runtime(config).store
+    from flows._common import flow_run_id
+
+    fr = flow_run_id()
+    if fr:
+        ops = store.frame("operations", flow_run_id=fr, kind="test")
+        if len(ops):
+            return str(ops.iloc[-1]["id"])
+    if vpg:
+        ops = store.frame("operations", vpg=vpg, kind="test")
+        if len(ops):
+            last = ops.sort_values("started_at").iloc[-1]
+            run_start = _run_start()
+            ended = last["ended_at"]
+            if ended is None or ended != ended or run_start is None or ended >= run_start:  # NaT != NaT
+                return str(last["id"])
+    return None
+
+
+def _run_start() -> Any:
+    try:
+        import pandas as pd
+        from prefect.context import FlowRunContext
+
+        ctx = FlowRunContext.get()
+        run = ctx.flow_run if ctx is not None else None
+        start = (run.start_time or run.expected_start_time) if run is not None else None
+        return pd.Timestamp(start).tz_convert("UTC") if start else None
+    except Exception:  # noqa: BLE001 - outside a run
+        return None
+
+
+def dr_test_report(config: str, operation_id: str | None = None, *, vpg: str | None = None,
+                   send_email: bool = True, out_dir: str | None = None) -> dict[str, Any] | None:
     """The DR-test report of one test operation: written, published, emailed.
 
-    Meant for the end of the DR-test flow (inside a flow run). Never raises: a report
-    that cannot be built or sent is logged (and the email recorded), the test's own
-    result stands. Returns the report's summary, or None when it could not be built.
+    Meant for the end of the DR-test flows (inside a flow run), passed or failed. Without
+    an id it reports the test this flow run recorded (or, given `vpg`, the VPG's latest).
+    Never raises: a report that cannot be built or sent is logged (and the email
+    recorded), the test's own result stands. Returns the report's summary, or None.
     """
     logger = _logger()
     try:
-        state = write_report(config, "dr_test", operation_id=operation_id, out_dir=out_dir,
-                             return_state=True)
+        op_id = _test_operation(config, operation_id, vpg)
+        if op_id is None:
+            logger.warning("no DR test was recorded by this run: no report to send")
+            return None
+        state = write_report(config, "dr_test", operation_id=op_id, out_dir=out_dir, return_state=True)
         report = state.result(raise_on_failure=True)
     except Exception as exc:  # noqa: BLE001 - the report must never fail the test
         logger.error("DR-test report for operation %s could not be written: %s", operation_id, exc)
