@@ -1,0 +1,143 @@
+"""Live failover against the lab: shutdown policies, production network and re-IP,
+awaiting commit, rollback leaving the source exactly as before, commit, commit policy,
+and a failing step rolled back by itself."""
+
+from __future__ import annotations
+
+import pytest
+
+from test_recovery import power_on_sources, recovery_site_state, source_state, synced
+from vmrep.errors import Refused, VmrepError
+from vmrep.recovery import operations as ops
+from vmrep.recovery import vms as vmops
+
+
+@pytest.fixture(scope="module")
+def erp(lab):  # type: ignore[no-untyped-def]
+    rt = lab.runtime()
+    synced(rt, "erp")
+    lab.control("siteA").boot_delay(100)
+    lab.control("siteB").boot_delay(100)
+    return lab
+
+
+@pytest.fixture(autouse=True)
+def _faults_cleared(erp):  # type: ignore[no-untyped-def]
+    yield
+    for s in ("siteA", "siteB"):
+        erp.control(s).clear_faults()
+        erp.control(s).never_boot("erp-web", False)
+
+
+def test_failover_then_rollback_leaves_the_source_exactly_as_before(erp) -> None:  # type: ignore[no-untyped-def]
+    rt = erp.runtime()
+    cfg = str(erp.config_path)
+    power_on_sources(rt, ["erp-db", "erp-app"])  # erp-web stays off
+    before = source_state(rt)
+    checkpoints = [c.id for c in rt.journal.checkpoints("erp")]
+    s = ops.run_failover(cfg, "erp", confirm="erp", shutdown="graceful", commit_policy="none", who="carol",
+                         verify_timeout=20, shutdown_timeout=10)
+    assert s["result"] == "succeeded" and s["kind"] == "failover" and s["started_by"] == "carol"
+    assert s["checkpoint_id"] == checkpoints[-1] and s["checkpoint_age_seconds"] > 0 and s["rto_seconds"] > 0
+    # recovered on the production network with the live IPs, verified
+    assert [s["verification"][vm]["guest"]["ip"] for vm in ("erp-db", "erp-app", "erp-web")] == \
+        ["10.20.1.10", "10.20.1.11", "10.20.1.12"]
+    assert all(v["ok"] for v in s["verification"].values())
+    site_b = {sv.name: sv for sv in vmops.site_vms(rt.client("siteB"))}
+    assert {n: site_b[n].power for n in ("erp-db", "erp-app", "erp-web")} == dict.fromkeys(
+        ("erp-db", "erp-app", "erp-web"), "poweredOn")
+    # the source was shut down by its guests; replication is paused
+    shut = {x["vm"]: x for x in (dict(vm=vm, **st) for vm, sts in s["steps"].items() for st in sts)
+            if x["step"] == "shutdown-source"}
+    assert {vm: shut[vm]["result"] for vm in shut} == {"erp-db": "ok", "erp-app": "ok", "erp-web": "skipped"}
+    assert {n: v["power"] for n, v in source_state(rt).items()} == dict.fromkeys(before, "poweredOff")
+    row = rt.store.runtime("erp")
+    assert (row.status, row.substatus, row.paused) == ("FailingOver", "FailingOverBeforeCommit", True)
+    assert [a.code for a in rt.store.open_alerts("erp")] == ["AWAITING_COMMIT"]
+    assert ops.live_facts(rt.store, "erp")["awaiting_commit_since"] is not None
+    with pytest.raises(Refused, match="^VPG erp: test refused: a failover awaiting commit or rollback holds"):
+        ops.run_test(cfg, "erp")
+    # rollback
+    r = ops.rollback(cfg, "erp", who="carol")
+    assert r["result"] == "succeeded" and r["kind"] == "rollback"
+    assert source_state(rt) == before
+    assert [c.id for c in rt.journal.checkpoints("erp")] == checkpoints  # journal untouched
+    assert recovery_site_state(rt) == ([], [])
+    row = rt.store.runtime("erp")
+    assert (row.status, row.paused, row.lock_holder) == ("MeetingSLA", False, None)
+    assert rt.store.open_alerts("erp") == []
+    with pytest.raises(Refused, match="^VPG erp: rollback refused: no failover or move is awaiting commit$"):
+        ops.rollback(cfg, "erp")
+
+
+def test_graceful_shutdown_fails_without_tools_and_nothing_changes(erp) -> None:  # type: ignore[no-untyped-def]
+    rt = erp.runtime()
+    erp.control("siteA").never_boot("erp-web")
+    power_on_sources(rt, ["erp-web"], wait_tools=False)
+    power_on_sources(rt, ["erp-db", "erp-app"])
+    before = source_state(rt)
+    with pytest.raises(VmrepError, match="^VM erp-web: graceful shutdown impossible: VMware Tools do not answer"):
+        ops.run_failover(str(erp.config_path), "erp", confirm="erp", shutdown="graceful", commit_policy="none",
+                         shutdown_timeout=10)
+    # erp-db and erp-app were shut down in parallel: powered back on
+    assert source_state(rt) == before
+    assert recovery_site_state(rt) == ([], [])
+    op = rt.store.operations("erp", kind="failover")[0]
+    assert op.result == "failed" and "graceful shutdown impossible" in op.error
+    assert rt.store.runtime("erp").lock_holder is None and rt.store.runtime("erp").paused is False
+    steps = {(s.vm, s.step): s.result for s in rt.store.steps(op.id)}
+    assert steps[("erp-db", "power-on-source")] == "ok" and steps[("erp-web", "shutdown-source")] == "failed"
+
+
+def test_a_failing_step_rolls_the_failover_back(erp) -> None:  # type: ignore[no-untyped-def]
+    rt = erp.runtime()
+    power_on_sources(rt, ["erp-db", "erp-app", "erp-web"])
+    before = source_state(rt)
+    erp.control("siteB").fault("CreateVM_Task", "fault", "InvalidArgument", count=1)  # permanent: no retry
+    with pytest.raises(VmrepError, match="InvalidArgument"):
+        ops.run_failover(str(erp.config_path), "erp", confirm="erp", shutdown="force", commit_policy="none",
+                         shutdown_timeout=5)
+    assert source_state(rt) == before
+    assert recovery_site_state(rt) == ([], [])
+    assert rt.store.runtime("erp").lock_holder is None
+
+
+def test_commit_policy_rolls_back_at_its_timeout(erp) -> None:  # type: ignore[no-untyped-def]
+    rt = erp.runtime()
+    before = source_state(rt)
+    s = ops.run_failover(str(erp.config_path), "erp", confirm="erp", shutdown="none", commit_policy="rollback",
+                         commit_after_minutes=0.005, verify_timeout=20)
+    assert s["result"] == "succeeded" and s["commit"]["kind"] == "rollback" and s["commit"]["result"] == "succeeded"
+    assert source_state(rt) == before
+    assert recovery_site_state(rt) == ([], [])
+
+
+def test_force_shutdown_then_commit_leaves_needs_configuration(erp) -> None:  # type: ignore[no-untyped-def]
+    rt = erp.runtime()
+    cfg = str(erp.config_path)
+    erp.control("siteA").never_boot("erp-web")  # tools never answer: force waits, then powers off
+    power_on_sources(rt, ["erp-web"], wait_tools=False)
+    s = ops.run_failover(cfg, "erp", confirm="erp", shutdown="force", commit_policy="none", verify_timeout=20,
+                         shutdown_timeout=0.5)
+    web = next(x for x in s["steps"]["erp-web"] if x["step"] == "shutdown-source")
+    assert web["result"] == "ok"
+    detail = next(st.detail for st in rt.store.steps(s["operation_id"])
+                  if st.step == "shutdown-source" and st.vm == "erp-web")
+    assert detail["action"] == "power off"
+    c = ops.commit(cfg, "erp", who="dave")
+    assert c["result"] == "succeeded" and c["kind"] == "commit"
+    row = rt.store.runtime("erp")
+    assert (row.status, row.substatus, row.lock_holder) == ("Recovered", "NeedsConfiguration", None)
+    site_b = [sv for sv in vmops.site_vms(rt.client("siteB")) if sv.marked_vpg == "erp"]
+    assert sorted(sv.name for sv in site_b) == ["erp-app", "erp-db", "erp-web"]
+    assert all(sv.committed and sv.power == "poweredOn" for sv in site_b)
+    # the source VMs stay (powered off); the VPG protects nothing until it is set up again
+    assert {n: v["power"] for n, v in source_state(rt).items()} == dict.fromkeys(("erp-db", "erp-app", "erp-web"),
+                                                                                 "poweredOff")
+    assert ops.live_facts(rt.store, "erp")["committed"] is True
+    with pytest.raises(Refused, match="^VPG erp: test refused: its VMs were recovered and committed"):
+        ops.run_test(cfg, "erp")
+    with pytest.raises(Refused, match="no failover or move is awaiting commit"):
+        ops.commit(cfg, "erp")
+    # the next operation's leftover clean-up never touches committed VMs
+    assert len([sv for sv in vmops.site_vms(rt.client("siteB")) if sv.marked_vpg == "erp"]) == 3
