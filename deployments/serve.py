@@ -1,0 +1,352 @@
+"""Every vmrep flow as a Prefect deployment, served from this process: `make server`.
+
+    python -m deployments.serve [--config vmrep.yaml] [--port 4200]
+
+Without PREFECT_API_URL it first starts a local Prefect server (SQLite, loopback, under
+$VMREP_HOME/prefect; see deployments/server.py) and stops it again on exit. Then it
+registers the deployments below, creates the alert automation (deployments/automations.py)
+and serves: runs triggered from the UI, by a schedule or by an automation execute here,
+each in a process of its own.
+
+Deployments (flow/deployment), for the VPGs of the config:
+
+| deployment | when | what |
+|---|---|---|
+| replicate/<vpg> | back to back: a run every few minutes, each replicating until the next is due; one at a time, a late one starts as soon as the previous ends | continuous replication |
+| monitor/every-minute | every minute | RPO, history, tests due, alerts (as events) |
+| dr-test/dr-test | per VPG on its test_interval_months (1st of the month, 02:00 UTC), and from the UI | test failover + report email |
+| compliance-report/monthly | 06:00 UTC on the 1st, for the previous month | compliance report + email |
+| initial-sync, failover, move, commit, rollback, dr-test-report, notify | from the UI (or the automation) | |
+
+The parameters of each are pydantic models (deployments/params.py): the UI shows them as
+a form with a drop-down of the configured VPGs, and the server refuses invalid ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from deployments import params as P
+
+log = logging.getLogger("vmrep.deployments")
+
+TAGS = ["vmrep"]
+REPLICATE_RUN_SECONDS = 300  # one replicate run per 5 minutes, back to back
+MONITOR_SECONDS = 60
+COMPLIANCE_CRON = "0 6 1 * *"  # 06:00 UTC on the 1st: the previous month's report
+DR_TEST_HOUR = 2  # scheduled DR tests start at 02:00 UTC (one hour later per further VPG)
+
+
+@dataclass
+class Spec:
+    """One deployment: which flow, its name, parameters (model + defaults), schedules."""
+
+    module: str
+    flow_attr: str
+    name: str
+    model: type[BaseModel]
+    description: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+    schedules: list[Any] = field(default_factory=list)
+    concurrency: Any = None
+    tags: list[str] = field(default_factory=list)
+
+    def load_flow(self) -> Any:
+        return getattr(importlib.import_module(self.module), self.flow_attr)
+
+
+# --------------------------------------------------------------------------------------
+# Schedules
+
+
+def replicate_interval(rpo_target_seconds: float) -> float:
+    """Seconds between checkpoints: a sixth of the RPO target, between 5 s and 60 s."""
+    return float(min(60.0, max(5.0, round(rpo_target_seconds / 6.0))))
+
+
+def dr_test_rrule(months: int, index: int, now: datetime | None = None) -> str:
+    """Every `months` months on the 1st, from next month on, at 02:00 UTC (+1 h per VPG)."""
+    now = now or datetime.now(timezone.utc)
+    first_next = (now.replace(day=1) + timedelta(days=32)).replace(day=1)
+    hour = (DR_TEST_HOUR + index) % 24
+    start = first_next.replace(hour=hour, minute=0, second=0, microsecond=0)
+    return (f"DTSTART:{start:%Y%m%dT%H%M%SZ}\n"
+            f"RRULE:FREQ=MONTHLY;INTERVAL={months};BYMONTHDAY=1;BYHOUR={hour};BYMINUTE=0;BYSECOND=0")
+
+
+def schedule_text(spec: Spec) -> str:
+    """How a DR engineer would say the schedule."""
+    out = []
+    for s in spec.schedules:
+        who = f" ({s.parameters['vpg']})" if s.parameters.get("vpg") else ""
+        if s.interval is not None:
+            secs = s.interval.total_seconds()
+            out.append(("every minute" if secs == 60 else f"every {secs / 60:g} min") + who)
+        elif s.cron is not None:
+            out.append(("monthly, 1st 06:00 UTC" if s.cron == COMPLIANCE_CRON else s.cron) + who)
+        elif s.rrule is not None:
+            rule = s.rrule.split("RRULE:")[-1]
+            n = int(rule.split("INTERVAL=")[1].split(";")[0])
+            hour = int(rule.split("BYHOUR=")[1].split(";")[0])
+            out.append(f"every {n} month{'s' if n > 1 else ''}, 1st {hour:02d}:00 UTC{who}")
+    return "; ".join(out) or "on demand"
+
+
+# --------------------------------------------------------------------------------------
+# The catalogue
+
+
+def specs(config: Any, config_path: str, now: datetime | None = None) -> list[Spec]:
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.schedules import Cron, Interval
+
+    one_enqueue = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
+    one_cancel = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+    base = {"config": config_path}
+    out: list[Spec] = []
+
+    for v in config.vpgs:
+        every = replicate_interval(v.rpo_target_seconds)
+        out.append(Spec(
+            "flows.replicate", "replicate", v.name, P.ReplicateParams,
+            f"Continuous replication of VPG {v.name} ({v.protected_site} -> {v.recovery_site}): a checkpoint "
+            f"every {every:g} s (RPO target {v.rpo_target_seconds:g} s). A run lasts "
+            f"{REPLICATE_RUN_SECONDS // 60} minutes and the next one starts when it ends. Needs the initial sync first.",
+            defaults={**base, "vpg": v.name, "for_seconds": REPLICATE_RUN_SECONDS - every - 5,
+                      "interval_seconds": every},
+            schedules=[Interval(timedelta(seconds=REPLICATE_RUN_SECONDS), slug=f"replicate-{v.name}",
+                                anchor_date=datetime(2020, 1, 1, tzinfo=timezone.utc))],
+            concurrency=one_enqueue, tags=["replication", f"vpg:{v.name}"]))
+
+    out.append(Spec(
+        "flows.monitor", "monitor", "every-minute", P.MonitorParams,
+        "Every minute: judge every VPG (RPO against target, journal history, tests due, configuration), "
+        "raise and clear alerts, and emit them as events: the 'vmrep alert email' automation emails them.",
+        defaults=dict(base), schedules=[Interval(timedelta(seconds=MONITOR_SECONDS), slug="monitor")],
+        concurrency=one_cancel, tags=["monitoring"]))
+
+    out.append(Spec(
+        "flows.initial_sync", "initial_sync", "initial-sync", P.InitialSyncParams,
+        "Initial sync of a VPG: validate it, copy every disk into the journal (resumes where a broken run "
+        "stopped), take the first checkpoint. Run once per new VPG, before replication or any test.",
+        defaults=dict(base), tags=["replication"]))
+
+    out.append(Spec(
+        "flows.reports", "compliance_report", "monthly", P.ComplianceParams,
+        "The compliance report: per VPG, RPO met, journal history kept, DR test done and not overdue. "
+        "Scheduled on the 1st of each month for the previous month; run it by hand for any period. "
+        "Written to disk, shown in Artifacts, emailed.",
+        defaults={**base, "period": "previous-month"},
+        schedules=[Cron(COMPLIANCE_CRON, timezone="UTC", slug="compliance-monthly")], tags=["reports"]))
+
+    out.append(Spec(
+        "flows.reports", "dr_test_report_flow", "dr-test-report", P.DrTestReportParams,
+        "Issue the report of a DR test again (the latest, or one by operation id): HTML + CSV on disk, "
+        "Prefect artifacts, email. Every DR test sends its report by itself; this is for a re-send.",
+        defaults=dict(base), tags=["reports"]))
+
+    out.append(Spec(
+        "flows.reports", "notify", "notify", P.NotifyParams,
+        "Email a VPG's owners about an event. Run by the 'vmrep alert email' automation when the monitor "
+        "raises an alert (Prefect's open-source server has no SMTP notification block).",
+        defaults=dict(base), tags=["notifications"]))
+
+    out += recovery_specs(config, base, now)
+    return out
+
+
+RECOVERY = [
+    # (module, flow attribute, deployment name, params model, description)
+    ("flows.dr_test", "dr_test", "dr-test", P.DrTestParams,
+     "DR test (test failover) of a VPG: its VMs are recovered from a checkpoint into the isolated test "
+     "network as '<vm> - testing recovery', booted by boot group, verified (power, tools, IP, every disk "
+     "block), kept for the time asked, then removed. Production keeps running and replicating. The report "
+     "(verdict, RPO achieved, RTO measured) is written, shown in Artifacts and emailed. Scheduled per VPG "
+     "on its test interval."),
+    ("flows.dr_test", "dr_test_start", "dr-test-start", P.DrTestStartParams,
+     "Start a DR test and leave the test VMs running for people to check the applications; end it with "
+     "dr-test-stop."),
+    ("flows.dr_test", "dr_test_stop", "dr-test-stop", P.DrTestStopParams,
+     "Stop the VPG's running DR test: record whether it succeeded, remove the test VMs and scratch copies."),
+    ("flows.failover", "failover", "live-failover", P.FailoverParams,
+     "LIVE failover of a VPG into the production network at its recovery site, for when the protected "
+     "site is lost. The VPG then waits for commit or rollback (or its commit policy). Type the VPG's name "
+     "again to confirm."),
+    ("flows.move", "move", "planned-move", P.MoveParams,
+     "Planned move of a VPG: shut the protected VMs down, final checkpoint (no data lost), fail over to "
+     "it, commit, and by default protect it back to the original site. Type the VPG's name again to confirm."),
+    ("flows.failover", "commit", "commit", P.CommitParams,
+     "Commit a live failover or move that waits for it: the recovered VMs stay."),
+    ("flows.failover", "rollback", "rollback", P.RollbackParams,
+     "Roll back a live failover or move that waits for commit: recovered VMs removed, protected VMs "
+     "powered back on as they were."),
+]
+
+
+def recovery_specs(config: Any, base: dict[str, Any], now: datetime | None = None) -> list[Spec]:
+    from prefect.schedules import RRule
+
+    out = []
+    for module, attr, name, model, description in RECOVERY:
+        schedules = []
+        if name == "dr-test":
+            for i, v in enumerate(config.vpgs):
+                if v.test_interval_months != "off":
+                    schedules.append(RRule(dr_test_rrule(int(v.test_interval_months), i, now), timezone="UTC",
+                                           parameters={"vpg": v.name}, slug=f"dr-test-{v.name}"))
+        out.append(Spec(module, attr, name, model, description, defaults=dict(base), schedules=schedules,
+                        tags=["recovery"]))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Building
+
+
+def check_model(flow: Any, model: type[BaseModel]) -> None:
+    """Every field of the parameters model must be a parameter of the flow."""
+    import inspect
+
+    names = set(inspect.signature(flow.fn).parameters)
+    missing = [f for f in model.model_fields if f not in names]
+    if missing:
+        raise TypeError(f"flow {flow.name!r} has no parameter(s) {', '.join(missing)} of {model.__name__}")
+
+
+def build(spec: Spec, vpgs: list[str]) -> Any:
+    """A RunnerDeployment of the spec, its parameter schema from the pydantic model."""
+    from prefect.deployments.runner import EntrypointType
+    from prefect.utilities.callables import ParameterSchema
+
+    flow = spec.load_flow()
+    check_model(flow, spec.model)
+    dep = flow.to_deployment(
+        spec.name,
+        parameters=spec.defaults,
+        description=spec.description,
+        schedules=spec.schedules or None,
+        concurrency_limit=spec.concurrency,
+        tags=TAGS + spec.tags,
+        paused=False,
+        enforce_parameter_schema=True,
+        entrypoint_type=EntrypointType.MODULE_PATH,  # flows/reports.py must not shadow the reports package
+    )
+    dep._parameter_openapi_schema = ParameterSchema(**P.parameter_schema(spec.model, vpgs))
+    return dep
+
+
+def build_deployments(config_path: str | Path, *, strict: bool = False) -> tuple[list[Any], list[Spec]]:
+    """All deployments for the config. A flow module that does not exist yet is skipped
+    with a warning (strict: raised)."""
+    from vmrep.config import load_config
+
+    path = str(Path(config_path).resolve())
+    config = load_config(path)
+    vpgs = [v.name for v in config.vpgs]
+    deps, built = [], []
+    for spec in specs(config, path):
+        try:
+            deps.append(build(spec, vpgs))
+            built.append(spec)
+        except (ModuleNotFoundError, AttributeError) as exc:
+            if strict:
+                raise
+            log.warning("deployment %s skipped: %s", spec.name, exc)
+    return deps, built
+
+
+def summary_table(built: list[Spec]) -> Any:
+    from rich.table import Table
+
+    t = Table(title="vmrep deployments", show_lines=False)
+    t.add_column("deployment", style="bold", no_wrap=True)
+    t.add_column("schedule")
+    for s in built:
+        flow_name = s.load_flow().name
+        t.add_row(f"{flow_name}/{s.name}", schedule_text(s))
+    return t
+
+
+# --------------------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m deployments.serve",
+                                 description="Serve every vmrep deployment (starts a local Prefect server if "
+                                             "PREFECT_API_URL is not set).")
+    ap.add_argument("--config", "-c", default=os.environ.get("VMREP_CONFIG", "vmrep.yaml"),
+                    help="vmrep.yaml (default: $VMREP_CONFIG or ./vmrep.yaml)")
+    ap.add_argument("--port", type=int, default=None, help="port of the local server (default 4200, else any free)")
+    ap.add_argument("--no-automations", action="store_true", help="do not create the alert email automation")
+    a = ap.parse_args(argv)
+
+    for k, v in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1")):
+        os.environ.setdefault(k, v)
+    config_path = Path(a.config).resolve()
+    if not config_path.exists():
+        print(f"error: config {config_path} not found. Start the lab first (`make lab-up` writes ./vmrep.yaml) "
+              "or give --config / set VMREP_CONFIG.", file=sys.stderr)
+        return 2
+    os.environ["VMREP_CONFIG"] = str(config_path)
+
+    from deployments import server as srvmod
+
+    srv = None
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_HOME", str(srvmod.default_home()))
+        print("starting a local Prefect server (SQLite) ...", flush=True)
+        srv = srvmod.start(port=a.port)
+        os.environ["PREFECT_API_URL"] = srv.api_url
+        os.environ.setdefault("PREFECT_UI_URL", srv.ui_url)
+    try:
+        return _serve(config_path, srv, automations=not a.no_automations)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if srv is not None and srv.started:
+            srvmod.stop(srv)
+            print("Prefect server stopped.", flush=True)
+
+
+def _serve(config_path: Path, srv: Any, *, automations: bool) -> int:
+    from prefect import serve
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from rich.console import Console
+
+    console = Console()
+    api_url = os.environ["PREFECT_API_URL"]
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        deps, built = build_deployments(config_path)
+        for d in deps:
+            d.apply()  # registered now, so the automation can name the notify deployment
+        if automations:
+            from deployments.automations import ensure_alert_email
+
+            try:
+                auto = ensure_alert_email()
+                console.print(f"automation: {auto.name!r} (vmrep.alert.raised -> notify/notify)", markup=False)
+            except Exception as exc:  # noqa: BLE001 - serving matters more than the automation
+                console.print(f"automation not created: {exc}", markup=False)
+        console.print(summary_table(built))
+        ui = srv.ui_url if srv is not None else api_url.removesuffix("/api")
+        console.print(f"Prefect UI: {ui}  (Deployments -> dr-test/dr-test -> Run -> Custom run -> choose the VPG)",
+                      markup=False)
+        console.print(f"config: {config_path}; Ctrl-C stops serving" + (" and the server" if srv else ""),
+                      markup=False)
+        serve(*deps, print_starting_message=False)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
