@@ -196,3 +196,57 @@ def test_sparse_source_reads_only_data_regions(tmp_path, monkeypatch):
     out = tmp_path / "out"
     j.restore_disk("g", cp2.id, "vm", "d", out)
     assert out.read_bytes() == img.read_bytes()
+
+
+KILL_SCRIPT = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from pathlib import Path
+import vmrep.journal.store as sm
+import vmrep.replication.blocks as bl
+from vmrep.journal import Journal
+sm.PACK_TARGET = 8 * 4096
+bl.CHUNK_BYTES = 4 * 4096
+
+class Slow(bl.LocalFileSource):
+    def readinto(self, offset, buf):
+        time.sleep(0.02)
+        return super().readinto(offset, buf)
+
+j = Journal.open(Path(sys.argv[1]), block_size=4096)
+with j.begin("g") as w:
+    bl.sync_disk(w, "vm", "d", Slow(sys.argv[2], use_mmap=False), previous=None, threads=1)
+    w.commit()
+"""
+
+
+def test_killed_initial_sync_reruns_storing_only_what_is_missing(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parent.parent
+    n = 256
+    img = image(tmp_path / "d.img", n, random_blocks=set(range(n)))
+    root = tmp_path / "j"
+    Journal.open(root, block_size=BS)
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT.format(repo=str(repo)))
+    p = subprocess.Popen([sys.executable, str(script), str(root), str(img)])
+    deadline = time.monotonic() + 30
+    while len(list((root / "index").iterdir())) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert len(list((root / "index").iterdir())) >= 4
+    j = Journal.open(root, block_size=BS)  # recover() removes the torn pack
+    assert j.checkpoints("g") == []
+    with j.begin("g") as w, LocalFileSource(img) as src:
+        st = sync_disk(w, "vm", "d", src, previous=None)
+        cp = w.commit()
+    assert st.blocks_deduplicated >= 4 * 8
+    assert st.bytes_stored == (n - st.blocks_deduplicated) * BS < n * BS
+    out = tmp_path / "out"
+    j.restore_disk("g", cp.id, "vm", "d", out)
+    assert out.read_bytes() == img.read_bytes()

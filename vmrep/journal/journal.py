@@ -35,8 +35,8 @@ import numpy as np
 from vmrep.errors import JournalError
 from vmrep.journal import format as fmt
 from vmrep.journal._fs import FileLock, ensure_dir, fsync_dir, publish, rand_hex, unlink_quiet
+from vmrep.journal import store as _store
 from vmrep.journal.store import (
-    PACK_TARGET,
     BlockStore,
     GCStats,
     PackWriter,
@@ -839,6 +839,14 @@ class Journal:
 
     # ---- verification --------------------------------------------------------------------
     def verify(self, vpg: str, checkpoint_id: str | None = None, *, threads: int = 2) -> list[Mismatch]:
+        """Re-read and re-hash every block the kept checkpoints (or the one given) use."""
+        lk = self._shared()  # no garbage collection while verifying
+        try:
+            return self._verify(vpg, checkpoint_id, threads)
+        finally:
+            lk.release()
+
+    def _verify(self, vpg: str, checkpoint_id: str | None, threads: int) -> list[Mismatch]:
         chain = self._chain(vpg)
         out: list[Mismatch] = []
         try:
@@ -1061,7 +1069,7 @@ class CheckpointWriter:
                 self._pending.add(bid)
                 stored = len(blob)
                 self.added_bytes += stored
-                if self._pack.offset >= PACK_TARGET:
+                if self._pack.offset >= _store.PACK_TARGET:
                     full, self._pack = self._pack, None
                     self._finishing += 1
             if full is not None:
