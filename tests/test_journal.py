@@ -395,8 +395,26 @@ def test_damaged_checkpoint_file_is_detected(tmp_path):
     data[-40] ^= 1
     f.chmod(0o644)
     f.write_bytes(bytes(data))
+    j2 = Journal.open(tmp_path / "j", block_size=BS)  # still opens
     with pytest.raises(JournalError, match="checksum"):
-        Journal.open(tmp_path / "j", block_size=BS).checkpoints("g")
+        j2.checkpoints("g")
+    bad = j2.verify("g")
+    assert len(bad) == 1 and "checksum" in bad[0].reason
+
+
+def test_damaged_index_file_keeps_packs(tmp_path):
+    j = Journal.open(tmp_path / "j", block_size=BS)
+    commit_disk(j, "g", "vm", "d", {0: rnd()}, BS)
+    (idx,) = (tmp_path / "j" / "index").iterdir()
+    data = bytearray(idx.read_bytes())
+    data[20] ^= 1
+    idx.write_bytes(bytes(data))
+    j2 = Journal.open(tmp_path / "j", block_size=BS)
+    res = j2.recover()
+    assert res.packs_removed == 0 and res.problems and len(list((tmp_path / "j" / "packs").iterdir())) == 1
+    bad = j2.verify("g")
+    assert [(m.vm, m.disk, m.offset) for m in bad] == [("vm", "d", 0)]
+    assert "not in the journal's index" in bad[0].reason
 
 
 def test_sorted_index_path(tmp_path, monkeypatch):
@@ -459,3 +477,15 @@ def test_two_processes_write_concurrently(tmp_path):
         assert j.verify(vpg) == []
     assert not j.recover().busy
     assert j.verify("p0") == [] and j.verify("p1") == []
+
+
+def test_vpg_removed_and_created_again_is_a_new_history(tmp_path):
+    j = Journal.open(tmp_path / "j", block_size=BS)
+    a, b = rnd(), rnd()
+    cp = commit_disk(j, "g", "vm", "d", {0: a}, BS)
+    assert disk_bytes(j, "g", cp.id, "vm", "d") == a
+    other = Journal.open(tmp_path / "j", block_size=BS)
+    other.remove_vpg("g")
+    cp2 = commit_disk(other, "g", "vm", "d", {0: b}, BS)
+    assert cp2.seq == 1 and cp2.id != cp.id
+    assert disk_bytes(j, "g", "latest", "vm", "d") == b  # j's cached map is not reused

@@ -139,6 +139,7 @@ class RecoverResult:
     files_removed: int = 0  # superseded checkpoint/base/start/tag/index files
     bytes_freed: int = 0
     missing_packs: list[str] = field(default_factory=list)  # indexed but absent (damage)
+    problems: list[str] = field(default_factory=list)  # damage found on the way (see verify)
 
 
 class BlockMap(Sequence):
@@ -414,9 +415,12 @@ class Journal:
         ckey = (chain.vpg, base_key, vm, disk)
         best: tuple[int, np.ndarray, int] | None = None
         with self._cache_lock:
+            # a cached map is usable if the file it was built up to is still in this chain
+            # (a VPG removed and created again reuses sequence numbers, never file names)
             for (v, b, m, dk, s), val in self._maps.items():
                 if (v, b, m, dk) == ckey and s <= seq and (best is None or s > best[0]):
-                    best = (s, val[0], val[1])
+                    if val[2] == self._file_at(chain, s):
+                        best = (s, val[0], val[1])
             if best is not None and best[0] == seq:
                 self._maps.move_to_end((*ckey, seq))
                 return best[1], best[2]
@@ -458,12 +462,18 @@ class Journal:
             return None
         arr.flags.writeable = False
         with self._cache_lock:
-            self._maps[(*ckey, seq)] = (arr, size)
+            self._maps[(*ckey, seq)] = (arr, size, self._file_at(chain, seq))
             self._maps_bytes += arr.nbytes
             while self._maps_bytes > self.cache_bytes and len(self._maps) > 1:
                 _, old = self._maps.popitem(last=False)
                 self._maps_bytes -= old[0].nbytes
         return arr, size
+
+    @staticmethod
+    def _file_at(chain: _Chain, seq: int) -> Path | None:
+        if chain.base is not None and seq == chain.base_seq:
+            return chain.base
+        return chain.deltas.get(seq)
 
     def _disks_at(self, chain: _Chain, seq: int) -> dict[tuple[str, str], int]:
         h = self._read_ckpt(chain.file_of(seq)).header
@@ -927,52 +937,59 @@ class Journal:
             self.store.refresh()
             indexed = set(self.store.packs)
             present = set()
+            if self.store.damaged_index:
+                res.problems += [f"index/{n}: unreadable; packs it may list are kept"
+                                 for n in self.store.damaged_index]
             for e in os.scandir(self.root / "packs"):
                 if e.name.endswith(".pack"):
                     name = e.name[: -len(".pack")]
                     present.add(name)
-                    if name not in indexed:
+                    if name not in indexed and not self.store.damaged_index:
                         res.bytes_freed += unlink_quiet(Path(e.path))
                         res.packs_removed += 1
             if res.packs_removed:
                 fsync_dir(self.root / "packs")
             res.missing_packs = sorted(indexed - present)
             for vpg in self.vpgs():
-                chain = self._chain(vpg)
-                removed = 0
-                for sub, suffix in (("base", ".base"),):
-                    for e in os.scandir(chain.dir / sub) if (chain.dir / sub).exists() else []:
-                        if e.name.endswith(suffix) and Path(e.path) != chain.base:
-                            removed += 1
-                            res.bytes_freed += unlink_quiet(Path(e.path))
-                for s, p in chain.deltas.items():
-                    if s <= chain.base_seq and chain.base is not None:
-                        removed += 1
-                        res.bytes_freed += unlink_quiet(p)
-                for s, p in chain.starts.items():
-                    if s != chain.start_seq:
-                        removed += 1
-                        res.bytes_freed += unlink_quiet(p)
-                if chain.start_seq is not None:
-                    hidden = {self._read_ckpt(p).header["checkpoint"]["id"]
-                              for s, p in chain.deltas.items() if chain.base_seq < s < chain.start_seq}
-                    kept = {i.id for i in self._infos(chain)}
-                    orphans = set()
-                    try:
-                        for e in os.scandir(chain.dir / "tags"):
-                            cid = e.name.split(".", 1)[0]
-                            if e.name.endswith(".tag") and (cid in hidden or cid not in kept):
-                                orphans.add(cid)
-                    except FileNotFoundError:
-                        pass
-                    removed += self._drop_tags(chain.dir, orphans)
-                for sub in ("base", "checkpoints", "start"):
-                    if (chain.dir / sub).exists() and removed:
-                        fsync_dir(chain.dir / sub)
-                res.files_removed += removed
+                try:
+                    res.files_removed += self._recover_vpg(vpg, res)
+                except (OSError, JournalError) as exc:
+                    res.problems.append(f"VPG {vpg}: {exc}")
             return res
         finally:
             lk.release()
+
+    def _recover_vpg(self, vpg: str, res: RecoverResult) -> int:
+        chain = self._chain(vpg)
+        removed = 0
+        for sub, suffix in (("base", ".base"),):
+            for e in os.scandir(chain.dir / sub) if (chain.dir / sub).exists() else []:
+                if e.name.endswith(suffix) and Path(e.path) != chain.base:
+                    removed += 1
+                    res.bytes_freed += unlink_quiet(Path(e.path))
+        for s, p in chain.deltas.items():
+            if s <= chain.base_seq and chain.base is not None:
+                removed += 1
+                res.bytes_freed += unlink_quiet(p)
+        for s, p in chain.starts.items():
+            if s != chain.start_seq:
+                removed += 1
+                res.bytes_freed += unlink_quiet(p)
+        if chain.start_seq is not None:
+            kept = {chain.file_of(s).name.split(".", 1)[0] for s in chain.visible_seqs()}
+            orphans = set()
+            try:
+                for e in os.scandir(chain.dir / "tags"):
+                    cid = e.name.split(".", 1)[0]
+                    if e.name.endswith(".tag") and cid not in kept:
+                        orphans.add(cid)
+            except FileNotFoundError:
+                pass
+            removed += self._drop_tags(chain.dir, orphans)
+        for sub in ("base", "checkpoints", "start"):
+            if (chain.dir / sub).exists() and removed:
+                fsync_dir(chain.dir / sub)
+        return removed
 
 
 class CheckpointWriter:

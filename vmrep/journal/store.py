@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ import zstandard
 from vmrep.errors import JournalError
 from vmrep.journal import format as fmt
 from vmrep.journal._fs import fsync_dir, publish, rand_hex, unlink_quiet
+
+log = logging.getLogger(__name__)
 
 PACK_TARGET = 64 << 20  # a pack is closed once it holds this many bytes
 
@@ -151,6 +154,7 @@ class BlockStore:
         self._sorted: tuple = (np.zeros(0, np.uint64), np.zeros(0, np.int32), np.zeros(0, np.int32), [])
         self.packs: dict[str, fmt.IndexPack] = {}
         self.index_files: dict[str, list[str]] = {}  # index file name -> pack names
+        self.damaged_index: set[str] = set()  # index files that fail their checksum
         self._fds: dict[str, int] = {}
         self._table: tuple[np.ndarray, np.ndarray] | None = None  # sorted prefixes, slen
 
@@ -163,15 +167,22 @@ class BlockStore:
         """Bring the in-memory index in line with index/ (files added or removed by others)."""
         with self._lock:
             names = {p.name for p in self.index_dir.iterdir() if p.suffix == ".idx"}
+            self.damaged_index &= names
             gone = set(self.index_files) - names
-            new = sorted(names - set(self.index_files))
+            new = sorted(names - set(self.index_files) - self.damaged_index)
             loaded: dict[str, list[fmt.IndexPack]] = {}
             for n in new:
                 try:
                     data = (self.index_dir / n).read_bytes()
                 except FileNotFoundError:
                     continue
-                loaded[n] = fmt.decode_index(data, f"index/{n}")
+                try:
+                    loaded[n] = fmt.decode_index(data, f"index/{n}")
+                except (JournalError, ValueError, KeyError) as exc:
+                    log.error("index/%s is unreadable (%s); its blocks are unavailable", n, exc)
+                    self.damaged_index.add(n)
+                    continue
+                self.damaged_index.discard(n)
             if gone:
                 for n in gone:
                     del self.index_files[n]
