@@ -21,7 +21,6 @@ from typing import Protocol, runtime_checkable
 import blake3
 import numpy as np
 
-from vmrep.errors import JournalError
 from vmrep.journal import BlockMap, CheckpointWriter
 
 CHUNK_BYTES = 8 << 20  # bytes read per call
@@ -106,8 +105,8 @@ class LocalFileSource:
 
 @dataclass
 class DiskSyncStats:
-    bytes_read: int = 0
-    blocks_read: int = 0
+    bytes_read: int = 0  # bytes actually read from the source (holes of sparse files are not)
+    blocks_read: int = 0  # blocks examined
     blocks_changed: int = 0  # blocks whose content differs from `previous` (put into the writer)
     blocks_zero: int = 0  # of the blocks read, all-zero ones
     blocks_deduplicated: int = 0  # changed blocks already in the store (nothing stored)
@@ -296,8 +295,5 @@ def sync_disk(
             t.join()
     stats.seconds = time.perf_counter() - t0
     if failure:
-        exc = failure[0]
-        if isinstance(exc, JournalError):
-            raise exc
-        raise exc
+        raise failure[0]
     return stats
