@@ -32,6 +32,14 @@ def id_prefixes(ids: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(ids[:, :8]).view("<u8").ravel()
 
 
+def _member(sorted_unique: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """values ∈ sorted_unique, elementwise (binary search; no re-sorting of the set)."""
+    if not len(sorted_unique):
+        return np.zeros(len(values), dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_unique, values), len(sorted_unique) - 1)
+    return sorted_unique[pos] == values
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat()
 
@@ -380,7 +388,7 @@ class BlockStore:
             if len(ents) == 0:
                 drop.append(name)
                 continue
-            mask = np.isin(id_prefixes(ents["id"]), live, assume_unique=False)
+            mask = _member(live, id_prefixes(ents["id"]))
             if not mask.any():
                 drop.append(name)
                 st.blocks_removed += len(ents)
