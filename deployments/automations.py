@@ -29,7 +29,7 @@ NOTIFY_PARAMETERS = {
     "subject": "VPG {{ event.resource.name }}: {{ event.payload.level }} {{ event.payload.code }}",
     "text": "{{ event.payload.text }}",
     "event": "{{ event.event }}",
-    "occurred": "{{ event.occurred }}",
+    "occurred": "{{ event.occurred | string }}",
     "alert_id": "{{ event.payload.alert_id }}",
 }
 

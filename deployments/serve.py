@@ -25,6 +25,7 @@ a form with a drop-down of the configured VPGs, and the server refuses invalid o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import os
@@ -223,18 +224,19 @@ def check_model(flow: Any, model: type[BaseModel]) -> None:
         raise TypeError(f"flow {flow.name!r} has no parameter(s) {', '.join(missing)} of {model.__name__}")
 
 
-def build(spec: Spec, vpgs: list[str]) -> Any:
+def build(spec: Spec, vpgs: list[str], *, schedules_active: bool = True) -> Any:
     """A RunnerDeployment of the spec, its parameter schema from the pydantic model."""
     from prefect.deployments.runner import EntrypointType
     from prefect.utilities.callables import ParameterSchema
 
     flow = spec.load_flow()
     check_model(flow, spec.model)
+    schedules = [dataclasses.replace(s, active=schedules_active) for s in spec.schedules]
     dep = flow.to_deployment(
         spec.name,
         parameters=spec.defaults,
         description=spec.description,
-        schedules=spec.schedules or None,
+        schedules=schedules or None,
         concurrency_limit=spec.concurrency,
         tags=TAGS + spec.tags,
         paused=False,
@@ -245,9 +247,11 @@ def build(spec: Spec, vpgs: list[str]) -> Any:
     return dep
 
 
-def build_deployments(config_path: str | Path, *, strict: bool = False) -> tuple[list[Any], list[Spec]]:
+def build_deployments(config_path: str | Path, *, strict: bool = False,
+                      schedules_active: bool = True) -> tuple[list[Any], list[Spec]]:
     """All deployments for the config. A flow module that does not exist yet is skipped
-    with a warning (strict: raised)."""
+    with a warning (strict: raised). `schedules_active` False registers the schedules
+    switched off (they can be switched on in the UI)."""
     from vmrep.config import load_config
 
     path = str(Path(config_path).resolve())
@@ -256,12 +260,15 @@ def build_deployments(config_path: str | Path, *, strict: bool = False) -> tuple
     deps, built = [], []
     for spec in specs(config, path):
         try:
-            deps.append(build(spec, vpgs))
-            built.append(spec)
+            spec.load_flow()
         except (ModuleNotFoundError, AttributeError) as exc:
             if strict:
                 raise
-            log.warning("deployment %s skipped: %s", spec.name, exc)
+            log.warning("deployment %s skipped: flow %s.%s not found (%s)", spec.name, spec.module,
+                        spec.flow_attr, exc)
+            continue
+        deps.append(build(spec, vpgs, schedules_active=schedules_active))
+        built.append(spec)
     return deps, built
 
 
@@ -289,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="vmrep.yaml (default: $VMREP_CONFIG or ./vmrep.yaml)")
     ap.add_argument("--port", type=int, default=None, help="port of the local server (default 4200, else any free)")
     ap.add_argument("--no-automations", action="store_true", help="do not create the alert email automation")
+    ap.add_argument("--no-schedules", action="store_true",
+                    help="register the schedules switched off (only UI/API/automation runs)")
     a = ap.parse_args(argv)
 
     for k, v in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1")):
@@ -310,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["PREFECT_API_URL"] = srv.api_url
         os.environ.setdefault("PREFECT_UI_URL", srv.ui_url)
     try:
-        return _serve(config_path, srv, automations=not a.no_automations)
+        return _serve(config_path, srv, automations=not a.no_automations, schedules=not a.no_schedules)
     except KeyboardInterrupt:
         return 130
     finally:
@@ -319,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             print("Prefect server stopped.", flush=True)
 
 
-def _serve(config_path: Path, srv: Any, *, automations: bool) -> int:
+def _serve(config_path: Path, srv: Any, *, automations: bool, schedules: bool = True) -> int:
     from prefect import serve
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from rich.console import Console
@@ -327,7 +336,7 @@ def _serve(config_path: Path, srv: Any, *, automations: bool) -> int:
     console = Console()
     api_url = os.environ["PREFECT_API_URL"]
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
-        deps, built = build_deployments(config_path)
+        deps, built = build_deployments(config_path, schedules_active=schedules)
         for d in deps:
             d.apply()  # registered now, so the automation can name the notify deployment
         if automations:

@@ -1,0 +1,158 @@
+"""End to end through a real Prefect server on loopback, started by the test:
+
+serve every deployment from a subprocess (`python -m deployments.serve`), trigger an
+initial sync and a DR test through the API as the UI does, wait for them, then find the
+DR-test report email in an SMTP server (aiosmtpd) and the report's artifacts in Prefect;
+then raise an alert event and see the alert automation email it through notify/notify.
+Every process started here is stopped, also on failure.
+"""
+
+from __future__ import annotations
+
+import email
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from email import policy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deployments import server as srvmod
+from test_mail import smtp_server
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def wait_for(what: str, fn, timeout: float, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+def messages(sink) -> list[email.message.EmailMessage]:
+    return [email.message_from_bytes(e.content, policy=policy.default) for e in sink.envelopes]
+
+
+@pytest.fixture
+def stack(lab, tmp_path):
+    """SMTP sink, a derived vmrep.yaml pointing at it, a Prefect server, and `serve`."""
+    ctl, sink = smtp_server()
+    cfg = yaml.safe_load(lab.config_path.read_text())
+    cfg["notifications"] = {"smtp_host": "127.0.0.1", "smtp_port": ctl.port, "sender": "vmrep@dr.example.test",
+                            "default_to": ["dr-audit@example.test"]}
+    config = tmp_path / "vmrep.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    reports = tmp_path / "reports"
+    srv = proc = None
+    log = open(tmp_path / "serve.log", "wb")
+    try:
+        srv = srvmod.start(tmp_path / "prefect", port=srvmod.free_port())
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update(srv.env())
+        env.update(PREFECT_HOME=str(tmp_path / "prefect-client"), PREFECT_RUNNER_POLL_FREQUENCY="1",
+                   PREFECT_LOGGING_LEVEL="INFO", VMREP_REPORTS_DIR=str(reports), VMREP_USER="e2e-tester")
+        proc = subprocess.Popen([sys.executable, "-m", "deployments.serve", "--config", str(config), "--no-schedules"],
+                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        yield {"srv": srv, "proc": proc, "sink": sink, "config": config, "reports": reports,
+               "log": tmp_path / "serve.log"}
+    finally:
+        if proc is not None:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGINT)  # serve pauses its schedules and ends its runs' processes
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=5)
+        if srv is not None:
+            srvmod.stop(srv)
+        ctl.stop()
+        log.close()
+
+
+def test_dr_test_from_the_api_emails_its_report_and_publishes_artifacts(stack):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, FlowRunFilterId
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    sink, srv = stack["sink"], stack["srv"]
+
+    def tail() -> str:
+        return stack["log"].read_text(errors="replace")[-3000:]
+
+    with temporary_settings(updates={PREFECT_API_URL: srv.api_url}), get_client(sync_client=True) as client:
+        def deployment(name: str):
+            try:
+                return client.read_deployment_by_name(name)
+            except Exception:  # noqa: BLE001 - not registered yet
+                assert stack["proc"].poll() is None, f"serve exited:\n{tail()}"
+                return None
+
+        dr = wait_for("the deployments", lambda: deployment("dr-test/dr-test"), 60)
+        sync = deployment("initial-sync/initial-sync")
+        assert "isolated test network" in dr.description
+        assert dr.parameter_openapi_schema["properties"]["vpg"]["enum"] == ["erp", "files"]
+        assert all(not s.active for s in dr.schedules) and len(dr.schedules) == 2  # --no-schedules
+        wait_for("the automation", lambda: client.read_automations_by_name("vmrep alert email"), 30)
+
+        # The server refuses what the form would not allow.
+        with pytest.raises(PrefectHTTPStatusError):
+            client.create_flow_run_from_deployment(dr.id, parameters={"vpg": "no-such-vpg"})
+
+        def run(dep, parameters: dict, timeout: float):
+            fr = client.create_flow_run_from_deployment(dep.id, parameters=parameters)  # as the UI's "Run"
+            final = wait_for(f"{dep.name} run", lambda: (s := client.read_flow_run(fr.id).state) and s.is_final()
+                             and s, timeout)
+            assert final.is_completed(), f"{dep.name}: {final.type} {final.message}\n{tail()}"
+            return fr
+
+        run(sync, {"vpg": "erp"}, 60)
+        fr = run(dr, {"vpg": "erp", "notes": "e2e: triggered through the API"}, 90)
+
+        # The report email, at the VPG's owners and default_to, with the CSVs attached.
+        msg = wait_for("the report email", lambda: next(
+            (m for m in messages(sink) if "DR test" in m["Subject"]), None), 30)
+        assert msg["Subject"].startswith("[vmrep] DR test PASS: VPG erp")
+        assert {"dr-team@example.test", "dr-audit@example.test"} <= {a.strip() for a in msg["To"].split(",")}
+        names = {p.get_filename() for p in msg.iter_attachments()}
+        assert any(n and n.endswith("-steps.csv") for n in names)
+        assert "e2e-tester" in msg.get_body(("plain",)).get_content()
+
+        # The artifacts of that flow run: table, link to the HTML on disk, summary, email outcome.
+        arts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])),
+                                     artifact_filter=ArtifactFilter())
+        by_key = {a.key: a for a in arts}
+        assert {"dr-test-erp", "dr-test-erp-html", "dr-test-erp-summary", "dr-test-erp-email"} <= set(by_key)
+        table = by_key["dr-test-erp"].data
+        table = json.loads(table) if isinstance(table, str) else table
+        figures = {r["figure"]: r["value"] for r in table}
+        assert figures["verdict"] == "PASS" and figures["flow_run_id"] == str(fr.id)
+        html = Path(by_key["dr-test-erp-html"].data.rsplit("(file://", 1)[1].rstrip(")"))
+        assert html.exists() and html.parent == stack["reports"]
+        assert "Emailed" in by_key["dr-test-erp-email"].data
+
+        # The alert automation: an alert event -> notify/notify -> an email to the VPG's owners.
+        from prefect.events import emit_event
+        from prefect.events.worker import EventsWorker
+
+        emit_event(event="vmrep.alert.raised",
+                   resource={"prefect.resource.id": "vmrep.vpg.erp", "prefect.resource.name": "erp"},
+                   payload={"code": "rpo_over_target", "level": "warning", "text": "RPO 95 s over target 60 s",
+                            "vm": None, "alert_id": 7})
+        EventsWorker.drain_all()
+        alert = wait_for("the alert email", lambda: next(
+            (m for m in messages(sink) if "rpo_over_target" in m["Subject"]), None), 45)
+        assert alert["Subject"] == "[vmrep] VPG erp: warning rpo_over_target"
+        assert "RPO 95 s over target 60 s" in alert.get_body(("plain",)).get_content()
+        assert "dr-team@example.test" in alert["To"]
