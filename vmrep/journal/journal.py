@@ -1021,6 +1021,7 @@ class CheckpointWriter:
         self._cond = threading.Condition(self._lock)
         self._pack: PackWriter | None = None
         self._finishing = 0
+        self._finisher: ThreadPoolExecutor | None = None
         self._pending: set[bytes] = set()
         self._inflight: set[bytes] = set()
         self._index_files: list[str] = []
@@ -1090,7 +1091,11 @@ class CheckpointWriter:
                     full, self._pack = self._pack, None
                     self._finishing += 1
             if full is not None:
-                self._finish_pack(full)
+                # fsync and index it in the background: the scan goes on meanwhile
+                with self._lock:
+                    if self._finisher is None:
+                        self._finisher = ThreadPoolExecutor(1, thread_name_prefix=f"pack-{self.vpg}")
+                    self._finisher.submit(self._finish_pack, full)
         except BaseException as exc:
             self._broken = exc
             raise
@@ -1271,6 +1276,9 @@ class CheckpointWriter:
             self._close()
 
     def _close(self) -> None:
+        if self._finisher is not None:
+            self._finisher.shutdown(wait=True)
+            self._finisher = None
         if not self._closed:
             self._closed = True
             self._rlock.release()
