@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._common import flow_run_id, started_by
@@ -26,10 +26,12 @@ def failover(vpg: str, confirm: str, config: str = "vmrep.yaml", checkpoint: str
              commit_after_minutes: float | None = None, who: str | None = None,
              verify_timeout: float = 600.0, shutdown_timeout: float = 300.0) -> dict[str, Any]:
     """Live failover of a VPG (confirm: the VPG's name again)."""
+    logger = get_run_logger()
     return ops.run_failover(config, vpg, confirm=confirm, checkpoint=checkpoint, shutdown=shutdown,
                             commit_policy=commit_policy, commit_after_minutes=commit_after_minutes,
                             who=started_by(who), flow_run_id=flow_run_id(), runner=PrefectRunner(),
-                            verify_timeout=verify_timeout, shutdown_timeout=shutdown_timeout)
+                            verify_timeout=verify_timeout, shutdown_timeout=shutdown_timeout,
+                            notify=logger.warning)
 
 
 @flow(name="commit", task_runner=ThreadPoolTaskRunner(max_workers=8),

@@ -255,3 +255,31 @@ def test_local_vpg_test_recovers_in_its_folder(erp) -> None:  # type: ignore[no-
     out = ops.stop_test(cfg, "files", success=True)
     assert out["cleanup_ok"] is True and recovery_site_state(rt, "files") == ([], [])
     assert "files-01" in {sv.name for sv in vmops.site_vms(client)}  # the protected VM is untouched
+
+
+def test_scripts_run_around_the_boot_groups_and_a_failed_step_still_cleans_up(erp, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    rt = erp.runtime()
+    log = tmp_path / "scripts.log"
+    data = yaml.safe_load(Path(erp.config_path).read_text())
+    probe = f"sh -c 'echo $(date +%s.%N) $VMREP_PHASE $VMREP_OPERATION $VMREP_VPG $VMREP_CHECKPOINT >> {log}'"
+    data["vpgs"][0]["pre_recovery_script"] = {"command": probe, "timeout_seconds": 10}
+    data["vpgs"][0]["post_recovery_script"] = {"command": probe, "timeout_seconds": 10}
+    cfg2 = tmp_path / "with-scripts.yaml"  # same sites, journal and state database
+    cfg2.write_text(yaml.safe_dump(data))
+    s = ops.run_test(str(cfg2), "erp", verify_timeout=20)
+    assert s["success"] is True
+    lines = [ln.split() for ln in log.read_text().splitlines()]
+    assert [ln[1:4] for ln in lines] == [["pre", "test", "erp"], ["post", "test", "erp"]]
+    assert lines[0][4] == s["checkpoint_id"]
+    on = [x for vm in ("erp-db", "erp-app", "erp-web") for x in s["steps"][vm] if x["step"] == "power-on"]
+    assert float(lines[0][0]) <= min(x["started_at"].timestamp() for x in on)
+    assert float(lines[1][0]) >= max(x["ended_at"].timestamp() for x in on)
+    assert [x["step"] for x in s["steps"]["*"]][:4] == ["cleanup-leftovers", "plan", "pre-script", "post-script"]
+    # a step that fails for good (a permanent fault): raised after the clean-up
+    erp.control("siteB").fault("PowerOnVM_Task", "fault", "InvalidState", count=1)
+    with pytest.raises(Exception, match="InvalidState"):
+        ops.run_test(str(cfg2), "erp", verify_timeout=20)
+    op = rt.store.operations("erp", kind="test")[0]
+    assert op.result == "failed" and "InvalidState" in op.error
+    tr = rt.store.test_results("erp")[0]
+    assert tr.operation_id == op.id and tr.success is False and tr.cleanup_ok is True

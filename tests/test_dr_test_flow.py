@@ -115,3 +115,15 @@ def test_failover_and_rollback_flows(erp) -> None:  # type: ignore[no-untyped-de
     r = rollback("erp", cfg)
     assert r["result"] == "succeeded" and "power-on-source erp-db" in task_run_names(r["flow_run_id"])
     assert source_state(rt) == before and recovery_site_state(rt) == ([], [])
+
+
+def test_cli_runs_the_test_flow(erp, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from vmrep.cli import main as cli_main
+
+    code = cli_main(["test", "erp", "--config", str(erp.config_path), "--json", "--verify-timeout", "20",
+                     "--notes", "from the CLI"])
+    out = capsys.readouterr().out
+    s = json.loads(out[out.index("{"):])
+    assert code == 0 and s["success"] is True and s["flow_run_id"] and s["notes"] == "from the CLI"

@@ -4,6 +4,8 @@ and a failing step rolled back by itself."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from test_recovery import power_on_sources, recovery_site_state, source_state, synced
@@ -117,6 +119,12 @@ def test_force_shutdown_then_commit_leaves_needs_configuration(erp) -> None:  # 
     cfg = str(erp.config_path)
     erp.control("siteA").never_boot("erp-web")  # tools never answer: force waits, then powers off
     power_on_sources(rt, ["erp-web"], wait_tools=False)
+    client = rt.client("siteA")
+    web = vmops.source_vm(client, "erp", "erp-web")
+    deadline = time.monotonic() + 5
+    while vmops.guest_state(client, web.ref).tools == "guestToolsRunning":  # the guest goes down
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     s = ops.run_failover(cfg, "erp", confirm="erp", shutdown="force", commit_policy="none", verify_timeout=20,
                          shutdown_timeout=0.5)
     web = next(x for x in s["steps"]["erp-web"] if x["step"] == "shutdown-source")
@@ -141,3 +149,25 @@ def test_force_shutdown_then_commit_leaves_needs_configuration(erp) -> None:  # 
         ops.commit(cfg, "erp")
     # the next operation's leftover clean-up never touches committed VMs
     assert len([sv for sv in vmops.site_vms(rt.client("siteB")) if sv.marked_vpg == "erp"]) == 3
+
+
+def test_failover_then_commit_with_reverse_protection(fresh_lab) -> None:  # type: ignore[no-untyped-def]
+    rt = fresh_lab.runtime()
+    cfg = str(fresh_lab.config_path)
+    synced(rt, "erp")
+    fresh_lab.control("siteB").boot_delay(100)
+    lines: list[str] = []
+    s = ops.run_failover(cfg, "erp", confirm="erp", checkpoint="latest-tagged", shutdown="none",
+                         commit_policy="none", verify_timeout=20, notify=lines.append)
+    assert lines == ["VPG erp: failover awaiting commit: run 'vmrep commit erp' or 'vmrep rollback erp'"]
+    assert s["checkpoint_id"] == rt.journal.checkpoint("erp", "latest-tagged").id
+    c = ops.commit(cfg, "erp", reverse_protection=True, who="gina")
+    rp = c["reverse_protection"]
+    assert c["result"] == "succeeded" and rp["vpg"] == "erp-reverse" and rp["bytes_stored"] == 0
+    assert [o.kind for o in rt.store.operations("erp-reverse")] == ["reverse_protect"]
+    assert (rt.store.runtime("erp").status, rt.store.runtime("erp").substatus) == ("Recovered", None)
+    assert rt.store.runtime("erp-reverse").initial_sync_done is True
+    # the original VMs left the inventory of siteA; the reverse VPG's test network is erp's
+    assert not {"erp-db", "erp-app", "erp-web"} & {sv.name for sv in vmops.site_vms(rt.client("siteA"))}
+    rev = rt.config.vpg("erp-reverse")
+    assert rev.vm("erp-db").nics[0].test_network == "dr-test" and rev.vm("erp-db").recovery_host == "DC0_C0_H0"

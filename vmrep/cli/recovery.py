@@ -207,13 +207,14 @@ def failover(
               commit_policy=commit_policy.value if commit_policy else None, commit_after_minutes=commit_after,
               verify_timeout=verify_timeout)
     if direct:
-        summary = ops.run_failover(path, vpg, confirm=confirm, who=who(), **kw)
+        summary = ops.run_failover(path, vpg, confirm=confirm, who=who(),
+                                   notify=lambda line: console.print(line, markup=False), **kw)
     else:
         from flows.failover import failover as flow
 
         summary = flow(vpg, confirm or "", path, who=who(), **kw)
     _out(summary, json_out)
-    if not json_out and not summary.get("commit"):
+    if not json_out and not direct and not summary.get("commit"):
         console.print(f"awaiting commit: vmrep commit {vpg} [--reverse-protection]  or  vmrep rollback {vpg}",
                       markup=False)
 

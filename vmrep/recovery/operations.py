@@ -664,9 +664,11 @@ def run_failover(config: str, vpg: str, *, confirm: str | None, checkpoint: str 
                  commit_after_minutes: float | None = None, who: str | None = None,
                  flow_run_id: str | None = None, runner: Any = None, verify_timeout: float = 600.0,
                  shutdown_timeout: float = 300.0, operation: str = "failover", reverse_protection: bool = False,
-                 keep_source_vms: bool = False, sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+                 keep_source_vms: bool = False, sleep: Callable[[float], None] = time.sleep,
+                 notify: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Live failover (or, with operation='move', a move): recover on the production
-    network and wait for commit or rollback as the commit policy says."""
+    network and wait for commit or rollback as the commit policy says. `notify` gets a
+    line for people when the failover awaits commit."""
     rt = get_runtime(config)
     v = rt.config.vpg(vpg)
     runner = runner or DirectRunner()
@@ -737,6 +739,17 @@ def run_failover(config: str, vpg: str, *, confirm: str | None, checkpoint: str 
         steps.forget(op)
         raise
     summary = operation_summary(store, op)
+    if not moving:
+        if policy == "none":
+            line = f"VPG {vpg}: failover awaiting commit: run 'vmrep commit {vpg}' or 'vmrep rollback {vpg}'"
+        else:
+            at = (utcnow().timestamp() + after * 60.0)
+            line = (f"VPG {vpg}: failover awaiting commit; the commit policy will {policy} at "
+                    f"{datetime.fromtimestamp(at, timezone.utc):%Y-%m-%d %H:%M:%S} UTC unless someone commits "
+                    f"or rolls back first")
+        log.info("%s", line)
+        if notify is not None:
+            notify(line)
     if moving:
         summary["commit"] = commit(config, vpg, reverse_protection=reverse_protection,
                                    remove_source=not keep_source_vms, who=who, flow_run_id=flow_run_id,
