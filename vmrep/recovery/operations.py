@@ -327,8 +327,8 @@ def verification(store: Any, op_id: str) -> tuple[bool | None, dict[str, dict[st
             last[s.vm] = s
     if not last:
         return None, {}
-    per = {vm: {"ok": s.result == "ok", "error": s.error, **({k: v for k, v in (s.detail or {}).items()
-                                                               if k in ("guest", "problems", "disks")})}
+    per = {vm: {"ok": s.result == "ok", "error": (s.error or "").removeprefix("VerificationFailed: ") or None,
+                **({k: v for k, v in (s.detail or {}).items() if k in ("guest", "problems", "disks")})}
            for vm, s in last.items()}
     return all(x["ok"] for x in per.values()), per
 
