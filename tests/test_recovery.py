@@ -259,3 +259,43 @@ def test_a_dead_process_is_recognised(tmp_path: Path) -> None:
     p.wait()
     assert process_gone({**me, "pid": p.pid, "start": "1"})
     assert not process_gone({**me, "host": "elsewhere", "pid": p.pid})
+
+
+def test_create_vm_after_a_lost_reply_finds_the_vm_instead_of_making_a_second(monkeypatch) -> None:
+    """The launcher drops calls before serving them; a reply lost after vSphere made the
+    VM can only be staged here: the client's retry must look before creating again."""
+    import threading
+
+    from vmrep.config import Site
+    from vmrep.recovery import vms as vmops
+    from vmrep.recovery.plan import DiskPlan, NicPlan, Plan, VMPlan
+    from vmrep.vsphere.connection import CallStats, Client, RetryPolicy
+
+    made: list[str] = []
+
+    class Folder:
+        def CreateVM_Task(self, spec, pool, host):  # noqa: N802 - the vSphere method's name
+            made.append(spec)
+            raise ConnectionResetError("connection reset after the VM was created")
+
+    client = Client.__new__(Client)
+    client.site = Site(name="siteB", host="h", password={"env": "X"})
+    client.retry = RetryPolicy(attempts=3, initial=0.01, maximum=0.02)
+    client.stats = CallStats()
+    client._login_lock = threading.Lock()
+    found = vmops.SiteVM(ref="vm-42", name="erp-db - testing recovery", power="poweredOff", extra={})
+    monkeypatch.setattr(vmops, "find_recovered", lambda c, vpg, **kw: [found] if made else [])
+    monkeypatch.setattr(vmops, "config_spec", lambda plan, v, catalog: "spec")
+
+    class Catalog:
+        def placement(self, v):  # type: ignore[no-untyped-def]
+            return Folder(), "pool", None
+
+    v = VMPlan(source="erp-db", name="erp-db - testing recovery", group="g", datastore="ds", host=None,
+               folder=None, resource_pool=None, cluster=None, cpus=1, memory_mb=256, guest_id="x", firmware=None,
+               controllers={}, disks=[DiskPlan("scsi0:0", 1 << 20, 0, 0, "[ds] f/erp-db/scsi0-0.vmdk")],
+               nics=[NicPlan("dr-test")])
+    plan = Plan(vpg="erp", operation="test", operation_id="op", kind="test", site="siteB", checkpoint_id="cp",
+                checkpoint_time="t", folder="f", vms=[v], groups=[])
+    ref, created = vmops.create_vm(client, plan, v, Catalog())  # type: ignore[arg-type]
+    assert (ref, created, len(made)) == ("vm-42", False, 1)
