@@ -37,11 +37,20 @@ def peer_env(work: Path) -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], env: dict[str, str], *, cwd: Path | None = None) -> tuple[float, str]:
-    """Run a command, return (wall seconds, stdout+stderr). Raises on failure."""
+def run(cmd: list[str], env: dict[str, str], *, cwd: Path | None = None,
+        on_start=None, on_end=None) -> tuple[float, str]:
+    """Run a command, return (wall seconds, stdout+stderr). Raises on failure.
+
+    Dirty pages left by the previous tool are written out first (`sync`, not timed), so
+    no tool pays for another's writeback."""
+    os.sync()
+    if on_start is not None:
+        on_start()
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     dt = time.perf_counter() - t0
+    if on_end is not None:
+        on_end()
     if p.returncode not in (0,):
         raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-2000:]}")
     return dt, p.stdout

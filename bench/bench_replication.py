@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,7 @@ class Row:
     scenario: str
     tool: str
     seconds: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
     read: list[int] = field(default_factory=list)
     stored: list[int] = field(default_factory=list)
     note: str = ""
@@ -50,12 +52,34 @@ class Row:
         return statistics.median(self.seconds)
 
     @property
+    def c(self) -> float:
+        return statistics.median(self.cpu) if self.cpu else -1.0
+
+    @property
     def r(self) -> int:
         return int(statistics.median(self.read)) if self.read else -1
 
     @property
     def s(self) -> int:
         return int(statistics.median(self.stored)) if self.stored else -1
+
+
+def cpu_total() -> float:
+    """CPU seconds (user + system) of this process and its waited-for children."""
+    a = resource.getrusage(resource.RUSAGE_SELF)
+    b = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+_cpu_mark = [0.0, 0.0]  # at the start of the timed section, CPU used by it
+
+
+def mark() -> None:
+    _cpu_mark[0] = cpu_total()
+
+
+def stop() -> None:
+    _cpu_mark[1] = cpu_total() - _cpu_mark[0]
 
 
 def human(n: int) -> str:
@@ -123,6 +147,8 @@ class VmrepPeer:
 
     def cycle(self, image: Path, ranges: list[tuple[int, int]] | None) -> tuple[float, int, int]:
         before = du(self.root)
+        os.sync()  # as for the peers: start without anyone else's dirty pages
+        mark()
         t0 = time.perf_counter()
         cps = self.j.checkpoints(VPG)
         prev = self.j.block_map(VPG, cps[-1].id, VM, DISK) if cps else None
@@ -131,6 +157,7 @@ class VmrepPeer:
                            changed_ranges=ranges if (self.cbt and prev is not None) else None, threads=2)
             w.commit()
         dt = time.perf_counter() - t0
+        stop()
         return dt, st.bytes_read, du(self.root) - before
 
 
@@ -211,17 +238,22 @@ def main() -> int:
     def rec(scn: str, tool: str, t: float, read: int = -1, stored: int = -1, note: str = "") -> None:
         r = rows.setdefault((scn, tool), Row(scn, tool, note=note))
         r.seconds.append(t)
+        r.cpu.append(_cpu_mark[1])
         if read >= 0:
             r.read.append(read)
         if stored >= 0:
             r.stored.append(stored)
-        print(f"  {scn:>8} {tool:<22} {t:7.3f} s  read {human(read):>10}  stored {human(stored):>10}", flush=True)
+        print(f"  {scn:>8} {tool:<22} {t:7.3f} s  cpu {r.cpu[-1]:6.3f} s  read {human(read):>10}  stored {human(stored):>10}", flush=True)
 
     # read limit
     for _ in range(args.repeat):
+        os.sync()
+        mark()
         t0 = time.perf_counter()
         subprocess.run(f"cat '{image}' > /dev/null", shell=True, check=True)
-        rec("read", "cat image > /dev/null", time.perf_counter() - t0, size, 0)
+        dt = time.perf_counter() - t0
+        stop()
+        rec("read", "cat image > /dev/null", dt, size, 0)
 
     # initial copies
     scan = VmrepPeer(work / "vmrep-scan", bs, cbt=False)
@@ -236,17 +268,17 @@ def main() -> int:
     drop_tree(extra.root)
     borg_repo, restic_repo, rsync_copy = work / "borg", work / "restic", work / "rsync-copy.img"
     if "borg" in peers:
-        run(["borg", "init", "--encryption=none", str(borg_repo)], env)
+        run(["borg", "init", "--encryption=none", str(borg_repo)], env, on_start=mark, on_end=stop)
         b0 = du(borg_repo)
-        t, _ = run(["borg", "create", "--chunker-params", "fixed,1048576", f"{borg_repo}::c0", str(image)], env)
+        t, _ = run(["borg", "create", "--chunker-params", "fixed,1048576", f"{borg_repo}::c0", str(image)], env, on_start=mark, on_end=stop)
         rec("initial", "borg", t, size, du(borg_repo) - b0)
     if "restic" in peers:
-        run(["restic", "init", "--repo", str(restic_repo)], env)
+        run(["restic", "init", "--repo", str(restic_repo)], env, on_start=mark, on_end=stop)
         r0 = du(restic_repo)
-        t, _ = run(["restic", "backup", "--repo", str(restic_repo), str(image)], env)
+        t, _ = run(["restic", "backup", "--repo", str(restic_repo), str(image)], env, on_start=mark, on_end=stop)
         rec("initial", "restic", t, size, du(restic_repo) - r0)
     if "rsync" in peers:
-        t, _ = run(["rsync", "--inplace", str(image), str(rsync_copy)], env)
+        t, _ = run(["rsync", "--inplace", str(image), str(rsync_copy)], env, on_start=mark, on_end=stop)
         rec("initial", "rsync", t, size, size)
 
     # incremental cycles
@@ -264,15 +296,15 @@ def main() -> int:
             if "borg" in peers:
                 b0 = du(borg_repo)
                 t, _ = run(["borg", "create", "--chunker-params", "fixed,1048576",
-                            f"{borg_repo}::c{n}", str(image)], env)
+                            f"{borg_repo}::c{n}", str(image)], env, on_start=mark, on_end=stop)
                 rec(scn, "borg", t, size, du(borg_repo) - b0)
             if "restic" in peers:
                 r0 = du(restic_repo)
-                t, _ = run(["restic", "backup", "--repo", str(restic_repo), str(image)], env)
+                t, _ = run(["restic", "backup", "--repo", str(restic_repo), str(image)], env, on_start=mark, on_end=stop)
                 rec(scn, "restic", t, size, du(restic_repo) - r0)
             if "rsync" in peers:
                 t, o = run(["rsync", "--no-whole-file", "--inplace", "--ignore-times", "--stats",
-                            str(image), str(rsync_copy)], env)
+                            str(image), str(rsync_copy)], env, on_start=mark, on_end=stop)
                 lit = next((int(x.split(":")[1].split()[0].replace(",", ""))
                             for x in o.splitlines() if x.startswith("Literal data")), -1)
                 rec(scn, "rsync", t, 2 * size, lit, note="reads source and basis")
@@ -280,17 +312,25 @@ def main() -> int:
     # restore
     for _ in range(args.repeat):
         dst = work / "restored.img"
+        os.sync()
+        mark()
         t0 = time.perf_counter()
         written = scan.j.restore_disk(VPG, "latest", VM, DISK, dst, fsync=False)
-        rec("restore", "vmrep restore_disk", time.perf_counter() - t0, written, written)
+        dt = time.perf_counter() - t0
+        stop()
+        rec("restore", "vmrep restore_disk", dt, written, written)
         ok = dst.read_bytes() == image.read_bytes()
         if not ok:
             print("ERROR: restored image differs", file=sys.stderr)
             return 1
         dst.unlink()
+        os.sync()
+        mark()
         t0 = time.perf_counter()
         subprocess.run(["cp", str(image), str(dst)], check=True)
-        rec("restore", "cp", time.perf_counter() - t0, size, size)
+        dt = time.perf_counter() - t0
+        stop()
+        rec("restore", "cp", dt, size, size)
         dst.unlink()
     scan.j.close()
     cbt.j.close()
@@ -302,20 +342,23 @@ def main() -> int:
         f"image {human(size)} (half random, half zeros), block size {human(bs)}, {os.cpu_count()} CPUs, "
         f"medians of {args.repeat}",
         "",
-        "| scenario | tool | time s | bytes read | bytes stored | time / vmrep |",
-        "|---|---|---|---|---|---|",
+        "| scenario | tool | time s | CPU s | bytes read | bytes stored | time / vmrep | CPU / vmrep |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for (scn, tool), r in rows.items():
         base = rows.get((scn, ref[scn]))
         ratio = f"{r.t / base.t:.1f}×" if base and scn != "read" else ""
+        cratio = f"{r.c / base.c:.1f}×" if base and scn != "read" and base.c > 0 else ""
         note = f" ({r.note})" if r.note else ""
-        lines.append(f"| {scn} | {tool} | {r.t:.3f} | {human(r.r)}{note} | {human(r.s)} | {ratio} |")
+        lines.append(f"| {scn} | {tool} | {r.t:.3f} | {r.c:.2f} | {human(r.r)}{note} | {human(r.s)} | "
+                     f"{ratio} | {cratio} |")
     text = "\n".join(lines)
     print()
     print(text)
     (out / "bench_replication.md").write_text(text + "\n")
     (out / "bench_replication.json").write_text(json.dumps(
-        [{"scenario": r.scenario, "tool": r.tool, "seconds": r.seconds, "read": r.read, "stored": r.stored}
+        [{"scenario": r.scenario, "tool": r.tool, "seconds": r.seconds, "cpu": r.cpu, "read": r.read,
+          "stored": r.stored}
          for r in rows.values()], indent=1))
     drop_tree(work)
     return 0
