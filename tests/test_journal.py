@@ -489,3 +489,21 @@ def test_vpg_removed_and_created_again_is_a_new_history(tmp_path):
     cp2 = commit_disk(other, "g", "vm", "d", {0: b}, BS)
     assert cp2.seq == 1 and cp2.id != cp.id
     assert disk_bytes(j, "g", "latest", "vm", "d") == b  # j's cached map is not reused
+
+
+def test_put_block_from_many_threads(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    j = Journal.open(tmp_path / "j", block_size=BS)
+    pool = [rnd() for _ in range(40)]
+    plan = [(vm, i, pool[(i * 7 + len(vm)) % 40]) for vm in ("a", "bb", "ccc") for i in range(200)]
+    with j.begin("g") as w:
+        for vm in ("a", "bb", "ccc"):
+            w.set_disk_size(vm, "d", 200 * BS)
+        with ThreadPoolExecutor(8) as ex:
+            stored = sum(ex.map(lambda p: w.put_block(p[0], "d", p[1], p[2]), plan))
+        cp = w.commit()
+    assert stored == cp.added_bytes == 40 * BS  # each distinct block stored once
+    for vm in ("a", "bb", "ccc"):
+        img = disk_bytes(j, "g", cp.id, vm, "d")
+        assert img == b"".join(pool[(i * 7 + len(vm)) % 40] for i in range(200))
