@@ -248,6 +248,7 @@ class Journal:
         self._maps: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._maps_bytes = 0
         self._cache_lock = threading.RLock()
+        self._usage_cache: dict[str, tuple] = {}
 
     # ---- open ----------------------------------------------------------------------------
     @classmethod
@@ -673,7 +674,13 @@ class Journal:
         if not infos:
             return Usage(vpg, 0, 0, 0, None, None, 0)
         self.store.refresh()
-        total, base = self._usage_at(chain, infos[0].seq)
+        key = (vpg, chain.base, tuple(chain.file_of(s) for s in chain.visible_seqs()), self.store.generation)
+        cached = self._usage_cache.get(vpg)
+        if cached is not None and cached[0] == key:
+            total, base = cached[1]
+        else:
+            total, base = self._usage_at(chain, infos[0].seq)
+            self._usage_cache[vpg] = (key, (total, base))
         return Usage(vpg, total, base, total - base, infos[0].time, infos[-1].time, len(infos))
 
     # ---- retention -----------------------------------------------------------------------

@@ -165,6 +165,7 @@ class BlockStore:
         self.damaged_index: set[str] = set()  # index files that fail their checksum
         self._fds: dict[str, int] = {}
         self._table: tuple[np.ndarray, np.ndarray] | None = None  # sorted prefixes, slen
+        self.generation = 0  # bumped whenever the set of indexed blobs changes
 
     # ---- paths -------------------------------------------------------------------------
     def pack_path(self, name: str) -> Path:
@@ -211,6 +212,7 @@ class BlockStore:
                 self._add_packs(fresh)
             if gone or loaded:
                 self._table = None
+                self.generation += 1
 
     RECENT_MAX = 200_000
 
@@ -276,6 +278,7 @@ class BlockStore:
                 self.packs[p.name] = p
             self._add_packs(fresh)
             self._table = None
+            self.generation += 1
         return name
 
     def remove_index_files(self, names: list[str]) -> None:
@@ -451,4 +454,5 @@ class BlockStore:
         with self._lock:
             self._rebuild()
             self._table = None
+            self.generation += 1
         return st
