@@ -1199,11 +1199,13 @@ class CheckpointWriter:
             if self._broken is not None:
                 raise JournalError(f"VPG {self.vpg}: a block failed to store ({self._broken}); not committing")
             t = _utc(time) if time is not None else datetime.now(timezone.utc)
+            given = None
             if self._prev_time is not None and t < self._prev_time:
-                raise JournalError(
-                    f"VPG {self.vpg}: checkpoint time {t.isoformat()} is before the previous "
-                    f"checkpoint's {self._prev_time.isoformat()}"
-                )
+                # A clock stepped back (vCenter's or ours): keep checkpoint times ordered,
+                # so that "newest at or before <time>" stays meaningful, and say so.
+                log.warning("VPG %s: checkpoint time %s is before the previous checkpoint's %s; "
+                            "using the latter", self.vpg, t.isoformat(), self._prev_time.isoformat())
+                given, t = t, self._prev_time
             disks: dict[tuple[str, str], int] = {
                 k: v for k, v in self._prev_disks.items() if k not in self._removed
             }
@@ -1245,6 +1247,8 @@ class CheckpointWriter:
                 "changed_blocks": changed,
                 "parent": self._prev_id,
             }
+            if given is not None:
+                info["time_given"] = given.isoformat()
             header = {
                 "format": fmt.FORMAT_VERSION,
                 "kind": "delta",
