@@ -57,6 +57,13 @@ def test_failover_then_rollback_leaves_the_source_exactly_as_before(erp) -> None
     assert (row.status, row.substatus, row.paused) == ("FailingOver", "FailingOverBeforeCommit", True)
     assert [a.code for a in rt.store.open_alerts("erp")] == ["AWAITING_COMMIT"]
     assert ops.live_facts(rt.store, "erp")["awaiting_commit_since"] is not None
+    # the monitor sees the same: it keeps the alert open and the status as the failover set it
+    from vmrep.monitor import monitor_pass
+
+    ev = {r.vpg: r for r in monitor_pass(rt, vpgs=["erp"])}["erp"].evaluation
+    assert (ev.status, ev.substatus) == ("FailingOver", "FailingOverBeforeCommit")
+    assert "AWAITING_COMMIT" in ev.codes
+    assert [a.code for a in rt.store.open_alerts("erp")] == ["AWAITING_COMMIT"]
     with pytest.raises(Refused, match="^VPG erp: test refused: a failover awaiting commit or rollback holds"):
         ops.run_test(cfg, "erp")
     # rollback

@@ -341,7 +341,9 @@ def evaluate(cfg: "VPG", f: Facts) -> Evaluation:
     if f.awaiting_commit_since is not None:
         kind = "move" if (f.live_recovery_kind or f.operation_kind) == "move" else "failover"
         alert("AWAITING_COMMIT", f"{kind} awaiting commit or rollback since {f.awaiting_commit_since:%Y-%m-%d %H:%M} UTC")
-    if f.paused and not gone:
+    if f.paused and not gone and live is None:
+        # A live failover or move pauses replication as part of the operation; its own
+        # AWAITING_COMMIT alert says what to do, a second one would only be noise.
         alert("REPLICATION_PAUSED", "replication is paused")
     limit = cfg.hard_limit_bytes
     if limit > 0 and not gone and f.journal_bytes >= limit * cfg.journal_warning_percent / 100:

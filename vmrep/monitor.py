@@ -15,11 +15,9 @@ from vmrep.config import VPG
 from vmrep.errors import VmrepError
 from vmrep.health import Evaluation, Transition, UnprotectedVM, apply_transitions, evaluate, gather_facts
 from vmrep.protection import exclusions
+from vmrep.recovery.operations import live_facts
 from vmrep.runtime import Runtime
 from vmrep.vsphere.inventory import Inventory
-
-LIVE_KINDS = ("failover", "move")
-
 
 @dataclass
 class VpgHealth:
@@ -52,17 +50,6 @@ def missing_networks(vpg: VPG, names: set[str]) -> list[str]:
     return sorted(n for n in wanted if n and n not in names)
 
 
-def awaiting_commit(rt: Runtime, vpg: str) -> tuple[datetime | None, str | None]:
-    """Since when a live failover or move waits for commit or rollback, and which kind."""
-    runtime = rt.store.runtime(vpg)
-    if runtime.substatus not in ("FailingOverBeforeCommit", "MovingBeforeCommit"):
-        return None, None
-    for op in rt.store.operations(vpg):
-        if op.kind in LIVE_KINDS:
-            return op.started_at, op.kind
-    return runtime.updated_at, "move" if runtime.substatus == "MovingBeforeCommit" else "failover"
-
-
 def monitor_pass(rt: Runtime, now: datetime | None = None, vpgs: list[str] | None = None) -> list[VpgHealth]:
     now = now or datetime.now(timezone.utc)
     chosen = [rt.config.vpg(n) for n in vpgs] if vpgs else rt.config.vpgs
@@ -85,15 +72,11 @@ def monitor_pass(rt: Runtime, now: datetime | None = None, vpgs: list[str] | Non
         prot, rec = inventory(vpg.protected_site), inventory(vpg.recovery_site)
         cps = rt.journal.checkpoints(vpg.name)
         usage = rt.journal.usage(vpg.name)
-        since, kind = awaiting_commit(rt, vpg.name)
-        runtime = rt.store.runtime(vpg.name)
         facts = dict(
             newest_checkpoint_at=cps[-1].time if cps else None,
             oldest_checkpoint_at=cps[0].time if cps else None,
             journal_bytes=usage.total_bytes,
-            awaiting_commit_since=since,
-            live_recovery_kind=kind,
-            committed=runtime.status == "Recovered",
+            **live_facts(rt.store, vpg.name),  # awaiting commit since, failover or move, committed
         )
         if prot is None:
             facts["error"] = f"protected site unreachable: {errors[vpg.protected_site]}"
