@@ -376,15 +376,17 @@ def test_crash_leaves_previous_checkpoint_and_recover_cleans(tmp_path, point):
     assert disk_bytes(j2, "g", cp1.id, "vm", "d") == image
 
 
-def test_recover_is_busy_while_a_writer_is_active(tmp_path):
+def test_recover_leaves_a_live_writers_files_alone(tmp_path):
     j = Journal.open(tmp_path / "j", block_size=BS)
     with j.begin("g") as w:
         w.set_disk_size("vm", "d", BS)
         w.put_block("vm", "d", 0, rnd())
-        assert Journal.open(tmp_path / "j", block_size=BS).recover(wait=0).busy
+        res = Journal.open(tmp_path / "j", block_size=BS).recover(wait=0)  # another process, say
+        assert not res.busy and res.temp_files_removed == 0
         assert any((tmp_path / "j" / "tmp").iterdir())  # the open pack survived
-        w.commit()
-    assert not j.recover().busy
+        cp = w.commit()
+    assert j.verify("g") == [] and j.checkpoint("g", "latest").id == cp.id
+    assert list((tmp_path / "j" / "locks").iterdir()) == []  # sessions gone with the writer
 
 
 def test_damaged_checkpoint_file_is_detected(tmp_path):
@@ -435,19 +437,56 @@ def test_sorted_index_path(tmp_path, monkeypatch):
     assert fresh.store.lookup(os.urandom(32)) is None
 
 
-def test_gc_waits_for_writers_then_catches_up(tmp_path):
+def test_gc_never_waits_for_writers_and_deletes_once_older_sessions_end(tmp_path):
     j = Journal.open(tmp_path / "j", block_size=BS)
-    j.gc_lock_timeout = 0.05
     cps, _ = _cycle_history(j, 3)
     used = pack_bytes(tmp_path / "j")
     other = Journal.open(tmp_path / "j", block_size=BS)  # another process, say
-    w = other.begin("h")  # a writer of another VPG is active
+    old = other.begin("h")  # began before the garbage was condemned
     res = j.apply_retention("g", T0 + timedelta(hours=2))
-    assert res.promoted == [cps[0].id, cps[1].id] and res.gc_deferred and res.gc is None
+    assert res.promoted == [cps[0].id, cps[1].id]
+    assert res.gc_deferred and res.gc.packs_deleted == 0  # condemned, not deleted yet
     assert pack_bytes(tmp_path / "j") == used
-    w.abort()
-    assert j.gc().packs_deleted == 2
+    new = other.begin("k")  # began after: it will not deduplicate against condemned blocks
+    old.abort()
+    st = j.gc()  # only `new` is alive, and it has seen the condemnation
+    assert st.packs_deleted == 2
     assert pack_bytes(tmp_path / "j") < used / 2
+    new.abort()
+    assert j.verify("g") == []
+
+
+def test_block_reused_by_an_older_writer_is_not_deleted(tmp_path):
+    """The hazard a lock-free GC must handle: a writer that began before a block became
+    garbage deduplicates against it; GC must keep the block."""
+    j = Journal.open(tmp_path / "j", block_size=BS)
+    old_block = rnd()
+    commit_disk(j, "g", "vm", "d", {0: old_block}, BS, time=T0)
+    commit_disk(j, "g", "vm", "d", {0: rnd()}, BS, time=T0 + timedelta(hours=1))
+    other = Journal.open(tmp_path / "j", block_size=BS)  # another process
+    w = other.begin("h")  # another VPG's writer, begun while old_block is still referenced
+    res = j.apply_retention("g", T0 + timedelta(hours=1))  # old_block now unreferenced
+    assert res.gc_deferred
+    w.set_disk_size("vm", "d", BS)
+    assert w.put_block("vm", "d", 0, old_block) == 0  # deduplicated against the condemned block
+    cp = w.commit()
+    j.gc()
+    j.gc()
+    assert disk_bytes(j, "h", cp.id, "vm", "d") == old_block
+    assert Journal.open(tmp_path / "j", block_size=BS).verify("h") == []
+    # a writer that begins after the condemnation stores such a block again instead
+    w2_block = j.read_block(j.block_map("g", "latest", "vm", "d")[0])  # garbage after the next retention
+    commit_disk(j, "g", "vm", "d", {0: rnd()}, BS, time=T0 + timedelta(hours=2))
+    old = j.begin("x")  # keeps the next condemnation from being deleted at once
+    j.apply_retention("g", T0 + timedelta(hours=3))
+    with j.begin("y") as w2:
+        w2.set_disk_size("vm", "d", BS)
+        assert w2.put_block("vm", "d", 0, w2_block) == BS  # stored anew
+        cp2 = w2.commit()
+    old.abort()
+    j.gc()
+    assert disk_bytes(j, "y", cp2.id, "vm", "d") == w2_block
+    assert j.verify("y") == [] and j.verify("h") == []
 
 
 def test_two_processes_write_concurrently(tmp_path):

@@ -36,12 +36,14 @@ def rand_hex(nbytes: int = 16) -> str:
     return secrets.token_hex(nbytes)
 
 
-def publish(tmp_dir: Path, dest: Path, data: bytes | memoryview, *, sync_dir: bool = True) -> None:
+def publish(tmp_dir: Path, dest: Path, data: bytes | memoryview, *, owner: str = "",
+            sync_dir: bool = True) -> None:
     """Write `data` to a temp file, fsync, rename to `dest`, fsync dest's directory.
 
-    A reader sees either no `dest` or the whole of it.
+    A reader sees either no `dest` or the whole of it. The temp file's name starts with
+    `owner` (a session id), so recover() leaves the temp files of live sessions alone.
     """
-    tmp = tmp_dir / f"{rand_hex(8)}.tmp"
+    tmp = tmp_dir / f"{owner or rand_hex(8)}{rand_hex(8)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         view = memoryview(data)

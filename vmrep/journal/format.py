@@ -176,3 +176,43 @@ def decode_ckpt(data: bytes, what: str) -> CkptFile:
     if pos != len(data) - ID_LEN:
         raise JournalError(f"{what}: checkpoint length mismatch")
     return CkptFile(header, maps, len(data))
+
+
+# ---- condemned-blob files (garbage collection) ------------------------------------------
+
+COND_MAGIC = b"VMRCOND1"
+# One condemned blob: the pack it is in (16 bytes: the pack name's 32 hex digits) and its id.
+COND_DTYPE = np.dtype([("pack", "u1", (16,)), ("id", "u1", (ID_LEN,))])
+assert COND_DTYPE.itemsize == 48
+COND_RE = re.compile(r"^condemned-(\d{8})\.ids$")
+
+
+def condemned_name(epoch: int) -> str:
+    return f"condemned-{epoch:08d}.ids"
+
+
+def encode_condemned(epoch: int, pairs: list[tuple[str, bytes]], created: str) -> bytes:
+    header = {"format": FORMAT_VERSION, "epoch": epoch, "created": created, "count": len(pairs)}
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    arr = np.zeros(len(pairs), dtype=COND_DTYPE)
+    if pairs:
+        arr["pack"] = np.frombuffer(b"".join(bytes.fromhex(p) for p, _ in pairs), np.uint8).reshape(-1, 16)
+        arr["id"] = np.frombuffer(b"".join(i for _, i in pairs), np.uint8).reshape(-1, ID_LEN)
+    body = b"".join([COND_MAGIC, U32.pack(len(hb)), hb, arr.tobytes()])
+    return body + _checksum(body)
+
+
+def decode_condemned(data: bytes, what: str) -> tuple[int, set[tuple[str, bytes]]]:
+    if len(data) < 12 + ID_LEN or data[:8] != COND_MAGIC:
+        raise JournalError(f"{what}: not a condemned-blob file")
+    if _checksum(memoryview(data)[:-ID_LEN]) != data[-ID_LEN:]:
+        raise JournalError(f"{what}: checksum mismatch")
+    (hlen,) = U32.unpack_from(data, 8)
+    header = json.loads(data[12 : 12 + hlen])
+    n = header["count"]
+    arr = np.frombuffer(data, dtype=COND_DTYPE, count=n, offset=12 + hlen)
+    if 12 + hlen + n * COND_DTYPE.itemsize != len(data) - ID_LEN:
+        raise JournalError(f"{what}: length mismatch")
+    packs = arr["pack"].tobytes()
+    ids = arr["id"].tobytes()
+    return header["epoch"], {(packs[k * 16 : k * 16 + 16].hex(), ids[k * 32 : k * 32 + 32]) for k in range(n)}

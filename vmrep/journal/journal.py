@@ -35,6 +35,7 @@ import numpy as np
 from vmrep.errors import JournalError
 from vmrep.journal import format as fmt
 from vmrep.journal._fs import FileLock, ensure_dir, fsync_dir, publish, rand_hex, unlink_quiet
+from vmrep.journal._sessions import SID_LEN, Session, live_sessions, live_sessions_of
 from vmrep.journal import store as _store
 from vmrep.journal.store import (
     BlockStore,
@@ -230,8 +231,8 @@ def _seq_from_name(name: str) -> int | None:
 class Journal:
     """See the module docstring. Thread-safe; several processes may open one journal."""
 
-    lock_timeout = 300.0  # writers wait this long for a cleanup holding the repository lock
-    gc_lock_timeout = 2.0  # cleanup waits this long for writers before deferring
+    lock_timeout = 300.0  # retention waits this long for the VPG's writer to finish
+    gc_lock_timeout = 2.0  # a garbage collection waits this long for another one to end
     compact_ratio = 0.25  # rewrite the base when hidden deltas exceed this share of it ...
     compact_min_bytes = 1 << 20  # ... and this many bytes
     compact_max_files = 512  # or when this many hidden deltas pile up
@@ -272,7 +273,7 @@ class Journal:
                 raise JournalError(f"no journal at {root}")
             if block_size < 4096 or block_size & (block_size - 1):
                 raise JournalError(f"block size {block_size} is not a power of two >= 4096")
-            for sub in ("packs", "index", "tmp", "vpgs"):
+            for sub in ("packs", "index", "tmp", "vpgs", "locks", "gc"):
                 ensure_dir(root / sub)
             cfg = {
                 "format": fmt.FORMAT_VERSION,
@@ -284,7 +285,7 @@ class Journal:
                 "compression": "zstd",
             }
             publish(root / "tmp", cfg_path, json.dumps(cfg, indent=1).encode())
-        for sub in ("packs", "index", "tmp", "vpgs"):
+        for sub in ("packs", "index", "tmp", "vpgs", "locks", "gc"):
             ensure_dir(root / sub)
         j = cls(root, block_size, compression_level)
         j.recover(wait=0.0)
@@ -301,15 +302,21 @@ class Journal:
         self.close()
 
     # ---- locks ---------------------------------------------------------------------------
-    def _repo_lock(self, *, shared: bool, timeout: float) -> FileLock | None:
-        lk = FileLock(self.root / "lock", shared=shared)
-        return lk if lk.acquire(timeout) else None
+    def _session(self, kind: str, vpg: str | None = None) -> Session:
+        """Register as a user of the journal, then load the index: garbage collection will
+        not delete a blob this session might still deduplicate against or read."""
+        s = Session(self.root, kind, vpg)
+        try:
+            self.store.refresh()  # condemned blobs first, then the index
+            s.set_epoch(max(self.store.condemned, default=0))
+        except BaseException:
+            s.close()
+            raise
+        return s
 
-    def _shared(self) -> FileLock:
-        lk = self._repo_lock(shared=True, timeout=self.lock_timeout)
-        if lk is None:
-            raise JournalError(f"journal {self.root}: busy (a cleanup holds the lock)")
-        return lk
+    def _gc_lock(self, timeout: float) -> FileLock | None:
+        lk = FileLock(self.root / "gc.lock", shared=False)
+        return lk if lk.acquire(timeout) else None
 
     def _vpg_lock(self, vpg: str, timeout: float, what: str) -> FileLock:
         d = self._vpg_dir(vpg)
@@ -557,7 +564,7 @@ class Journal:
     ) -> int:
         """Write the disk as of the checkpoint to `out` (a sparse file: zero blocks are
         holes). Returns the bytes written. `progress(n)` is called with each n bytes done."""
-        lk = self._shared()
+        lk = self._session("restore", vpg)
         try:
             m = self.block_map(vpg, checkpoint_id, vm, disk)
             bs = self.block_size
@@ -597,13 +604,13 @@ class Journal:
                 os.close(fd)
             return written
         finally:
-            lk.release()
+            lk.close()
 
     # ---- writing -------------------------------------------------------------------------
     def begin(self, vpg: str) -> "CheckpointWriter":
         vlock = self._vpg_lock(vpg, 0.0, "begin")
         try:
-            rlock = self._shared()
+            session = self._session("writer", vpg)
         except BaseException:
             vlock.release()
             raise
@@ -611,7 +618,6 @@ class Journal:
             d = self._vpg_dir(vpg)
             for sub in ("checkpoints", "base", "start", "tags"):
                 ensure_dir(d / sub)
-            self.store.refresh()
             chain = self._chain(vpg)
             prev: dict[tuple[str, str], int] = {}
             prev_time = None
@@ -623,9 +629,9 @@ class Journal:
                 prev_id = h["checkpoint"]["id"]
             else:
                 prev_id = None
-            return CheckpointWriter(self, vpg, chain.max_seq + 1, prev, prev_time, prev_id, vlock, rlock)
+            return CheckpointWriter(self, vpg, chain.max_seq + 1, prev, prev_time, prev_id, vlock, session)
         except BaseException:
-            rlock.release()
+            session.close()
             vlock.release()
             raise
 
@@ -637,14 +643,11 @@ class Journal:
             raise JournalError(f"VPG {vpg}: add_tag needs a checkpoint id, got {checkpoint_id!r}")
         if tag in info.tags:
             return
-        lk = self._shared()
-        try:
+        with Session(self.root, "tag", vpg) as s:
             ensure_dir(chain.dir / "tags")
             name = f"{info.id}.{blake3.blake3(tag.encode()).hexdigest()[:16]}.tag"
             body = {"format": fmt.FORMAT_VERSION, "checkpoint": info.id, "tag": tag, "time": now_iso()}
-            publish(self.root / "tmp", chain.dir / "tags" / name, json.dumps(body).encode())
-        finally:
-            lk.release()
+            publish(self.root / "tmp", chain.dir / "tags" / name, json.dumps(body).encode(), owner=s.sid)
 
     # ---- accounting ----------------------------------------------------------------------
     def _referenced(self, chain: _Chain, start_seq: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -690,9 +693,8 @@ class Journal:
         keep_since = _utc(keep_since)
         vlock = self._vpg_lock(vpg, self.lock_timeout, "retention")
         try:
-            rlock = self._shared()
+            session = self._session("retention", vpg)
             try:
-                self.store.refresh()
                 chain = self._chain(vpg)
                 infos = self._infos(chain)
                 res = RetentionResult(vpg, infos[0].id if infos else None)
@@ -717,26 +719,26 @@ class Journal:
                 res.dropped_by_limit = [i.id for i in infos[j:final]]
                 res.base = infos[final].id
                 if final > 0:
-                    self._move_start(chain, infos[final], [i.id for i in infos[:final]])
+                    self._move_start(chain, infos[final], [i.id for i in infos[:final]], session.sid)
                     chain = self._chain(vpg)
-                    res.compacted = self._maybe_compact(chain)
+                    res.compacted = self._maybe_compact(chain, session.sid)
                     if res.compacted:
                         chain = self._chain(vpg)
                 res.bytes_after = self._usage_at(chain, chain.start_seq)[0]
             finally:
-                rlock.release()
+                session.close()
             if final > 0:
                 res.gc, res.gc_deferred = self._gc()
             return res
         finally:
             vlock.release()
 
-    def _move_start(self, chain: _Chain, new_start: CheckpointInfo, dropped: list[str]) -> None:
+    def _move_start(self, chain: _Chain, new_start: CheckpointInfo, dropped: list[str], owner: str) -> None:
         d = chain.dir
         ensure_dir(d / "start")
         body = {"format": fmt.FORMAT_VERSION, "checkpoint": new_start.id, "seq": new_start.seq,
                 "written": now_iso(), "dropped": dropped}
-        publish(self.root / "tmp", d / "start" / f"{new_start.id}.start", json.dumps(body).encode())
+        publish(self.root / "tmp", d / "start" / f"{new_start.id}.start", json.dumps(body).encode(), owner=owner)
         for s, p in chain.starts.items():
             if s < new_start.seq:
                 unlink_quiet(p)
@@ -756,7 +758,7 @@ class Journal:
             fsync_dir(d / "tags")
         return n
 
-    def _maybe_compact(self, chain: _Chain, force: bool = False) -> bool:
+    def _maybe_compact(self, chain: _Chain, owner: str, force: bool = False) -> bool:
         """Fold the hidden deltas (before the history start) into a new base file."""
         start = chain.start_seq
         if start is None or start == chain.base_seq:
@@ -767,10 +769,10 @@ class Journal:
         if not force and hidden_bytes < max(self.compact_min_bytes, self.compact_ratio * base_bytes) \
                 and len(hidden) < self.compact_max_files:
             return False
-        self._write_base(chain, start)
+        self._write_base(chain, start, owner)
         return True
 
-    def _write_base(self, chain: _Chain, seq: int) -> None:
+    def _write_base(self, chain: _Chain, seq: int, owner: str) -> None:
         h = self._read_ckpt(chain.file_of(seq)).header
         disks, maps = [], []
         for d in h["disks"]:
@@ -792,7 +794,8 @@ class Journal:
         }
         cp_id = h["checkpoint"]["id"]
         ensure_dir(chain.dir / "base")
-        publish(self.root / "tmp", chain.dir / "base" / f"{cp_id}.base", fmt.encode_ckpt(header, maps))
+        publish(self.root / "tmp", chain.dir / "base" / f"{cp_id}.base", fmt.encode_ckpt(header, maps),
+                owner=owner)
         # The new base supersedes: older bases, deltas up to seq, start markers up to seq.
         if chain.base is not None:
             unlink_quiet(chain.base)
@@ -819,17 +822,50 @@ class Journal:
         return np.unique(np.concatenate(parts))
 
     def _gc(self) -> tuple[GCStats | None, bool]:
-        lk = self._repo_lock(shared=False, timeout=self.gc_lock_timeout)
+        """One garbage-collection run; returns (stats, whether garbage still awaits deletion).
+
+        Deletes the condemned blobs whose condemnation every live session has seen and
+        that are still unreferenced, then condemns what is newly unreferenced; with no
+        other session alive, that is deleted at once too. Never waits for writers."""
+        lk = self._gc_lock(self.gc_lock_timeout)
         if lk is None:
-            return None, True
+            return None, True  # another GC is running
         try:
-            live = self._live_prefixes()
-            return self.store.gc(live, self.repack_below), False
+            owner = rand_hex(SID_LEN // 2)  # names GC's temp files; gc.lock keeps recover() away
+            total = GCStats()
+            for attempt in (0, 1):
+                sessions = live_sessions(self.root)
+                self.store.refresh()
+                floor = min(sessions.values(), default=None)
+                ready = sorted(e for e in self.store.condemned if floor is None or e <= floor)
+                live = self._live_prefixes()
+                if ready:
+                    pairs: set[tuple[str, bytes]] = set().union(*(self.store.condemned[e] for e in ready))
+                    st = self.store.gc(pairs, live, self.repack_below, owner)
+                    total.packs_deleted += st.packs_deleted
+                    total.packs_repacked += st.packs_repacked
+                    total.bytes_freed += st.bytes_freed
+                    total.blocks_removed += st.blocks_removed
+                    total.index_files_rewritten += st.index_files_rewritten
+                    total.removed_packs += st.removed_packs
+                    self.store.remove_condemned(ready)  # only after the index no longer lists them
+                if attempt:
+                    break
+                known = {p for pairs_ in self.store.condemned.values() for p in pairs_}
+                garbage = self.store.unreferenced(live) - known
+                if not garbage:
+                    break
+                epoch = max([0, *self.store.condemned, *sessions.values()]) + 1
+                self.store.publish_condemned(epoch, garbage, owner)
+                # sessions are listed again (after publishing): those that began before it
+                # have not seen it and hold its deletion back
+            return total, bool(self.store.condemned)
         finally:
             lk.release()
 
     def gc(self) -> GCStats | None:
-        """Remove blocks no kept checkpoint of any VPG references. None if writers are active."""
+        """Remove blocks no kept checkpoint of any VPG references (see _gc). None if another
+        garbage collection is running."""
         return self._gc()[0]
 
     def remove_vpg(self, vpg: str) -> None:
@@ -838,30 +874,25 @@ class Journal:
             raise JournalError(f"VPG {vpg}: not in the journal")
         vlock = self._vpg_lock(vpg, 0.0, "remove")
         try:
-            rlock = self._shared()
-            try:
-                trash = self.root / "tmp" / f"trash-{rand_hex(8)}"
+            with Session(self.root, "remove", vpg) as s:
+                trash = self.root / "tmp" / f"{s.sid}trash-{rand_hex(8)}"
                 os.rename(d, trash)
                 fsync_dir(d.parent)
                 fsync_dir(trash.parent)
                 shutil.rmtree(trash, ignore_errors=True)
-            finally:
-                rlock.release()
         finally:
             vlock.release()
         with self._cache_lock:
             for k in [k for k in self._maps if k[0] == vpg]:
                 self._maps_bytes -= self._maps.pop(k)[0].nbytes
+        self._usage_cache.pop(vpg, None)
         self._gc()
 
     # ---- verification --------------------------------------------------------------------
     def verify(self, vpg: str, checkpoint_id: str | None = None, *, threads: int = 2) -> list[Mismatch]:
         """Re-read and re-hash every block the kept checkpoints (or the one given) use."""
-        lk = self._shared()  # no garbage collection while verifying
-        try:
+        with self._session("verify", vpg):  # what it reads is not deleted meanwhile
             return self._verify(vpg, checkpoint_id, threads)
-        finally:
-            lk.release()
 
     def _verify(self, vpg: str, checkpoint_id: str | None, threads: int) -> list[Mismatch]:
         chain = self._chain(vpg)
@@ -923,17 +954,28 @@ class Journal:
 
     # ---- recovery ------------------------------------------------------------------------
     def recover(self, *, wait: float = 5.0) -> RecoverResult:
-        """Remove what a crash left behind: temp files, packs no index lists, files that a
-        newer base or start marker supersedes. Needs the repository lock exclusively;
-        returns busy=True (and removes nothing) while a writer is active."""
-        lk = self._repo_lock(shared=False, timeout=wait)
+        """Remove what a crash left behind: temp files and unindexed packs of sessions that
+        are gone, files that a newer base or start marker supersedes, lock files of dead
+        sessions. Live sessions' files are left alone, so it can run at any time; it
+        returns busy=True (and does nothing) while a garbage collection is running."""
+        lk = self._gc_lock(wait)
         if lk is None:
             return RecoverResult(busy=True)
         res = RecoverResult()
+        alive: dict[str, bool] = dict.fromkeys(live_sessions(self.root), True)
+
+        def owner_alive(name: str) -> bool:
+            owner = name[:SID_LEN]
+            if owner not in alive:  # began after the listing above? look again
+                alive[owner] = owner in live_sessions_of(self.root, owner)
+            return alive[owner]
+
         try:
             tmp = self.root / "tmp"
             for e in os.scandir(tmp):
                 p = Path(e.path)
+                if owner_alive(e.name):
+                    continue
                 if e.is_dir(follow_symlinks=False):
                     shutil.rmtree(p, ignore_errors=True)
                 else:
@@ -951,7 +993,7 @@ class Journal:
                 if e.name.endswith(".pack"):
                     name = e.name[: -len(".pack")]
                     present.add(name)
-                    if name not in indexed and not self.store.damaged_index:
+                    if name not in indexed and not self.store.damaged_index and not owner_alive(name):
                         res.bytes_freed += unlink_quiet(Path(e.path))
                         res.packs_removed += 1
             if res.packs_removed:
@@ -1013,7 +1055,7 @@ class CheckpointWriter:
         prev_time: datetime | None,
         prev_id: str | None,
         vlock: FileLock,
-        rlock: FileLock,
+        session: Session,
     ) -> None:
         self.journal = journal
         self.vpg = vpg
@@ -1023,7 +1065,8 @@ class CheckpointWriter:
         self._prev_disks = prev_disks
         self._prev_time = prev_time
         self._prev_id = prev_id
-        self._vlock, self._rlock = vlock, rlock
+        self._vlock, self._session = vlock, session
+        self.sid = session.sid
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._pack: PackWriter | None = None
@@ -1089,7 +1132,7 @@ class CheckpointWriter:
             full = None
             with self._lock:
                 if self._pack is None:
-                    self._pack = PackWriter(store)
+                    self._pack = PackWriter(store, self.sid)
                 self._pack.add(bid, blob, len(data), codec)
                 self._pending.add(bid)
                 stored = len(blob)
@@ -1117,7 +1160,7 @@ class CheckpointWriter:
         try:
             ip = pw.finish()
             fsync_dir(self._store.pack_dir)
-            name = self._store.publish_index([ip])
+            name = self._store.publish_index([ip], self.sid)
             with self._lock:
                 self._packs.append(ip)
                 self._index_files.append(name)
@@ -1187,7 +1230,7 @@ class CheckpointWriter:
                     self._finishing -= 1
         if len(self._index_files) > 1:
             # one index file for the whole checkpoint instead of one per pack
-            self._store.publish_index(self._packs)
+            self._store.publish_index(self._packs, self.sid)
             self._store.remove_index_files(self._index_files)
             self._index_files = []
 
@@ -1262,7 +1305,7 @@ class CheckpointWriter:
             except TypeError as exc:
                 raise JournalError(f"VPG {self.vpg}: checkpoint meta is not JSON-serialisable ({exc})") from None
             d = self.journal._vpg_dir(self.vpg) / "checkpoints"
-            publish(self.journal.root / "tmp", d / f"{cp_id}.ckpt", body)
+            publish(self.journal.root / "tmp", d / f"{cp_id}.ckpt", body, owner=self.sid)
             return self.journal._info_from_header(header, [])
         except BaseException:
             self.abort()
@@ -1292,5 +1335,5 @@ class CheckpointWriter:
             self._finisher = None
         if not self._closed:
             self._closed = True
-            self._rlock.release()
+            self._session.close()
             self._vlock.release()

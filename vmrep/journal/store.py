@@ -15,7 +15,7 @@ import zstandard
 
 from vmrep.errors import JournalError
 from vmrep.journal import format as fmt
-from vmrep.journal._fs import fsync_dir, publish, rand_hex, unlink_quiet
+from vmrep.journal._fs import ensure_dir, fsync_dir, publish, rand_hex, unlink_quiet
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,9 @@ def decode_blob(blob: bytes, codec: int, rlen: int) -> bytes:
 class PackWriter:
     """A pack under construction in tmp/. Callers serialise add() themselves."""
 
-    def __init__(self, store: "BlockStore") -> None:
+    def __init__(self, store: "BlockStore", owner: str) -> None:
         self.store = store
-        self.name = rand_hex(16)
+        self.name = owner + rand_hex(8)  # 32 hex: the owning session's id, then random
         self.tmp = store.tmp_dir / f"{self.name}.pack.tmp"
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         os.write(self.fd, fmt.PACK_MAGIC)
@@ -153,6 +153,11 @@ class BlockStore:
         self.pack_dir = root / "packs"
         self.index_dir = root / "index"
         self.tmp_dir = root / "tmp"
+        self.gc_dir = root / "gc"
+        # condemned blobs (garbage awaiting deletion): epoch -> {(pack, id)}; file -> epoch
+        self.condemned: dict[int, set[tuple[str, bytes]]] = {}
+        self._condemned_files: dict[str, int] = {}
+        self.condemned_ids: frozenset[bytes] = frozenset()
         self._lock = threading.RLock()
         # Block id -> location. Most entries live in sorted numpy arrays (16 bytes per
         # block besides the 49-byte entry tables); packs added since the last rebuild are
@@ -172,8 +177,33 @@ class BlockStore:
         return self.pack_dir / f"{name}.pack"
 
     # ---- index -------------------------------------------------------------------------
+    def refresh_condemned(self) -> None:
+        with self._lock:
+            try:
+                names = {e.name for e in os.scandir(self.gc_dir) if fmt.COND_RE.match(e.name)}
+            except FileNotFoundError:
+                names = set()
+            changed = False
+            for n in set(self._condemned_files) - names:
+                self.condemned.pop(self._condemned_files.pop(n), None)
+                changed = True
+            for n in sorted(names - set(self._condemned_files)):
+                try:
+                    epoch, pairs = fmt.decode_condemned((self.gc_dir / n).read_bytes(), f"gc/{n}")
+                except FileNotFoundError:
+                    continue
+                self._condemned_files[n] = epoch
+                self.condemned[epoch] = pairs
+                changed = True
+            if changed:
+                self.condemned_ids = frozenset(i for pairs in self.condemned.values() for _, i in pairs)
+
     def refresh(self) -> None:
-        """Bring the in-memory index in line with index/ (files added or removed by others)."""
+        """Bring the in-memory view in line with gc/ and index/ (changed by others).
+
+        Condemned blobs are read first: a blob GC deletes leaves the index before its
+        condemnation file goes, so this order never shows a deleted blob as usable."""
+        self.refresh_condemned()
         with self._lock:
             names = {p.name for p in self.index_dir.iterdir() if p.suffix == ".idx"}
             self.damaged_index &= names
@@ -268,9 +298,9 @@ class BlockStore:
             if key not in lk:
                 lk[key] = (name, offs[i], slens[i], rlens[i], codecs[i])
 
-    def publish_index(self, packs: list[fmt.IndexPack]) -> str:
-        name = f"{rand_hex(16)}.idx"
-        publish(self.tmp_dir, self.index_dir / name, fmt.encode_index(packs, now_iso()))
+    def publish_index(self, packs: list[fmt.IndexPack], owner: str) -> str:
+        name = f"{owner}{rand_hex(8)}.idx"
+        publish(self.tmp_dir, self.index_dir / name, fmt.encode_index(packs, now_iso()), owner=owner)
         with self._lock:
             self.index_files[name] = [p.name for p in packs]
             fresh = [p for p in packs if p.name not in self.packs]
@@ -290,7 +320,8 @@ class BlockStore:
                 self.index_files.pop(n, None)
 
     def has(self, block_id: bytes) -> bool:
-        return self.lookup(block_id) is not None
+        """Whether a writer may deduplicate against this block: indexed and not condemned."""
+        return block_id not in self.condemned_ids and self.lookup(block_id) is not None
 
     def stored_size(self, block_id: bytes) -> int:
         loc = self.lookup(block_id)
@@ -378,29 +409,61 @@ class BlockStore:
             raise JournalError(f"block {block_id.hex()} in pack {loc[0]} at {loc[1]}: hash mismatch")
         return data
 
-    # ---- garbage collection (caller holds the repository lock exclusively) -------------
-    def gc(self, live: np.ndarray, repack_below: float = 0.5) -> GCStats:
-        """Delete packs with no live blob, repack packs with less than `repack_below` of
-        their blob bytes live. `live` is a sorted unique uint64 array of id prefixes."""
-        self.refresh()
+    # ---- garbage collection (caller holds gc.lock) ---------------------------------------
+    def unreferenced(self, live: np.ndarray) -> set[tuple[str, bytes]]:
+        """(pack, id) of every indexed blob whose id prefix is not in `live` (sorted)."""
+        out: set[tuple[str, bytes]] = set()
+        for name, p in self.packs.items():
+            if not len(p.entries):
+                continue
+            dead = ~_member(live, id_prefixes(p.entries["id"]))
+            if dead.any():
+                ids = p.entries["id"][dead].tobytes()
+                out.update((name, ids[k : k + 32]) for k in range(0, len(ids), 32))
+        return out
+
+    def publish_condemned(self, epoch: int, pairs: set[tuple[str, bytes]], owner: str) -> None:
+        ensure_dir(self.gc_dir)
+        publish(self.tmp_dir, self.gc_dir / fmt.condemned_name(epoch),
+                fmt.encode_condemned(epoch, sorted(pairs), now_iso()), owner=owner)
+        self.refresh_condemned()
+
+    def remove_condemned(self, epochs: list[int]) -> None:
+        for e in epochs:
+            unlink_quiet(self.gc_dir / fmt.condemned_name(e))
+        if epochs:
+            fsync_dir(self.gc_dir)
+        self.refresh_condemned()
+
+    def gc(self, ready: set[tuple[str, bytes]], live: np.ndarray, repack_below: float, owner: str) -> GCStats:
+        """Delete the blobs in `ready` ((pack, id) pairs whose condemnation every live
+        session has seen) unless their id is live again. A pack left with no blob is
+        deleted; one left with less than `repack_below` of its blob bytes is repacked."""
         st = GCStats()
+        by_pack: dict[str, set[bytes]] = {}
+        for pack, bid in ready:
+            by_pack.setdefault(pack, set()).add(bid)
         drop: list[str] = []
         repack: list[tuple[str, np.ndarray]] = []
-        for name, p in self.packs.items():
+        for name, ids in by_pack.items():
+            p = self.packs.get(name)
+            if p is None:
+                continue  # already gone (repacked or deleted by an earlier run)
             ents = p.entries
-            if len(ents) == 0:
+            raw = ents["id"].tobytes()
+            dead = np.fromiter((raw[k * 32 : k * 32 + 32] in ids for k in range(len(ents))), bool, len(ents))
+            dead &= ~_member(live, id_prefixes(ents["id"]))
+            if not dead.any():
+                continue
+            st.blocks_removed += int(dead.sum())
+            if dead.all():
                 drop.append(name)
                 continue
-            mask = _member(live, id_prefixes(ents["id"]))
-            if not mask.any():
-                drop.append(name)
-                st.blocks_removed += len(ents)
-                continue
-            live_bytes = int(ents["slen"][mask].sum())
-            total = int(ents["slen"].sum())
-            if live_bytes < repack_below * total:
-                repack.append((name, ents[mask]))
-                st.blocks_removed += int((~mask).sum())
+            keep_bytes = int(ents["slen"][~dead].sum())
+            if keep_bytes < repack_below * int(ents["slen"].sum()):
+                repack.append((name, ents[~dead]))
+            else:
+                st.blocks_removed -= int(dead.sum())  # stays until the pack is worth repacking
         if not drop and not repack:
             return st
         new_packs: list[fmt.IndexPack] = []
@@ -409,7 +472,7 @@ class BlockStore:
             for name, rows in repack:
                 for row in rows:
                     if writer is None:
-                        writer = PackWriter(self)
+                        writer = PackWriter(self, owner)
                     bid = row["id"].tobytes()
                     blob = self.read_stored((name, int(row["offset"]), int(row["slen"]), 0, 0))
                     writer.add(bid, blob, int(row["rlen"]), int(row["codec"]))
@@ -435,7 +498,7 @@ class BlockStore:
                     seen.add(pn)
                     survivors.append(self.packs[pn])
         if survivors or new_packs:
-            self.publish_index(survivors + new_packs)
+            self.publish_index(survivors + new_packs, owner)
         self.remove_index_files(affected)
         st.index_files_rewritten = len(affected)
         with self._lock:
