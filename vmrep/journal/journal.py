@@ -3,9 +3,11 @@
 Layout and protocols are in docs/journal-format.md. In short:
 
     <root>/journal.json                      repository settings (block size, format)
-    <root>/lock                              flock: shared by every mutation, exclusive for cleanup
+    <root>/gc.lock                           flock: one garbage collection / recover at a time
+    <root>/locks/<sid>.lock                  flock: one per live session (writer, reader, ...)
     <root>/packs/<32 hex>.pack               compressed blocks, immutable
     <root>/index/<32 hex>.idx                which blocks are in which pack, immutable
+    <root>/gc/condemned-<n>.ids              unreferenced blobs awaiting deletion
     <root>/tmp/                              temp files (removed by recover())
     <root>/vpgs/<vpg>/writer.lock            flock: one checkpoint writer / retention per VPG
     <root>/vpgs/<vpg>/checkpoints/<id>.ckpt  one per checkpoint: the blocks changed in it
@@ -113,7 +115,8 @@ class RetentionResult:
     bytes_before: int = 0  # VPG usage before
     bytes_after: int = 0  # VPG usage after
     gc: GCStats | None = None
-    gc_deferred: bool = False  # another writer was active: space is reclaimed by a later run
+    gc_deferred: bool = False  # some garbage is condemned but not deleted yet (sessions older
+    # than its condemnation are still running): a later run reclaims the space
     compacted: bool = False  # a new base file was written
 
     @property
