@@ -123,7 +123,9 @@ def specs(config: Any, config_path: str, now: datetime | None = None) -> list[Sp
             f"Continuous replication of VPG {v.name} ({v.protected_site} -> {v.recovery_site}): a checkpoint "
             f"every {every:g} s (RPO target {v.rpo_target_seconds:g} s). A run lasts "
             f"{REPLICATE_RUN_SECONDS // 60} minutes and the next one starts when it ends. Needs the initial sync first.",
-            defaults={**base, "vpg": v.name, "for_seconds": REPLICATE_RUN_SECONDS - every - 5,
+            # The run stops starting checkpoints `every` before its end: it has ended when the
+            # next one is due, so the gap between checkpoints stays ~every + start-up.
+            defaults={**base, "vpg": v.name, "for_seconds": REPLICATE_RUN_SECONDS - 5,
                       "interval_seconds": every},
             schedules=[Interval(timedelta(seconds=REPLICATE_RUN_SECONDS), slug=f"replicate-{v.name}",
                                 anchor_date=datetime(2020, 1, 1, tzinfo=timezone.utc))],

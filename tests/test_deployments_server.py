@@ -148,11 +148,11 @@ def test_dr_test_from_the_api_emails_its_report_and_publishes_artifacts(stack):
 
         emit_event(event="vmrep.alert.raised",
                    resource={"prefect.resource.id": "vmrep.vpg.erp", "prefect.resource.name": "erp"},
-                   payload={"code": "rpo_over_target", "level": "warning", "text": "RPO 95 s over target 60 s",
+                   payload={"code": "RPO_OVER_TARGET", "level": "warning", "text": "RPO 95 s is over the target 60 s",
                             "vm": None, "alert_id": 7})
         EventsWorker.drain_all()
         alert = wait_for("the alert email", lambda: next(
-            (m for m in messages(sink) if "rpo_over_target" in m["Subject"]), None), 45)
-        assert alert["Subject"] == "[vmrep] VPG erp: warning rpo_over_target"
-        assert "RPO 95 s over target 60 s" in alert.get_body(("plain",)).get_content()
+            (m for m in messages(sink) if "RPO_OVER_TARGET" in m["Subject"]), None), 45)
+        assert alert["Subject"] == "[vmrep] VPG erp: warning RPO_OVER_TARGET"
+        assert "RPO 95 s is over the target 60 s" in alert.get_body(("plain",)).get_content()
         assert "dr-team@example.test" in alert["To"]
