@@ -590,3 +590,15 @@ def test_retention_and_gc_while_other_processes_write(tmp_path):
         assert len(fresh.checkpoints(vpg)) == 1 and fresh.verify(vpg) == []
     assert deleted > 0
     assert fresh.store.condemned == {}  # nothing left waiting once everyone is gone
+
+
+def test_compression_probe_does_not_miss_partly_compressible_blocks(tmp_path):
+    bs = 256 << 10
+    j = Journal.open(tmp_path / "j", block_size=bs)
+    head_random = os.urandom(bs // 2) + b"x" * (bs // 2)  # random start, compressible rest
+    text = (b"the quick brown fox " * (bs // 20 + 1))[:bs]
+    random_block = os.urandom(bs)
+    cp = commit_disk(j, "g", "vm", "d", {0: random_block, 1: head_random, 2: text}, 3 * bs)
+    assert bs + bs // 2 < cp.added_bytes < bs + bs // 2 + 8192  # random raw, the rest compressed
+    assert disk_bytes(j, "g", cp.id, "vm", "d") == random_block + head_random + text
+    assert j.verify("g") == []

@@ -14,10 +14,29 @@ import fcntl
 import json
 import os
 import socket
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from vmrep.journal._fs import ensure_dir, rand_hex
+
+
+def _remove_if_unlocked(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
 
 SID_LEN = 16  # hex characters of a session id; temp files and packs start with their owner's
 
@@ -30,7 +49,7 @@ class Session:
         self.vpg = vpg
         locks = root / "locks"
         ensure_dir(locks)
-        tmp = locks / f"{self.sid}.tmp"
+        tmp = locks / f"{self.sid}.new"  # probers ignore .new files (see live_sessions)
         self.fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         # renamed only once locked, so a prober never mistakes it for a dead session's
@@ -79,9 +98,18 @@ def live_sessions(root: Path, only: str | None = None) -> dict[str, int]:
     except FileNotFoundError:
         return out
     for e in entries:
-        if not (e.name.endswith(".lock") or e.name.endswith(".tmp")):
-            continue
         if only is not None and not e.name.startswith(only + "."):
+            continue
+        if e.name.endswith(".new"):
+            # a session being created (locked, then renamed, within microseconds); one
+            # left by a crash at that moment is removed once it is clearly old
+            try:
+                if time.time() - e.stat().st_mtime > 600:
+                    _remove_if_unlocked(e.path)
+            except FileNotFoundError:
+                pass
+            continue
+        if not e.name.endswith(".lock"):
             continue
         sid = e.name.split(".", 1)[0]
         try:
@@ -94,13 +122,10 @@ def live_sessions(root: Path, only: str | None = None) -> dict[str, int]:
             except OSError as exc:
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise
-                if e.name.endswith(".lock"):
-                    try:
-                        out[sid] = int(json.loads(os.pread(fd, 4096, 0) or b"{}").get("epoch", -1))
-                    except ValueError:
-                        out[sid] = -1
-                else:
-                    out[sid] = -1  # being created
+                try:
+                    out[sid] = int(json.loads(os.pread(fd, 4096, 0) or b"{}").get("epoch", -1))
+                except ValueError:
+                    out[sid] = -1
                 continue
             try:  # nobody holds it: its process is gone
                 os.unlink(e.path)

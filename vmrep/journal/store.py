@@ -62,9 +62,27 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
+SAMPLE = 8 << 10  # bytes per probe of the incompressibility test
+
+
+def _looks_incompressible(data: bytes | memoryview) -> bool:
+    """Compress three 8 KiB probes (start, middle, end): random or already-compressed data
+    (most of what a disk holds that is not zero) is then not compressed whole for nothing.
+    A block with any compressible region among the probes is compressed in full."""
+    n = len(data)
+    if n < 16 * SAMPLE:
+        return False
+    view = memoryview(data)
+    c = _compressor(1)
+    for off in (0, (n - SAMPLE) // 2, n - SAMPLE):
+        if len(c.compress(view[off : off + SAMPLE])) < SAMPLE - (SAMPLE >> 5):
+            return False
+    return True
+
+
 def encode_blob(data: bytes | memoryview, level: int) -> tuple[bytes | memoryview, int]:
     """Compress; keep raw when compression saves less than 1/32 of the block."""
-    if level <= 0:
+    if level <= 0 or _looks_incompressible(data):
         return data, fmt.CODEC_RAW
     comp = _compressor(level).compress(data)
     if len(comp) >= len(data) - (len(data) >> 5):
