@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import html
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------
-# Plain functions (no Prefect): what the CLI and the tasks share
+# Plain helpers (reports_dir and parse_period live in vmrep.cli.report, free of Prefect)
 
 
 def delivery_dict(d: Delivery | None) -> dict[str, Any] | None:
