@@ -317,6 +317,10 @@ func (l *lab) serveSOAP(w http.ResponseWriter, r *http.Request) {
 	var preCustom string
 	if method == "CustomizeVM_Task" {
 		preCustom = pendingCustomization(this)
+		// The simulator checks the spec's NIC count against guest.net, which the guest
+		// simulation fills in shortly after CreateVM: fill it in now, so a CustomizeVM
+		// right after CreateVM is judged as a vCenter would (by the VM's NICs).
+		l.guest.evaluate(this)
 	}
 
 	l.mu.Lock()
