@@ -281,7 +281,7 @@ def seed_site(client: Any, site: SiteProcess, vms: list[VMSeed], rng: random.Ran
 
 
 def lab_config(a: SiteProcess, b: SiteProcess, password_file: Path, journal: Path,
-               database_url: str | None = None) -> dict[str, Any]:
+               database_url: str | None = None, notifications: dict[str, Any] | None = None) -> dict[str, Any]:
     def nic(live: str, test: str, base: int, i: int) -> dict[str, Any]:
         return {"live_network": live, "test_network": test,
                 "live_ip": {"dhcp": False, "ip": f"10.20.{base}.{10 + i}", "netmask": "255.255.255.0",
@@ -289,7 +289,9 @@ def lab_config(a: SiteProcess, b: SiteProcess, password_file: Path, journal: Pat
                 "test_ip": {"dhcp": False, "ip": f"192.168.{base}.{10 + i}", "netmask": "255.255.255.0",
                             "gateway": f"192.168.{base}.1"}}
 
-    extra = {"database_url": database_url} if database_url else {}
+    extra: dict[str, Any] = {"database_url": database_url} if database_url else {}
+    if notifications:
+        extra["notifications"] = notifications
     return {
         **extra,
         "sites": {"siteA": _site_config(a, password_file), "siteB": _site_config(b, password_file)},
@@ -340,7 +342,7 @@ class Lab:
 
 
 def up(base: Path | None = None, config_path: Path | None = None, *, boot_delay: str = "1s",
-       seed: int = 1, database_url: str | None = None) -> Lab:
+       seed: int = 1, database_url: str | None = None, notifications: dict[str, Any] | None = None) -> Lab:
     d = lab_dir(base)
     if (d / "lab.json").exists():
         existing = json.loads((d / "lab.json").read_text())
@@ -375,7 +377,7 @@ def up(base: Path | None = None, config_path: Path | None = None, *, boot_delay:
         config_path.write_text(
             "# Written by 'vmrep lab up': a two-site lab (siteA protected, siteB recovery).\n"
             + yaml.safe_dump(lab_config(lab.sites["siteA"], lab.sites["siteB"], password_file, d / "journal",
-                                        database_url),
+                                        database_url, notifications),
                              sort_keys=False))
         (d / "lab.json").write_text(json.dumps(lab.state(), indent=2))
         return lab

@@ -27,12 +27,38 @@ from vmrep.config import Config, load_config  # noqa: E402
 from vmrep.runtime import Runtime, forget_runtime, get_runtime  # noqa: E402
 
 
+class MailSink:
+    """A real SMTP server on loopback that keeps what it receives (the lab's mail relay)."""
+
+    def __init__(self) -> None:
+        from aiosmtpd.controller import Controller
+
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.messages: list = []  # type: ignore[type-arg]
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        self.controller.start()
+
+    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+        import email
+
+        self.messages.append(email.message_from_bytes(envelope.content))
+        return "250 OK"
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+
 class LabHandle:
     """A running lab and what tests need of it."""
 
-    def __init__(self, base: Path, lab: manage.Lab) -> None:
+    def __init__(self, base: Path, lab: manage.Lab, mail: MailSink) -> None:
         self.base = base
         self.lab = lab
+        self.mail = mail
         self.config_path = lab.config_path
 
     @property
@@ -91,14 +117,24 @@ class LabControl:
 
 def _start_lab(base: Path, boot_delay: str = "200ms") -> LabHandle:
     base.mkdir(parents=True, exist_ok=True)
-    lab = manage.up(base=base, config_path=base / "vmrep.yaml", boot_delay=boot_delay,
-                    database_url=f"sqlite:///{base / 'state.db'}")
-    return LabHandle(base, lab)
+    mail = MailSink()
+    try:
+        lab = manage.up(base=base, config_path=base / "vmrep.yaml", boot_delay=boot_delay,
+                        database_url=f"sqlite:///{base / 'state.db'}",
+                        notifications={"smtp_host": "127.0.0.1", "smtp_port": mail.port, "security": "plain",
+                                       "default_to": ["dr-reports@example.test"]})
+    except BaseException:
+        mail.stop()
+        raise
+    return LabHandle(base, lab, mail)
 
 
 def _stop_lab(handle: LabHandle) -> None:
     forget_runtime(handle.config_path)
-    manage.down(base=handle.base)
+    try:
+        manage.down(base=handle.base)
+    finally:
+        handle.mail.stop()
 
 
 @pytest.fixture(scope="module")

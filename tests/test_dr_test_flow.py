@@ -45,8 +45,13 @@ def test_dr_test_flow_runs_each_step_as_a_task_run(erp) -> None:  # type: ignore
     from flows.dr_test import dr_test
 
     rt = erp.runtime()
+    mails_before = len(erp.mail.messages)
     s = dr_test("erp", str(erp.config_path), who="frank", verify_timeout=20)
     assert s["success"] is True and s["flow_run_id"] and s["started_by"] == "frank"
+    # the DR-test report was emailed to the VPG's recipients and the default ones
+    new = erp.mail.messages[mails_before:]
+    assert [m["Subject"].startswith("[vmrep] DR test PASS: VPG erp") for m in new] == [True]
+    assert {a.strip() for a in new[0]["To"].split(",")} == {"dr-team@example.test", "dr-reports@example.test"}
     names = task_run_names(s["flow_run_id"])
     for vm in ("erp-db", "erp-app", "erp-web"):
         for step in ("write-disks", "create-vm", "customize", "power-on", "verify", "remove-vm"):
