@@ -14,12 +14,12 @@ from vmrep.monitor import monitor_pass
 from vmrep.runtime import get_runtime
 
 
-@task(name="monitor-pass", **step_options(retries=2, timeout=120))
+@task(name="monitor-pass", **step_options(retries=2))
 def run_pass(config: str, vpgs: list[str] | None = None) -> list[Any]:
     return monitor_pass(get_runtime(config), vpgs=vpgs)
 
 
-@task(name="emit-events", **step_options(retries=2, timeout=60))
+@task(name="emit-events", **step_options(retries=2))
 def emit(results: list[Any]) -> int:
     return len(emit_events(t for r in results for t in r.transitions))
 

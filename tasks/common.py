@@ -19,7 +19,11 @@ def transient_only(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def step_options(*, retries: int = 3, timeout: float | None = 600.0, **extra: Any) -> dict[str, Any]:
+def step_options(*, retries: int = 3, timeout: float | None = None, **extra: Any) -> dict[str, Any]:
+    """Options of a vmrep task. No Prefect timeout by default: tasks run in worker
+    threads, which Prefect cannot interrupt (it only warns, on every run); every
+    external call inside bounds its own wait instead (the site's timeout_seconds on each
+    SOAP and HTTP request, task waits with a deadline)."""
     opts: dict[str, Any] = dict(
         retries=retries,
         retry_delay_seconds=[1, 3, 10][:max(retries, 1)],

@@ -35,7 +35,7 @@ def release_consistency_points(config: str, vpg: str) -> int:
     return engine.remove_consistency_points(rt, rt.config.vpg(vpg))
 
 
-@task(name="transfer-vm", **step_options(timeout=3600))
+@task(name="transfer-vm", **step_options())
 def transfer_vm(config: str, vpg: str, vm: VMInfo, previous: str | None) -> dict[str, Any]:
     rt = get_runtime(config)
     v = rt.config.vpg(vpg)
@@ -45,7 +45,7 @@ def transfer_vm(config: str, vpg: str, vm: VMInfo, previous: str | None) -> dict
             "seconds": sum(s.seconds for s in out.disks.values())}
 
 
-@task(name="transfer-disk", **step_options(timeout=6 * 3600))
+@task(name="transfer-disk", **step_options())
 def transfer_disk(config: str, vpg: str, vm: VMInfo, disk: DiskInfo, previous: str | None,
                   preseed_path: str | None = None) -> dict[str, Any]:
     rt = get_runtime(config)

@@ -110,10 +110,10 @@ def vm_tags(inv: Inventory, vms: list, config: Config) -> dict[str, set[str]]:  
     endpoint (a bare ESXi) has no tags, and the other markers still apply."""
     if not config.domain_controller_marker.tag or not vms:
         return {}
-    from vmrep.vsphere.tags import Tags
+    from vmrep.vsphere.tags import tags_for
 
     try:
-        return Tags(inv.client).of_vms(vm.ref for vm in vms)
+        return tags_for(inv.client).of_vms(vm.ref for vm in vms)
     except Exception as exc:  # noqa: BLE001 - tags are one marker of three
         log.warning("site %s: tags not readable (%s); domain controllers recognised by the other markers only",
                     inv.client.site.name, exc)

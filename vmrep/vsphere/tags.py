@@ -15,6 +15,14 @@ from vmrep.errors import TransientError
 from vmrep.vsphere.connection import Client
 
 
+def tags_for(client: Client) -> "Tags":
+    """The client's tag reader, kept with it so the REST session is logged in once."""
+    t = client.__dict__.get("_tags")
+    if t is None:
+        t = client.__dict__["_tags"] = Tags(client)
+    return t
+
+
 class Tags:
     def __init__(self, client: Client) -> None:
         self.client = client
