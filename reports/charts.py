@@ -94,7 +94,8 @@ def rpo_chart(
         t = target / scale
         ax.fill_between(x, y, t, where=(y > t), step=None, color=RED, alpha=0.15, linewidth=0,
                         interpolate=True)
-        ax.plot(x, y, color=BLUE, linewidth=1.4, label="RPO")
+        ax.plot(x, y, color=BLUE, linewidth=1.4, label="RPO",
+                    marker="o" if len(x) < 40 else None, markersize=3)  # a few samples must still show
         ax.step(x, t, where="post", color=RED, linewidth=1.2, linestyle="--", label="RPO target")
         missing = df["rpo_seconds"].isna()
         if missing.any():

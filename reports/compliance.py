@@ -15,6 +15,8 @@ from reports.report import Report, slug
 
 COMPLIANT = "compliant"
 AT_RISK = "at risk"
+from vmrep.health import HISTORY_WARNING_RATIO
+
 NOT_COMPLIANT = "not compliant"
 ORDER = {COMPLIANT: 0, AT_RISK: 1, NOT_COMPLIANT: 2}
 
@@ -34,7 +36,8 @@ RULE = [
     (
         COMPLIANT,
         f"at least {_p(RPO_COMPLIANT)} of the period's samples meet the RPO target, journal "
-        f"history meets its target in at least {_p(HISTORY_COMPLIANT)} of them, and the last DR "
+        f"history meets its target in at least {_p(HISTORY_COMPLIANT)} of them (met: at least "
+        f"{_p(HISTORY_WARNING_RATIO)} of the window in force, as the monitor judges it), and the last DR "
         "test succeeded and is not overdue (or testing is off for the VPG).",
     ),
     (
@@ -84,7 +87,9 @@ def _vpg_summary(
     rpo = smp["rpo_seconds"]
     meets = rpo.notna() & (rpo <= smp["rpo_target_seconds"])
     hist = smp["history_seconds"]
-    hist_meets = hist.notna() & (hist >= smp["history_target_seconds"])
+    # The monitor's rule: history is short when under 85 % of the target in force (the
+    # configured window, or the VPG's age while it is younger than the window).
+    hist_meets = hist.notna() & (hist >= HISTORY_WARNING_RATIO * smp["history_target_seconds"])
     rpo_target = (
         float(cfg.rpo_target_seconds) if cfg is not None
         else (float(smp["rpo_target_seconds"].iloc[-1]) if n else None)

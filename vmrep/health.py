@@ -305,11 +305,13 @@ def evaluate(cfg: "VPG", f: Facts) -> Evaluation:
 
     # --- journal history --------------------------------------------------------------
     hist_target = cfg.history_seconds
+    hist_in_force = hist_target  # what a sample is judged against: the window, or the VPG's age if younger
     covered = (now - f.oldest_checkpoint_at).total_seconds() if f.oldest_checkpoint_at else None
     hist_bad = False
     if judge_sla and covered is not None:
         start = f.first_checkpoint_at or f.oldest_checkpoint_at
         expected = min(hist_target, max((now - start).total_seconds(), 0.0))
+        hist_in_force = expected
         ratio = covered / expected if expected > 0 else 1.0
         what = f"journal history {_secs(covered)} is under {{}} % of the {_secs(expected)} expected"
         if ratio < HISTORY_ERROR_RATIO:
@@ -369,7 +371,7 @@ def evaluate(cfg: "VPG", f: Facts) -> Evaluation:
         rpo_seconds=rpo,
         rpo_target_seconds=target,
         history_seconds=covered,
-        history_target_seconds=hist_target,
+        history_target_seconds=hist_in_force,
         journal_bytes=f.journal_bytes,
         journal_limit_bytes=limit,
     )
