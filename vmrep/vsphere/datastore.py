@@ -130,10 +130,26 @@ class HttpDatastore:
         return data
 
     def write(self, path: str, chunks: Iterable[bytes], size: int) -> None:
-        r = self._request(
-            "PUT", path, data=iter(chunks),
-            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
-        )
+        """Streaming PUT of exactly `size` bytes. A list of chunks is sent again on a
+        retry; a one-shot iterator cannot be, so its first transient failure is raised
+        (as TransientError) for the caller's step to start the stream anew."""
+        replayable = isinstance(chunks, (list, tuple, bytes))
+        if isinstance(chunks, bytes):
+            chunks = [chunks]
+
+        def put() -> requests.Response:
+            return self._request("PUT", path, data=_SizedStream(iter(chunks), size),
+                                 headers={"Content-Type": "application/octet-stream"})
+
+        if replayable:
+            r = put()
+        else:
+            saved = self.client.retry
+            self.client.retry = type(saved)(attempts=1, initial=saved.initial, maximum=saved.maximum)
+            try:
+                r = put()
+            finally:
+                self.client.retry = saved
         if r.status_code not in (200, 201, 204):
             raise VSphereError(f"writing {path}: HTTP {r.status_code}")
 
@@ -141,6 +157,32 @@ class HttpDatastore:
         r = self._request("DELETE", path)
         if r.status_code not in (200, 204, 404):
             raise VSphereError(f"deleting {path}: HTTP {r.status_code}")
+
+
+class _SizedStream:
+    """A file-like view of a chunk iterator with a known length, so requests sends a
+    Content-Length and streams the body (a bare generator would be sent chunked, which
+    the datastore interface does not take)."""
+
+    def __init__(self, chunks: Iterator[bytes], size: int) -> None:
+        self._chunks = chunks
+        self._buf = b""
+        self._size = size
+
+    def __len__(self) -> int:
+        return self._size
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self._buf) < n:
+            try:
+                self._buf += next(self._chunks)
+            except StopIteration:
+                break
+        if n < 0:
+            out, self._buf = self._buf, b""
+        else:
+            out, self._buf = self._buf[:n], self._buf[n:]
+        return out
 
 
 class LocalDatastore:
@@ -218,6 +260,3 @@ class DatastoreAccess:
     def is_local(self, path: str) -> bool:
         return self._pick(path) is self.localds
 
-
-def iter_chunks(data_source: Iterator[bytes]) -> Iterator[bytes]:
-    yield from data_source

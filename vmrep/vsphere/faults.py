@@ -40,8 +40,12 @@ def is_session_lost(exc: BaseException) -> bool:
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, TransientError):
         return True
-    if isinstance(exc, (ssl.SSLCertVerificationError, requests.exceptions.SSLError)):
+    if isinstance(exc, ssl.SSLCertVerificationError):
         return False  # a certificate that does not verify will not verify on retry either
+    if isinstance(exc, requests.exceptions.SSLError):
+        # requests wraps both a refused certificate (final) and a connection cut during
+        # TLS (SSLEOFError: worth a retry) in the same class; only the text tells them apart.
+        return "CERTIFICATE_VERIFY_FAILED" not in str(exc) and "pinned thumbprint" not in str(exc)  # a certificate that does not verify will not verify on retry either
     if isinstance(exc, _TRANSIENT_FAULTS):
         return True
     if isinstance(exc, requests.HTTPError) and exc.response is not None:
