@@ -146,16 +146,24 @@ def test_dr_test_from_the_api_emails_its_report_and_publishes_artifacts(stack):
         assert "Emailed" in by_key["dr-test-erp-email"].data
 
         # The alert automation: an alert event -> notify/notify -> an email to the VPG's owners.
-        from prefect.events import emit_event
-        from prefect.events.worker import EventsWorker
+        # Sent with a client of this server's own: the process-wide EventsWorker may still be
+        # bound to another API (an earlier test's Prefect harness), as it is a singleton.
+        import asyncio
 
-        emit_event(event="vmrep.alert.raised",
-                   resource={"prefect.resource.id": "vmrep.vpg.erp", "prefect.resource.name": "erp"},
-                   payload={"code": "RPO_OVER_TARGET", "level": "warning", "text": "RPO 95 s is over the target 60 s",
-                            "vm": None, "alert_id": 7})
-        EventsWorker.drain_all()
+        from prefect.events import Event
+        from prefect.events.clients import PrefectEventsClient
+
+        async def send() -> None:
+            async with PrefectEventsClient(api_url=srv.api_url) as events:
+                await events.emit(Event(
+                    event="vmrep.alert.raised",
+                    resource={"prefect.resource.id": "vmrep.vpg.erp", "prefect.resource.name": "erp"},
+                    payload={"code": "RPO_OVER_TARGET", "level": "warning",
+                             "text": "RPO 95 s is over the target 60 s", "vm": None, "alert_id": 7}))
+
+        asyncio.run(send())
         alert = wait_for("the alert email", lambda: next(
-            (m for m in messages(sink) if "RPO_OVER_TARGET" in m["Subject"]), None), 45)
+            (m for m in messages(sink) if "RPO_OVER_TARGET" in m["Subject"]), None), 120)
         assert alert["Subject"] == "[vmrep] VPG erp: warning RPO_OVER_TARGET"
         assert "RPO 95 s is over the target 60 s" in alert.get_body(("plain",)).get_content()
         assert "dr-team@example.test" in alert["To"]
