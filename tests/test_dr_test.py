@@ -314,3 +314,21 @@ def test_test_over_the_datastore_http_interface(erp, tmp_path) -> None:  # type:
         assert recovery_site_state(rt) == ([], [])
     finally:
         forget_runtime(cfg)
+
+
+def test_a_createvm_reply_lost_after_the_vm_was_made_is_not_made_twice(erp) -> None:  # type: ignore[no-untyped-def]
+    """The lab serves CreateVM, then drops the connection instead of answering: the retry
+    must find the VM the lost call made, not make a second one."""
+    rt = erp.runtime()
+    ctl = erp.control("siteB")
+    ctl.reset_calls()
+    ctl.fault("CreateVM_Task", "drop-reply", count=1)
+    s = ops.run_test(str(erp.config_path), "erp", notes="lost reply", verify_timeout=20)
+    assert s["result"] == "succeeded" and s["success"] is True
+    assert ctl.calls()["CreateVM_Task"] == 3  # one lost reply, then one per remaining VM
+    created = {x.vm: x for x in rt.store.steps(s["operation_id"]) if x.step == "create-vm"}
+    found_again = [vm for vm, x in created.items() if x.result == "skipped"]
+    assert len(found_again) == 1 and created[found_again[0]].detail["created"] is False
+    from test_recovery import recovery_site_state
+
+    assert recovery_site_state(rt) == ([], [])

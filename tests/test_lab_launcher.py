@@ -44,7 +44,7 @@ def _ensure_binary() -> Path:
     if BINARY.exists() and BINARY.stat().st_mtime >= newest:
         return BINARY
     if shutil.which("go") is None:
-        pytest.skip("Go is not installed: cannot build build/vcsim-lab")
+        pytest.fail("Go is not installed: `make test` installs golang-go; cannot build build/vcsim-lab")
     subprocess.run(["make", "-f", "lab/launcher/build.mk", "build/vcsim-lab"], cwd=REPO, check=True,
                    capture_output=True, timeout=600)
     return BINARY

@@ -66,9 +66,9 @@ func (l *lab) controlHandler(ready func() interface{}) http.Handler {
 					writeJSON(w, http.StatusBadRequest, map[string]string{"error": fmt.Sprintf("unknown fault %q (known: %s, http503)", in.Fault, knownFaults())})
 					return
 				}
-			case "drop", "delay", "http503":
+			case "drop", "drop-reply", "delay", "http503":
 			default:
-				writeJSON(w, http.StatusBadRequest, map[string]string{"error": fmt.Sprintf("unknown action %q (fault, drop, delay, http503)", in.Action)})
+				writeJSON(w, http.StatusBadRequest, map[string]string{"error": fmt.Sprintf("unknown action %q (fault, drop, drop-reply, delay, http503)", in.Action)})
 				return
 			}
 			if in.DelayMS < 0 {

@@ -286,9 +286,13 @@ func (l *lab) serveSOAP(w http.ResponseWriter, r *http.Request) {
 	}
 	l.count(method)
 
-	if rule := l.takeRule(method, body); rule != nil && l.applyRule(w, rule, method, body, false) {
+	rule := l.takeRule(method, body)
+	if rule != nil && l.applyRule(w, rule, method, body, false) {
 		return
 	}
+	// drop-reply: the call is served (the VM is made, the task runs), then the reply is
+	// lost with the connection, as when a network drops after vCenter acted.
+	dropReply := rule != nil && rule.Action == "drop-reply"
 
 	cookie, authed := l.sessionValid(r)
 	this := soapThis(body)
@@ -381,6 +385,15 @@ func (l *lab) serveSOAP(w http.ResponseWriter, r *http.Request) {
 		l.guest.evaluate(this)
 	}
 
+	if dropReply {
+		if hj, ok := w.(http.Hijacker); ok {
+			if conn, _, err := hj.Hijack(); err == nil {
+				_ = conn.Close()
+				return
+			}
+		}
+		panic(http.ErrAbortHandler)
+	}
 	for k, v := range rec.header {
 		w.Header()[k] = v
 	}
