@@ -113,7 +113,6 @@ def test_excluded_kinds_refused_by_validate(fresh_lab, capsys: pytest.CaptureFix
     lab = fresh_lab
 
     def multi_writer(vm: VMInfo):  # type: ignore[no-untyped-def]
-        devs = vm.ref  # noqa: F841 - read devices through the collector below
         with connect(lab.config.sites["siteA"]) as c:
             from vmrep.vsphere.property import retrieve_one
 

@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
-from pyVmomi import vim
 
 from vmrep.config import VPG
-from vmrep.errors import NotFound, Refused, VmrepError
+from vmrep.errors import NotFound, Refused
 from vmrep.replication.blocks import DiskSyncStats, sync_disk
 from vmrep.runtime import Runtime
 from vmrep.vsphere.datastore import DatastoreAccess
@@ -353,11 +352,3 @@ def initial_sync(rt: Runtime, vpg: VPG, *, threads: int = 2, progress: Callable[
 
 def disk_bytes(vms: dict[str, VMInfo]) -> int:
     return sum(d.capacity for vm in vms.values() for d in vm.disks)
-
-
-def describe_fault(exc: BaseException) -> str:
-    if isinstance(exc, VmrepError):
-        return str(exc)
-    if isinstance(exc, vim.fault.VimFault):
-        return f"{type(exc).__name__}: {getattr(exc, 'msg', '')}"
-    return f"{type(exc).__name__}: {exc}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
-import time
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
 from typing import Any, Callable, TypeVar
@@ -91,23 +90,6 @@ class PinnedContext(ssl.SSLContext):
         return sock
 
 
-def check_pin(site: Site, host: str, port: int) -> None:
-    """Compare the server certificate's SHA-256 with the pinned thumbprint."""
-    import hashlib
-    import socket
-
-    ctx = ssl._create_unverified_context()  # noqa: SLF001 - the pin is the verification
-    try:
-        with socket.create_connection((host, port), timeout=site.timeout_seconds) as raw:
-            with ctx.wrap_socket(raw, server_hostname=host) as tls:
-                der = tls.getpeercert(binary_form=True) or b""
-    except OSError as exc:
-        raise ConnectionFailed(f"site {site.name} ({site.host}): cannot connect: {exc.strerror or exc}") from None
-    if hashlib.sha256(der).hexdigest() != site.tls.thumbprint:
-        raise ConnectionFailed(
-            f"site {site.name} ({site.host}): server certificate does not match the pinned thumbprint")
-
-
 def split_host(host: str) -> tuple[str, int]:
     h = host.removeprefix("https://").split("/", 1)[0]
     if h.startswith("[") and "]" in h:  # IPv6 literal
@@ -135,8 +117,6 @@ class Client:
     # -- connection -------------------------------------------------------------------
 
     def _connect(self) -> Any:
-        if self.site.tls.thumbprint:
-            check_pin(self.site, self.host, self.port)
         try:
             return SmartConnect(
                 host=self.host,
@@ -151,9 +131,14 @@ class Client:
                 f"site {self.site.name}: login refused for user {self.site.user!r} (wrong credentials)"
             ) from None
         except ssl.SSLError as exc:
+            if "pinned thumbprint" in str(exc):
+                raise ConnectionFailed(
+                    f"site {self.site.name} ({self.site.host}): server certificate does not match the pinned thumbprint"
+                ) from None
             raise ConnectionFailed(
                 f"site {self.site.name} ({self.site.host}): TLS verification failed: {exc.__class__.__name__}: "
-                f"{getattr(exc, 'verify_message', None) or exc.reason or exc}; give tls.ca_file or tls.thumbprint"
+                f"{getattr(exc, 'verify_message', None) or getattr(exc, 'reason', None) or exc}; "
+                f"give tls.ca_file or tls.thumbprint"
             ) from None
         except OSError as exc:
             raise ConnectionFailed(
@@ -265,7 +250,3 @@ def connect(site: Site, password: str | None = None, **kw: Any) -> Client:
 
         password = resolve_secret(site.password, f"sites.{site.name}.password")
     return Client(site, password, **kw)
-
-
-def wait_seconds(seconds: float) -> None:
-    time.sleep(seconds)
