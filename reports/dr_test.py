@@ -73,12 +73,22 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+DETAIL_VALUE_MAX = 200  # characters of one detail value in the HTML; the steps CSV has them whole
+
+
+def _short(text: str) -> str:
+    if len(text) <= DETAIL_VALUE_MAX:
+        return text
+    return f"{text[:DETAIL_VALUE_MAX]}… ({len(text)} characters, whole in the steps CSV)"
+
+
 def _detail_text(detail: Any) -> str:
     if isinstance(detail, dict):
-        return ", ".join(f"{k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in detail.items())
+        return ", ".join(f"{k}: {_short(json.dumps(v) if isinstance(v, (dict, list)) else str(v))}"
+                         for k, v in detail.items())
     if isinstance(detail, list):
-        return json.dumps(detail)
-    return "" if missing(detail) else str(detail)
+        return _short(json.dumps(detail))
+    return "" if missing(detail) else _short(str(detail))
 
 
 def build_dr_test_report(
