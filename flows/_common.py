@@ -25,7 +25,8 @@ def wait_all(futures: Iterable[Any]) -> list[Any]:
     """Wait for every future; then raise the first failure (after all have finished,
     so no step is left running or unobserved)."""
     futures = list(futures)
-    states = [f.wait() or f.state for f in futures]
+    for f in futures:
+        f.wait()
     results, first_error = [], None
     for f in futures:
         try:
@@ -33,7 +34,6 @@ def wait_all(futures: Iterable[Any]) -> list[Any]:
         except BaseException as exc:  # noqa: BLE001 - re-raised below
             results.append(exc)
             first_error = first_error or exc
-    del states
     if first_error is not None:
         raise first_error
     return results

@@ -200,3 +200,28 @@ def test_cli_checkpoints_tag_verify_restore(lab, tmp_path: Path, capsys: pytest.
     assert out.read_bytes() == files[("erp-db", "scsi0:0")].read_bytes()
     assert main(["verify", "erp", "-c", cfg]) == 0
     assert "no mismatch" in capsys.readouterr().out
+
+
+def test_sync_and_replicate_flows(fresh_lab, prefect_harness) -> None:  # type: ignore[no-untyped-def]
+    """The Prefect flows: initial sync (one task per disk), then two replication cycles,
+    each a checkpoint; status and records as the monitor and reports expect them."""
+    from flows.initial_sync import initial_sync
+    from flows.replicate import replicate
+
+    cfg = str(fresh_lab.config_path)
+    rt = fresh_lab.runtime()
+    s = initial_sync("files", cfg, who="flow-test")
+    assert len(s["disks"]) == 2 and s["bytes_read"] == 32 * MiB
+    row = rt.store.runtime("files")
+    assert row.initial_sync_done and (row.status, row.lock_holder) == ("MeetingSLA", None)
+    op = rt.store.operations("files", kind="initial_sync")[0]
+    assert (op.result, op.started_by) == ("succeeded", "flow-test")
+    files = flat_files(rt, "files")
+    with open(files[("files-01", "scsi0:0")], "r+b") as f:
+        f.seek(3 * MiB)
+        f.write(random.Random(9).randbytes(2 * MiB))
+    cycles = replicate("files", cfg, cycles=2, interval_seconds=0)
+    assert [c["blocks_changed"] for c in cycles] == [2, 0]
+    assert [c["checkpoint"] for c in cycles] == [c.id for c in rt.journal.checkpoints("files")[-2:]]
+    assert all(c["seconds"] >= c["transfer_seconds"] for c in cycles)
+    assert all(not vm.snapshots for vm in engine.vpg_vms(rt, rt.config.vpg("files")).values())
