@@ -76,7 +76,13 @@ def test_pinned_thumbprint(lab, tmp_path: Path) -> None:  # type: ignore[no-unty
 
     cfg = load_config(derived_config(lab, tmp_path, edit))
     with connect(cfg.sites["siteA"]) as c:
-        assert Inventory(c).vm("erp-db").disks
+        disk = Inventory(c).vm("erp-db").disks[0]
+        # the datastore files and the vAPI endpoint trust the same pin
+        from vmrep.vsphere.datastore import HttpDatastore
+        from vmrep.vsphere.tags import Tags
+
+        assert HttpDatastore(c, "DC0").size(disk.flat) == disk.capacity
+        assert Tags(c).of_vms([Inventory(c).vm("erp-db").ref]) is not None
     wrong = "00" * 32
     cfg.sites["siteA"].tls.thumbprint = wrong
     with pytest.raises(Exception, match="thumbprint"):

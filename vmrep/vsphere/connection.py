@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
 from typing import Any, Callable, TypeVar
 
+import requests
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim
+from requests.adapters import HTTPAdapter
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -88,6 +90,35 @@ class PinnedContext(ssl.SSLContext):
             sock.close()
             raise ssl.SSLError("server certificate does not match the pinned thumbprint")
         return sock
+
+
+class _PinnedAdapter(HTTPAdapter):
+    """requests/urllib3 side of a pinned thumbprint: the peer certificate's SHA-256 must match."""
+
+    def __init__(self, fingerprint: str) -> None:
+        self._fp = fingerprint
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["assert_fingerprint"] = self._fp
+        return super().init_poolmanager(*args, **kwargs)
+
+
+def http_session(site: Site) -> requests.Session:
+    """A requests session trusting exactly what the site's TLS settings say (datastore
+    files and the vAPI endpoint): the CA file, or the pinned thumbprint."""
+    s = requests.Session()
+    if site.tls.thumbprint:
+        s.mount("https://", _PinnedAdapter(site.tls.thumbprint))
+    return s
+
+
+def http_verify(site: Site) -> bool | str:
+    """`verify=` for each request of an `http_session` (given per request: a session-level
+    value loses against REQUESTS_CA_BUNDLE)."""
+    if site.tls.thumbprint or site.tls.insecure:
+        return False  # the pin is checked by the adapter; insecure is the site's explicit choice
+    return str(site.tls.ca_file) if site.tls.ca_file else True
 
 
 def split_host(host: str) -> tuple[str, int]:

@@ -14,10 +14,9 @@ from typing import Iterable, Iterator, Protocol
 from urllib.parse import quote
 
 import requests
-from requests.adapters import HTTPAdapter
 
 from vmrep.errors import NotFound, TransientError, VSphereError
-from vmrep.vsphere.connection import Client
+from vmrep.vsphere.connection import Client, http_session, http_verify
 
 
 def parse_ds_path(path: str) -> tuple[str, str]:
@@ -41,16 +40,6 @@ class DatastoreFiles(Protocol):
     def exists(self, path: str) -> bool: ...
 
 
-class _PinnedAdapter(HTTPAdapter):
-    def __init__(self, fingerprint: str) -> None:
-        self._fp = fingerprint
-        super().__init__()
-
-    def init_poolmanager(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        kwargs["assert_fingerprint"] = self._fp
-        return super().init_poolmanager(*args, **kwargs)
-
-
 class HttpDatastore:
     """One datacenter's datastores through `/folder`, authenticated by the session cookie."""
 
@@ -59,20 +48,10 @@ class HttpDatastore:
         self.datacenter = datacenter
         self._local = threading.local()
 
-    def _verify(self) -> bool | str:
-        tls = self.client.site.tls
-        if tls.thumbprint or tls.insecure:
-            return False  # the pin is checked by the adapter; insecure is the site's explicit choice
-        return str(tls.ca_file) if tls.ca_file else True
-
     def _session(self) -> requests.Session:
         s = getattr(self._local, "session", None)
         if s is None:
-            s = requests.Session()
-            tls = self.client.site.tls
-            if tls.thumbprint:
-                s.mount("https://", _PinnedAdapter(tls.thumbprint))
-            self._local.session = s
+            s = self._local.session = http_session(self.client.site)
         name, value = self.client.session_cookie
         s.cookies.set(name, value)
         return s
@@ -86,9 +65,8 @@ class HttpDatastore:
         url, params = self._url(path)
 
         def go() -> requests.Response:
-            # verify per request: a session-level value loses against REQUESTS_CA_BUNDLE
             r = self._session().request(method, url, params=params, timeout=self.client.site.timeout_seconds,
-                                        verify=self._verify(), **kw)
+                                        verify=http_verify(self.client.site), **kw)
             if r.status_code == 401:
                 # The cookie went stale with the session: log in again, then retry.
                 self.client.relogin()

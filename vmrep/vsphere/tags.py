@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-import requests
-
 from vmrep.errors import TransientError
-from vmrep.vsphere.connection import Client
+from vmrep.vsphere.connection import Client, http_session, http_verify
 
 
 def tags_for(client: Client) -> "Tags":
@@ -27,18 +25,12 @@ class Tags:
     def __init__(self, client: Client) -> None:
         self.client = client
         self.base = f"https://{client.host}:{client.port}/rest"
-        self.http = requests.Session()
+        self.http = http_session(client.site)
         self._names: dict[str, str] = {}
-
-    def _verify(self) -> bool | str:
-        tls = self.client.site.tls
-        if tls.thumbprint or tls.insecure:
-            return False
-        return str(tls.ca_file) if tls.ca_file else True
 
     def _login(self) -> None:
         r = self.http.post(f"{self.base}/com/vmware/cis/session", auth=(self.client.site.user, self.client._password),
-                           verify=self._verify(), timeout=self.client.site.timeout_seconds)
+                           verify=http_verify(self.client.site), timeout=self.client.site.timeout_seconds)
         if r.status_code != 200:
             raise TransientError(f"site {self.client.site.name}: vAPI login answered HTTP {r.status_code}")
         token = r.json().get("value")
@@ -49,7 +41,7 @@ class Tags:
         def go() -> Any:
             if "vmware-api-session-id" not in self.http.headers:
                 self._login()
-            r = self.http.request(method, f"{self.base}{path}", verify=self._verify(),
+            r = self.http.request(method, f"{self.base}{path}", verify=http_verify(self.client.site),
                                   timeout=self.client.site.timeout_seconds, **kw)
             if r.status_code == 401:
                 self.http.headers.pop("vmware-api-session-id", None)
