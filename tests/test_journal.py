@@ -611,3 +611,73 @@ def test_compression_probe_does_not_miss_partly_compressible_blocks(tmp_path):
     assert bs + bs // 2 < cp.added_bytes < bs + bs // 2 + 8192  # random raw, the rest compressed
     assert disk_bytes(j, "g", cp.id, "vm", "d") == random_block + head_random + text
     assert j.verify("g") == []
+
+
+def test_duplicate_of_a_block_in_flight_into_a_new_disk_does_not_deadlock(tmp_path, monkeypatch):
+    """Thread A is compressing block X for disk a/d; thread B stores the same X as the first
+    block of disk b/d. B finds X in flight and records it: it must not take the writer's
+    lock twice (the writer of wave 1 did, and the sync hung for good)."""
+    import threading
+
+    from vmrep.journal import journal as jmod
+
+    j = Journal.open(tmp_path / "j", block_size=BS)
+    x = rnd()
+    in_flight, release = threading.Event(), threading.Event()
+    real_encode = jmod.encode_blob
+
+    def slow_encode(data, level):
+        in_flight.set()
+        assert release.wait(10), "test: never released"
+        return real_encode(data, level)
+
+    monkeypatch.setattr(jmod, "encode_blob", slow_encode)
+    w = j.begin("g")
+    for vm in ("a", "b"):
+        w.set_disk_size(vm, "d", 4 * BS)
+    results: dict[str, int] = {}
+    a = threading.Thread(target=lambda: results.__setitem__("a", w.put_block("a", "d", 0, x)), daemon=True)
+    b = threading.Thread(target=lambda: results.__setitem__("b", w.put_block("b", "d", 2, x)), daemon=True)
+    a.start()
+    assert in_flight.wait(5)
+    b.start()
+    b.join(5)
+    release.set()
+    a.join(5)
+    assert not b.is_alive(), "a duplicate of an in-flight block deadlocked the writer"
+    assert not a.is_alive()
+    assert results == {"a": len(real_encode(x, j.compression_level)[0]), "b": 0}
+    cp = w.commit()
+    assert disk_bytes(j, "g", cp.id, "a", "d") == x + bytes(3 * BS)
+    assert disk_bytes(j, "g", cp.id, "b", "d") == bytes(2 * BS) + x + bytes(BS)
+
+
+def test_many_threads_store_identical_blocks_into_many_new_disks(tmp_path):
+    """Stress: 16 threads, 12 disks new in this checkpoint, every block one of 3 values,
+    so most puts meet their block pending or in flight on another thread."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    j = Journal.open(tmp_path / "j", block_size=BS)
+    for round_ in range(5):
+        pool = [rnd() for _ in range(3)]
+        disks = [(f"vm{k}", f"d{round_}") for k in range(12)]
+        plan = [(vm, d, i, pool[(i + k) % 3]) for k, (vm, d) in enumerate(disks) for i in range(64)]
+        start = threading.Barrier(16)
+
+        def put(p, _seen=threading.local()):
+            if not getattr(_seen, "waited", False):
+                _seen.waited = True
+                start.wait(10)
+            return w.put_block(p[0], p[1], p[2], p[3])
+
+        with j.begin("g") as w:
+            for vm, d in disks:
+                w.set_disk_size(vm, d, 64 * BS)
+            with ThreadPoolExecutor(16) as ex:
+                futs = [ex.submit(put, p) for p in plan]
+                stored = sum(f.result(timeout=30) for f in futs)
+            cp = w.commit()
+        assert stored == cp.added_bytes == 3 * BS  # random blocks are stored raw, each once
+        for k, (vm, d) in enumerate(disks):
+            assert disk_bytes(j, "g", cp.id, vm, d) == b"".join(pool[(i + k) % 3] for i in range(64))

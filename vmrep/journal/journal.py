@@ -1125,10 +1125,13 @@ class CheckpointWriter:
             self._record(key, index, bid)
             return 0
         with self._lock:
-            if bid in self._pending or bid in self._inflight:
-                self._record(key, index, bid)
-                return 0
-            self._inflight.add(bid)
+            duplicate = bid in self._pending or bid in self._inflight
+            if not duplicate:
+                self._inflight.add(bid)
+        # Recorded outside the lock: _record takes it itself (a plain Lock: never nest it).
+        if duplicate:
+            self._record(key, index, bid)
+            return 0
         stored = 0
         try:
             blob, codec = encode_blob(data, self.journal.compression_level)
@@ -1177,11 +1180,9 @@ class CheckpointWriter:
                 self._cond.notify_all()
 
     def _record(self, key: tuple[str, str], index: int, bid: bytes) -> None:
-        d = self._entries.get(key)
-        if d is None:
-            with self._lock:
-                d = self._entries.setdefault(key, {})
-        d[index] = bid
+        """Map block `index` of a disk to `bid`. Takes self._lock: never call it holding it."""
+        with self._lock:
+            self._entries.setdefault(key, {})[index] = bid
 
     def put_zero(self, vm: str, disk: str, index: int) -> bool:
         """Block `index` is all zeros. Returns whether a map entry was needed (False for a
@@ -1189,9 +1190,10 @@ class CheckpointWriter:
         self._check()
         key = (vm, disk)
         if not self._disk_known(key):
-            d = self._entries.get(key)
-            if d is not None:
-                d.pop(index, None)
+            with self._lock:
+                d = self._entries.get(key)
+                if d is not None:
+                    d.pop(index, None)
             return False
         self._record(key, index, fmt.ZERO_ID)
         return True
