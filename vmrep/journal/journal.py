@@ -46,7 +46,7 @@ from vmrep.journal import maintenance, retention
 from vmrep.journal._fs import ensure_dir, publish, rand_hex
 from vmrep.journal._sessions import Session, open_session, vpg_lock
 from vmrep.journal.chain import Chains
-from vmrep.journal.results import (  # noqa: F401  (re-exported: vmrep.journal.journal.X keeps working)
+from vmrep.journal.results import (
     BlockMap,
     CheckpointInfo,
     Mismatch,
@@ -54,9 +54,9 @@ from vmrep.journal.results import (  # noqa: F401  (re-exported: vmrep.journal.j
     RepairResult,
     RetentionResult,
     Usage,
-    is_zero,
     parse_time,
 )
+from vmrep.journal.results import is_zero  # noqa: F401  (was defined here; old imports keep working)
 from vmrep.journal.store import BlockStore, GCStats, now_iso
 from vmrep.journal.writer import CheckpointWriter, WriteTarget
 

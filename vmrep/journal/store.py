@@ -1,4 +1,9 @@
-"""The content-addressed block store: pack files, index files, reads, garbage collection."""
+"""The content-addressed block store: pack files, index files, reads, garbage collection.
+
+About 500 lines, kept in one module on purpose: the in-memory index (sorted arrays plus a
+dict of recent packs), the reads through it and the garbage collection that rewrites it
+share one lock and one set of structures; split, each half would reach into the other's.
+"""
 
 from __future__ import annotations
 
