@@ -80,6 +80,24 @@ def test_repair_after_every_index_file_is_deleted(tmp_path, monkeypatch):
     assert sorted(p.name for p in (root / "packs").iterdir()) == packs  # recover kept them all
 
 
+def test_opening_a_journal_whose_index_files_are_lost_keeps_the_packs(tmp_path, monkeypatch):
+    """recover() (run by every open) deletes unindexed packs a crash left, but not those
+    holding blocks that kept checkpoints use: their index file was lost, repair relists them."""
+    root = tmp_path / "j"
+    snap = build(root, monkeypatch)
+    packs = sorted(p.name for p in (root / "packs").iterdir())
+    for p in (root / "index").iterdir():
+        p.unlink()
+    j = Journal.open(root, block_size=BS)
+    res = j.recover()
+    assert res.packs_removed == 0
+    assert sum("repair-index" in p for p in res.problems) == len(packs)
+    assert sorted(p.name for p in (root / "packs").iterdir()) == packs
+    assert j.repair_index().packs_indexed == len(packs)
+    j.close()
+    reopen_and_check(root, snap)
+
+
 def test_repair_after_damaged_and_missing_index_files(tmp_path, monkeypatch):
     root = tmp_path / "j"
     snap = build(root, monkeypatch)

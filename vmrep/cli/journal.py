@@ -14,12 +14,12 @@ app.add_typer(journal_app, name="journal")
 @journal_app.command("repair-index")
 def repair_index(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
     """Rebuild the journal's index from the trailers of its pack files (after index files
-    were lost or damaged). Run it before anything else opens the journal: opening it
-    normally removes packs that no index file lists."""
+    were lost or damaged)."""
     from vmrep.journal import Journal
 
     cfg = config_from(config)
-    # recover=False: recover() would delete the very packs whose index files are lost
+    # recover=False: recover() deletes unindexed packs no kept checkpoint needs, which a
+    # lost index file may have listed for deduplication
     with Journal.open(cfg.journal_path, block_size=cfg.journal.block_size, create=False,
                       recover=False) as j:
         res = j.repair_index()

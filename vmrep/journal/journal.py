@@ -90,8 +90,8 @@ class Journal:
         recover: bool = True,
     ) -> "Journal":
         """Open (or create) the journal at `root`. recover=False skips the clean-up of what
-        a crash left: needed before repair_index(), as recover() deletes packs no index
-        file lists."""
+        a crash left (as before repair_index(): recover() deletes the unindexed packs that
+        no kept checkpoint needs, which a lost index file may have listed)."""
         root = Path(root)
         cfg_path = root / "journal.json"
         if cfg_path.exists():

@@ -221,13 +221,16 @@ def recover(j: Journal, wait: float) -> RecoverResult:
         if store.damaged_index:
             res.problems += [f"index/{n}: unreadable; packs it may list are kept"
                              for n in store.damaged_index]
+        unindexed: list[Path] = []
         for e in os.scandir(j.root / "packs"):
             if e.name.endswith(".pack"):
                 name = e.name[: -len(".pack")]
                 present.add(name)
                 if name not in indexed and not store.damaged_index and not owner_alive(name):
-                    res.bytes_freed += unlink_quiet(Path(e.path))
-                    res.packs_removed += 1
+                    unindexed.append(Path(e.path))
+        for p in _crash_leftovers(j, unindexed, res):
+            res.bytes_freed += unlink_quiet(p)
+            res.packs_removed += 1
         if res.packs_removed:
             fsync_dir(j.root / "packs")
         res.missing_packs = sorted(indexed - present)
@@ -239,6 +242,34 @@ def recover(j: Journal, wait: float) -> RecoverResult:
         return res
     finally:
         lk.release()
+
+
+def _crash_leftovers(j: Journal, packs: list[Path], res: RecoverResult) -> list[Path]:
+    """Which of these unindexed packs (of dead sessions) a crash left: those holding no
+    block that a kept checkpoint uses and the index has nowhere else. A checkpoint is
+    published only after its blocks are indexed, so a pack that does hold such a block has
+    lost its index file: it is kept, and reported, for `repair_index` to list again."""
+    if not packs:
+        return []
+    try:
+        live = live_prefixes(j)
+    except (OSError, JournalError) as exc:
+        res.problems.append(f"unindexed packs kept: cannot tell which blocks are in use ({exc})")
+        return []
+    out = []
+    for p in packs:
+        try:
+            ents = read_pack_trailer(p, j.block_size).entries
+        except (OSError, JournalError):
+            out.append(p)  # no readable trailer: nothing could ever index it again
+            continue
+        used = ents["id"][np.isin(id_prefixes(ents["id"]), live)]
+        if any(j.store.lookup(bid.tobytes()) is None for bid in used):
+            res.problems.append(f"packs/{p.name}: holds blocks that kept checkpoints use but no "
+                                "index file lists; kept (run `vmrep journal repair-index`)")
+        else:
+            out.append(p)
+    return out
 
 
 def _recover_vpg(j: Journal, vpg: str, res: RecoverResult) -> int:
