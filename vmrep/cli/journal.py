@@ -13,8 +13,7 @@ app.add_typer(journal_app, name="journal")
 
 @journal_app.command("repair-index")
 def repair_index(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
-    """Rebuild the journal's index from the trailers of its pack files (after index files
-    were lost or damaged)."""
+    """Rebuild the index from the pack files' trailers (after index files were lost or damaged)."""
     from vmrep.journal import Journal
 
     cfg = config_from(config)
