@@ -300,8 +300,8 @@ CRASH_SCRIPT = textwrap.dedent(
     import os, sys
     from pathlib import Path
     sys.path.insert(0, {repo!r})
-    import vmrep.journal.journal as jm
     import vmrep.journal.store as sm
+    import vmrep.journal.writer as wm
     from vmrep.journal import Journal
     point = sys.argv[2]
     sm.PACK_TARGET = 8 * 4096
@@ -312,21 +312,19 @@ CRASH_SCRIPT = textwrap.dedent(
             os._exit(9)  # the pack is in packs/, its index never written
         sm.PackWriter.finish = finish
     elif point == "before-publish":
-        real_pub = jm.publish
+        real_pub = wm.publish
         def pub(tmp, dest, data, **kw):
             if dest.suffix == ".ckpt":
                 os._exit(9)  # data and index durable, checkpoint not published
             return real_pub(tmp, dest, data, **kw)
-        jm.publish = pub
+        wm.publish = pub
     elif point == "mid-publish":
         real_rename = os.rename
         def rename(a, b):
             if str(b).endswith(".ckpt"):
                 os._exit(9)  # temp file fsynced, rename never happened
             return real_rename(a, b)
-        jm.os.rename = rename
-        import vmrep.journal._fs as fs
-        fs.os.rename = rename
+        os.rename = rename  # _fs.publish looks it up in os
     j = Journal.open(Path(sys.argv[1]), block_size=4096)
     with j.begin("g") as w:
         w.set_disk_size("vm", "d", 64 * 4096)
@@ -619,19 +617,19 @@ def test_duplicate_of_a_block_in_flight_into_a_new_disk_does_not_deadlock(tmp_pa
     lock twice (the writer of wave 1 did, and the sync hung for good)."""
     import threading
 
-    from vmrep.journal import journal as jmod
+    from vmrep.journal import writer as wmod
 
     j = Journal.open(tmp_path / "j", block_size=BS)
     x = rnd()
     in_flight, release = threading.Event(), threading.Event()
-    real_encode = jmod.encode_blob
+    real_encode = wmod.encode_blob
 
     def slow_encode(data, level):
         in_flight.set()
         assert release.wait(10), "test: never released"
         return real_encode(data, level)
 
-    monkeypatch.setattr(jmod, "encode_blob", slow_encode)
+    monkeypatch.setattr(wmod, "encode_blob", slow_encode)
     w = j.begin("g")
     for vm in ("a", "b"):
         w.set_disk_size(vm, "d", 4 * BS)

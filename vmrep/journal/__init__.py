@@ -4,18 +4,19 @@ Format: docs/journal-format.md.
 """
 
 from vmrep.journal.format import ZERO_ID
-from vmrep.journal.journal import (
+from vmrep.journal.journal import Journal
+from vmrep.journal.results import (
     BlockMap,
     CheckpointInfo,
-    CheckpointWriter,
-    Journal,
     Mismatch,
     RecoverResult,
+    RepairResult,
     RetentionResult,
     Usage,
     is_zero,
 )
 from vmrep.journal.store import GCStats
+from vmrep.journal.writer import CheckpointWriter
 
 __all__ = [
     "BlockMap",
@@ -25,6 +26,7 @@ __all__ = [
     "Journal",
     "Mismatch",
     "RecoverResult",
+    "RepairResult",
     "RetentionResult",
     "Usage",
     "ZERO_ID",

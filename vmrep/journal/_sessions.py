@@ -18,7 +18,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from vmrep.journal._fs import ensure_dir, rand_hex
+from typing import TYPE_CHECKING
+
+from vmrep.errors import JournalError
+from vmrep.journal._fs import FileLock, ensure_dir, rand_hex
+
+if TYPE_CHECKING:
+    from vmrep.journal.store import BlockStore
 
 
 def _remove_if_unlocked(path: str) -> None:
@@ -135,3 +141,31 @@ def live_sessions(root: Path, only: str | None = None) -> dict[str, int]:
         finally:
             os.close(fd)
     return out
+
+
+def open_session(root: Path, store: "BlockStore", kind: str, vpg: str | None = None) -> Session:
+    """Register as a user of the journal, then load the index: garbage collection will
+    not delete a blob this session might still deduplicate against or read."""
+    s = Session(root, kind, vpg)
+    try:
+        store.refresh()  # condemned blobs first, then the index
+        s.set_epoch(max(store.condemned, default=0))
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def gc_lock(root: Path, timeout: float) -> FileLock | None:
+    """gc.lock, exclusive: one garbage collection, recover() or index repair at a time."""
+    lk = FileLock(root / "gc.lock", shared=False)
+    return lk if lk.acquire(timeout) else None
+
+
+def vpg_lock(vpg_dir: Path, vpg: str, timeout: float, what: str) -> FileLock:
+    """The VPG's writer.lock, exclusive: one checkpoint writer, retention or removal."""
+    ensure_dir(vpg_dir)
+    lk = FileLock(vpg_dir / "writer.lock", shared=False)
+    if not lk.acquire(timeout):
+        raise JournalError(f"VPG {vpg}: journal is locked by another writer ({what} refused)")
+    return lk

@@ -29,6 +29,9 @@ CKPT_MAGIC = b"VMRCKPT1"
 
 CODEC_RAW = 0
 CODEC_ZSTD = 1
+CODECS = (CODEC_RAW, CODEC_ZSTD)
+HASH = "blake3-256"
+COMPRESSION = "zstd"
 
 # One blob entry, as in a pack trailer and in an index file: 49 bytes.
 ENTRY_DTYPE = np.dtype(
@@ -50,13 +53,6 @@ def checkpoint_id(seq: int, rand: str) -> str:
     return f"cp-{seq:08d}-{rand}"
 
 
-def seq_of(cp_id: str) -> int:
-    m = CP_ID_RE.match(cp_id)
-    if not m:
-        raise JournalError(f"not a checkpoint id: {cp_id!r}")
-    return int(m.group(1))
-
-
 def vpg_dirname(vpg: str) -> str:
     if not vpg:
         raise JournalError("VPG name is empty")
@@ -72,6 +68,68 @@ def _checksum(data: bytes | memoryview) -> bytes:
     return blake3.blake3(data).digest()
 
 
+# ---- compatibility: a reader refuses what it does not know, it never guesses ------------
+
+# JSON keys of each kind of object: (required, optional). A key outside both, a missing
+# required key or a `format` other than FORMAT_VERSION makes the file unreadable here.
+REPO_KEYS = ({"format", "kind", "block_size", "hash", "compression"}, {"id", "created"})
+INDEX_KEYS = ({"format", "packs"}, {"created"})
+INDEX_PACK_KEYS = ({"name", "size", "entries"}, set[str]())
+CKPT_KEYS = ({"format", "kind", "vpg", "block_size", "checkpoint", "disks"}, {"written"})
+CKPT_INFO_KEYS = ({"id", "seq", "time"},
+                  {"tags", "meta", "added_bytes", "changed_blocks", "parent", "time_given"})
+CKPT_DISK_KEYS = ({"vm", "disk", "size", "entries"}, {"reset"})
+COND_KEYS = ({"format", "epoch", "count"}, {"created"})
+TAG_KEYS = ({"format", "checkpoint", "tag"}, {"time"})
+START_KEYS = ({"format", "checkpoint", "seq"}, {"written", "dropped"})
+
+
+def check_keys(obj: Any, keys: tuple[set[str], set[str]], what: str) -> None:
+    """`obj` is a JSON object with every required key and no key this version does not know."""
+    required, optional = keys
+    if not isinstance(obj, dict):
+        raise JournalError(f"{what}: not a JSON object")
+    missing = required - obj.keys()
+    if missing:
+        raise JournalError(f"{what}: missing {', '.join(sorted(missing))}")
+    unknown = obj.keys() - required - optional
+    if unknown:
+        raise JournalError(f"{what}: unknown key {', '.join(sorted(unknown))} "
+                           f"(written by a newer vmrep? this one reads format {FORMAT_VERSION})")
+
+
+def check_json(obj: Any, keys: tuple[set[str], set[str]], what: str) -> None:
+    """check_keys, and `format` is the version this code reads."""
+    if isinstance(obj, dict) and "format" in obj and obj["format"] != FORMAT_VERSION:
+        raise JournalError(f"{what}: unsupported format {obj['format']!r} (this vmrep reads "
+                           f"format {FORMAT_VERSION})")
+    check_keys(obj, keys, what)
+
+
+def check_repo_config(cfg: Any, what: str) -> None:
+    """journal.json: a vmrep journal of this format, with the hash and compression this
+    code implements."""
+    check_json(cfg, REPO_KEYS, what)
+    if cfg["kind"] != "vmrep-journal":
+        raise JournalError(f"{what}: kind {cfg['kind']!r} is not a vmrep journal")
+    if cfg["hash"] != HASH:
+        raise JournalError(f"{what}: unsupported hash {cfg['hash']!r} (this vmrep knows {HASH})")
+    if cfg["compression"] != COMPRESSION:
+        raise JournalError(f"{what}: unsupported compression {cfg['compression']!r} "
+                           f"(this vmrep knows {COMPRESSION})")
+    bs = cfg["block_size"]
+    if not isinstance(bs, int) or bs < 4096 or bs & (bs - 1):
+        raise JournalError(f"{what}: block size {bs!r} is not a power of two >= 4096")
+
+
+def check_entries(entries: np.ndarray, what: str) -> None:
+    """Every blob entry names a codec this code decodes."""
+    if len(entries):
+        bad = np.setdiff1d(np.unique(entries["codec"]), np.array(CODECS, np.uint8))
+        if len(bad):
+            raise JournalError(f"{what}: unknown codec {int(bad[0])}")
+
+
 # ---- packs -----------------------------------------------------------------------------
 
 def pack_trailer(entries: np.ndarray) -> bytes:
@@ -83,14 +141,18 @@ def parse_pack_trailer(tail: bytes, what: str) -> np.ndarray:
     """`tail` is the end of a pack, at least footer + table long."""
     if len(tail) < PACK_FOOTER.size:
         raise JournalError(f"{what}: too short for a pack footer")
-    count, _res, digest, magic = PACK_FOOTER.unpack(tail[-PACK_FOOTER.size :])
+    count, reserved, digest, magic = PACK_FOOTER.unpack(tail[-PACK_FOOTER.size :])
     if magic != PACK_END_MAGIC:
         raise JournalError(f"{what}: no pack footer (torn or not a pack)")
+    if reserved != 0:
+        raise JournalError(f"{what}: reserved footer field is {reserved}, not 0 (a newer format?)")
     tlen = count * ENTRY_DTYPE.itemsize
     table = tail[-PACK_FOOTER.size - tlen : -PACK_FOOTER.size]
     if len(table) != tlen or _checksum(table) != digest:
         raise JournalError(f"{what}: pack trailer checksum mismatch")
-    return np.frombuffer(table, dtype=ENTRY_DTYPE).copy()
+    entries = np.frombuffer(table, dtype=ENTRY_DTYPE).copy()
+    check_entries(entries, what)
+    return entries
 
 
 # ---- index files -------------------------------------------------------------------------
@@ -122,13 +184,16 @@ def decode_index(data: bytes, what: str) -> list[IndexPack]:
         raise JournalError(f"{what}: index checksum mismatch")
     (hlen,) = U32.unpack_from(data, 8)
     header = json.loads(data[12 : 12 + hlen])
-    if header.get("format") != FORMAT_VERSION:
-        raise JournalError(f"{what}: unsupported index format {header.get('format')}")
+    check_json(header, INDEX_KEYS, what)
     pos = 12 + hlen
     out = []
     for p in header["packs"]:
+        check_keys(p, INDEX_PACK_KEYS, f"{what}: pack entry")
         n = p["entries"] * ENTRY_DTYPE.itemsize
+        if pos + n > len(data) - ID_LEN:
+            raise JournalError(f"{what}: index length mismatch")
         ents = np.frombuffer(data, dtype=ENTRY_DTYPE, count=p["entries"], offset=pos)
+        check_entries(ents, what)
         out.append(IndexPack(p["name"], p["size"], ents))
         pos += n
     if pos != len(data) - ID_LEN:
@@ -165,12 +230,17 @@ def decode_ckpt(data: bytes, what: str) -> CkptFile:
         raise JournalError(f"{what}: checkpoint file checksum mismatch")
     (hlen,) = U32.unpack_from(data, 8)
     header = json.loads(data[12 : 12 + hlen])
-    if header.get("format") != FORMAT_VERSION:
-        raise JournalError(f"{what}: unsupported checkpoint format {header.get('format')}")
+    check_json(header, CKPT_KEYS, what)
+    if header["kind"] not in ("delta", "base"):
+        raise JournalError(f"{what}: unknown checkpoint file kind {header['kind']!r}")
+    check_keys(header["checkpoint"], CKPT_INFO_KEYS, f"{what}: checkpoint")
     pos = 12 + hlen
     maps = {}
     for d in header["disks"]:
+        check_keys(d, CKPT_DISK_KEYS, f"{what}: disk")
         n = d["entries"]
+        if pos + n * MAP_DTYPE.itemsize > len(data) - ID_LEN:
+            raise JournalError(f"{what}: checkpoint length mismatch")
         maps[(d["vm"], d["disk"])] = np.frombuffer(data, dtype=MAP_DTYPE, count=n, offset=pos)
         pos += n * MAP_DTYPE.itemsize
     if pos != len(data) - ID_LEN:
@@ -209,6 +279,7 @@ def decode_condemned(data: bytes, what: str) -> tuple[int, set[tuple[str, bytes]
         raise JournalError(f"{what}: checksum mismatch")
     (hlen,) = U32.unpack_from(data, 8)
     header = json.loads(data[12 : 12 + hlen])
+    check_json(header, COND_KEYS, what)
     n = header["count"]
     arr = np.frombuffer(data, dtype=COND_DTYPE, count=n, offset=12 + hlen)
     if 12 + hlen + n * COND_DTYPE.itemsize != len(data) - ID_LEN:

@@ -1,4 +1,9 @@
-"""The content-addressed block store: pack files, index files, reads, garbage collection."""
+"""The content-addressed block store: pack files, index files, reads, garbage collection.
+
+About 500 lines, kept in one module on purpose: the in-memory index (sorted arrays plus a
+dict of recent packs), the reads through it and the garbage collection that rewrites it
+share one lock and one set of structures; split, each half would reach into the other's.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import zstandard
 from vmrep.errors import JournalError
 from vmrep.journal import format as fmt
 from vmrep.journal._fs import ensure_dir, fsync_dir, publish, rand_hex, unlink_quiet
+from vmrep.journal.codec import decode_blob
 
 log = logging.getLogger(__name__)
 
@@ -42,60 +48,6 @@ def _member(sorted_unique: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat()
-
-
-_tls = threading.local()
-
-
-def _compressor(level: int) -> zstandard.ZstdCompressor:
-    c = getattr(_tls, "zc", None)
-    if c is None or _tls.zlevel != level:
-        c = _tls.zc = zstandard.ZstdCompressor(level=level, write_content_size=True)
-        _tls.zlevel = level
-    return c
-
-
-def _decompressor() -> zstandard.ZstdDecompressor:
-    d = getattr(_tls, "zd", None)
-    if d is None:
-        d = _tls.zd = zstandard.ZstdDecompressor()
-    return d
-
-
-SAMPLE = 8 << 10  # bytes per probe of the incompressibility test
-
-
-def _looks_incompressible(data: bytes | memoryview) -> bool:
-    """Compress three 8 KiB probes (start, middle, end): random or already-compressed data
-    (most of what a disk holds that is not zero) is then not compressed whole for nothing.
-    A block with any compressible region among the probes is compressed in full."""
-    n = len(data)
-    if n < 16 * SAMPLE:
-        return False
-    view = memoryview(data)
-    c = _compressor(1)
-    for off in (0, (n - SAMPLE) // 2, n - SAMPLE):
-        if len(c.compress(view[off : off + SAMPLE])) < SAMPLE - (SAMPLE >> 5):
-            return False
-    return True
-
-
-def encode_blob(data: bytes | memoryview, level: int) -> tuple[bytes | memoryview, int]:
-    """Compress; keep raw when compression saves less than 1/32 of the block."""
-    if level <= 0 or _looks_incompressible(data):
-        return data, fmt.CODEC_RAW
-    comp = _compressor(level).compress(data)
-    if len(comp) >= len(data) - (len(data) >> 5):
-        return data, fmt.CODEC_RAW
-    return comp, fmt.CODEC_ZSTD
-
-
-def decode_blob(blob: bytes, codec: int, rlen: int) -> bytes:
-    if codec == fmt.CODEC_RAW:
-        return blob
-    if codec == fmt.CODEC_ZSTD:
-        return _decompressor().decompress(blob, max_output_size=rlen)
-    raise JournalError(f"unknown codec {codec}")
 
 
 class PackWriter:
@@ -215,6 +167,21 @@ class BlockStore:
                 changed = True
             if changed:
                 self.condemned_ids = frozenset(i for pairs in self.condemned.values() for _, i in pairs)
+
+    def reload(self) -> None:
+        """Forget everything loaded and read gc/ and index/ afresh (after index files were
+        replaced wholesale, as by repair_index)."""
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            self.index_files.clear()
+            self.packs = {}
+            self.damaged_index = set()
+            self._rebuild()
+            self._table = None
+            self.generation += 1
+        self.refresh()
 
     def refresh(self) -> None:
         """Bring the in-memory view in line with gc/ and index/ (changed by others).

@@ -1,0 +1,1 @@
+{"format": 1, "checkpoint": "cp-00000001-3e0dd1", "tag": "added-later", "time": "2026-12-01T21:13:05.572645+00:00"}

@@ -1,0 +1,39 @@
+"""Journal maintenance commands: `vmrep journal repair-index`."""
+
+from __future__ import annotations
+
+import typer
+
+from vmrep.cli.common import ConfigOpt, JsonOpt, app, config_from, console, console_err, print_json
+from vmrep.errors import VmrepError
+
+journal_app = typer.Typer(help="Maintain the recovery site's journal.", no_args_is_help=True)
+app.add_typer(journal_app, name="journal")
+
+
+@journal_app.command("repair-index")
+def repair_index(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
+    """Rebuild the index from the pack files' trailers (after index files were lost or damaged)."""
+    from vmrep.journal import Journal
+
+    cfg = config_from(config)
+    # recover=False: recover() deletes unindexed packs no kept checkpoint needs, which a
+    # lost index file may have listed for deduplication
+    with Journal.open(cfg.journal_path, block_size=cfg.journal.block_size, create=False,
+                      recover=False) as j:
+        res = j.repair_index()
+    if res.busy:
+        raise VmrepError(f"journal {cfg.journal_path}: a garbage collection or recover is running; "
+                         "try again when it has finished")
+    if json_out:
+        print_json(res)
+    else:
+        console.print(f"journal {cfg.journal_path}: indexed {res.blobs_indexed} blocks in "
+                      f"{res.packs_indexed} packs (index file {res.index_file or 'none'}), "
+                      f"replacing {res.index_files_replaced} index files", markup=False)
+        for bad in res.bad_packs:
+            console_err.print(f"warning: {bad}", markup=False, highlight=False)
+    left_out = [b for b in res.bad_packs if b.endswith("left out")]
+    if left_out:
+        raise VmrepError(f"journal {cfg.journal_path}: {len(left_out)} pack(s) unreadable and not "
+                         f"indexed (first: {left_out[0]}); run `vmrep verify` on each VPG")
