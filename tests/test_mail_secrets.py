@@ -74,3 +74,15 @@ def test_the_control_plane_registers_the_prefect_resolver():
     from vmrep import secrets
 
     assert secrets._resolvers["prefect"] is prefect_secret
+
+
+def test_the_vmrep_command_reads_prefect_references():
+    # A fresh interpreter: the command's quick paths import no flow, the registration
+    # must come with the command itself.
+    import subprocess
+    import sys
+
+    code = "import vmrep.cli, vmrep.secrets as s; print(sorted(s._resolvers))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['prefect']"
