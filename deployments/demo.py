@@ -315,7 +315,7 @@ def run(demo: Demo, keep_server: bool) -> int:
 
 
 def summary(demo: Demo, rt: Any) -> None:
-    from vmrep.cli.monitor import _secs, status_rows
+    from reports.status import short_seconds, status_rows
 
     t = Table(title="vmrep demo: VPGs")
     for col in ("VPG", "status", "RPO/target", "ckpts", "journal", "last test", "alerts"):
@@ -325,7 +325,8 @@ def summary(demo: Demo, rt: Any) -> None:
         test = "never" if r["last_test_at"] is None else \
             f"{r['last_test_at'][11:19]} {'passed' if r['last_test_success'] else 'FAILED'}"
         t.add_row(r["vpg"], r["status"] + (f" / {r['substatus']}" if r["substatus"] else ""),
-                  f"{_secs(r['rpo_seconds'])} / {_secs(r['rpo_target_seconds'])}", str(r["checkpoints"]),
+                  f"{short_seconds(r['rpo_seconds'])} / {short_seconds(r['rpo_target_seconds'])}",
+                  str(r["checkpoints"]),
                   f"{usage.total_bytes / 2**20:.1f} MiB", test, ", ".join(a["code"] for a in r["alerts"]) or "-")
     console.print(t)
     dr = demo.facts.get("dr_test") or {}

@@ -38,6 +38,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from deployments import params as P
+from vmrep.stamps import utcnow
 
 log = logging.getLogger("vmrep.deployments")
 
@@ -77,7 +78,7 @@ def replicate_interval(rpo_target_seconds: float) -> float:
 
 def dr_test_rrule(months: int, index: int, now: datetime | None = None) -> str:
     """Every `months` months on the 1st, from next month on, at 02:00 UTC (+1 h per VPG)."""
-    now = now or datetime.now(timezone.utc)
+    now = now or utcnow()
     first_next = (now.replace(day=1) + timedelta(days=32)).replace(day=1)
     hour = (DR_TEST_HOUR + index) % 24
     start = first_next.replace(hour=hour, minute=0, second=0, microsecond=0)

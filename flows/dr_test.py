@@ -12,10 +12,11 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._common import flow_run_id, started_by
+from flows._common import flow_run_id
 from flows.reports import dr_test_report
 from tasks.recovery import PrefectRunner
 from vmrep.recovery import operations as ops
+from vmrep.stamps import started_by
 
 
 def interrupted(flow: Any, flow_run: Any, state: Any) -> None:
@@ -41,8 +42,8 @@ def dr_test(vpg: str, config: str = "vmrep.yaml", checkpoint: str = "latest", ke
     summary: dict[str, Any] = {}
     try:
         summary = ops.run_test(config, vpg, checkpoint=checkpoint, keep_minutes=keep_minutes, notes=notes,
-                               who=started_by(who), flow_run_id=flow_run_id(), runner=PrefectRunner(),
-                               verify_timeout=verify_timeout)
+                               who=started_by(who, fallback="prefect"), flow_run_id=flow_run_id(),
+                               runner=PrefectRunner(), verify_timeout=verify_timeout)
         return _raise_if_failed(summary)
     finally:
         # Reports (flows/reports.py): after every test, passed or failed, write the DR-test
@@ -55,7 +56,7 @@ def dr_test(vpg: str, config: str = "vmrep.yaml", checkpoint: str = "latest", ke
 def dr_test_start(vpg: str, config: str = "vmrep.yaml", checkpoint: str = "latest", notes: str | None = None,
                   who: str | None = None, verify_timeout: float = 600.0) -> dict[str, Any]:
     """Start a test and leave it running (stop it with dr-test-stop)."""
-    return ops.run_test(config, vpg, checkpoint=checkpoint, notes=notes, who=started_by(who),
+    return ops.run_test(config, vpg, checkpoint=checkpoint, notes=notes, who=started_by(who, fallback="prefect"),
                         flow_run_id=flow_run_id(), runner=PrefectRunner(), stop=False,
                         verify_timeout=verify_timeout)
 
@@ -66,7 +67,7 @@ def dr_test_stop(vpg: str, success: bool, config: str = "vmrep.yaml", notes: str
     """Stop the VPG's running test: record success and notes, remove test VMs and scratch copies."""
     summary: dict[str, Any] = {}
     try:
-        summary = ops.stop_test(config, vpg, success=success, notes=notes, who=started_by(who),
+        summary = ops.stop_test(config, vpg, success=success, notes=notes, who=started_by(who, fallback="prefect"),
                                 runner=PrefectRunner())
         return summary
     finally:

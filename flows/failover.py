@@ -13,10 +13,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._common import flow_run_id, started_by
+from flows._common import flow_run_id
 from flows.dr_test import interrupted
 from tasks.recovery import PrefectRunner
 from vmrep.recovery import operations as ops
+from vmrep.stamps import started_by
 
 
 @flow(name="failover", task_runner=ThreadPoolTaskRunner(max_workers=8),
@@ -29,7 +30,7 @@ def failover(vpg: str, confirm: str, config: str = "vmrep.yaml", checkpoint: str
     logger = get_run_logger()
     return ops.run_failover(config, vpg, confirm=confirm, checkpoint=checkpoint, shutdown=shutdown,
                             commit_policy=commit_policy, commit_after_minutes=commit_after_minutes,
-                            who=started_by(who), flow_run_id=flow_run_id(), runner=PrefectRunner(),
+                            who=started_by(who, fallback="prefect"), flow_run_id=flow_run_id(), runner=PrefectRunner(),
                             verify_timeout=verify_timeout, shutdown_timeout=shutdown_timeout,
                             notify=logger.warning)
 
@@ -39,7 +40,7 @@ def failover(vpg: str, confirm: str, config: str = "vmrep.yaml", checkpoint: str
 def commit(vpg: str, config: str = "vmrep.yaml", reverse_protection: bool = False,
            who: str | None = None) -> dict[str, Any]:
     """Commit the failover awaiting commit; with reverse protection, protect back."""
-    return ops.commit(config, vpg, reverse_protection=reverse_protection, who=started_by(who),
+    return ops.commit(config, vpg, reverse_protection=reverse_protection, who=started_by(who, fallback="prefect"),
                       flow_run_id=flow_run_id(), runner=PrefectRunner())
 
 
@@ -47,4 +48,5 @@ def commit(vpg: str, config: str = "vmrep.yaml", reverse_protection: bool = Fals
       on_cancellation=[interrupted], on_crashed=[interrupted])
 def rollback(vpg: str, config: str = "vmrep.yaml", who: str | None = None) -> dict[str, Any]:
     """Roll back the failover awaiting commit: recovered VMs removed, source back as it was."""
-    return ops.rollback(config, vpg, who=started_by(who), flow_run_id=flow_run_id(), runner=PrefectRunner())
+    return ops.rollback(config, vpg, who=started_by(who, fallback="prefect"), flow_run_id=flow_run_id(),
+                        runner=PrefectRunner())

@@ -9,10 +9,11 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._common import flow_run_id, started_by
+from flows._common import flow_run_id
 from flows.dr_test import interrupted
 from tasks.recovery import PrefectRunner
 from vmrep.recovery import operations as ops
+from vmrep.stamps import started_by
 
 
 @flow(name="move", task_runner=ThreadPoolTaskRunner(max_workers=8),
@@ -22,5 +23,6 @@ def move(vpg: str, confirm: str, config: str = "vmrep.yaml", shutdown: str = "gr
          verify_timeout: float = 600.0, shutdown_timeout: float = 300.0) -> dict[str, Any]:
     """Planned move of a VPG to its recovery site (confirm: the VPG's name again)."""
     return ops.run_move(config, vpg, confirm=confirm, shutdown=shutdown, reverse_protection=reverse_protection,
-                        keep_source_vms=keep_source_vms, who=started_by(who), flow_run_id=flow_run_id(),
-                        runner=PrefectRunner(), verify_timeout=verify_timeout, shutdown_timeout=shutdown_timeout)
+                        keep_source_vms=keep_source_vms, who=started_by(who, fallback="prefect"),
+                        flow_run_id=flow_run_id(), runner=PrefectRunner(), verify_timeout=verify_timeout,
+                        shutdown_timeout=shutdown_timeout)

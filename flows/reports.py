@@ -1,14 +1,13 @@
-"""Reports as Prefect flows and tasks: the DR-test report after every test, the
-compliance report on a schedule, and a notify flow that an automation runs when an
-alert is raised.
+"""Reports as Prefect flows: the DR-test report after every test, the compliance report
+on a schedule, and a notify flow that an automation runs when an alert is raised.
 
-Every report is written to disk (HTML and CSVs, under `reports_dir(config)`), published
-as Prefect artifacts (a table, a link to the HTML, a summary) and emailed to the VPGs'
-`email_to` and `notifications.default_to`. The email is its own task: a send that still
-fails after its retries (reports.mail retries with backoff) is recorded in the state
-database (`email_deliveries`, `vmrep report emails`), shown as a failed `email-report`
-task and an `...-email` artifact in the Prefect UI, and never fails the operation whose
-report it is: the report stays on disk and in Prefect.
+Every report is written to disk (HTML and CSVs, under `reports.period.reports_dir`),
+published as Prefect artifacts (a table, a link to the HTML, a summary) and emailed to
+the VPGs' `email_to` and `notifications.default_to`, by the tasks of tasks/reporting.py.
+A send that still fails after its retries is recorded in the state database
+(`email_deliveries`, `vmrep report emails`), shown as a failed `email-report` task and an
+`...-email` artifact in the Prefect UI, and never fails the operation whose report it is:
+the report stays on disk and in Prefect.
 
     from flows.reports import dr_test_report
     dr_test_report(config_path, operation_id)      # at the end of a DR-test flow; never raises
@@ -16,119 +15,20 @@ report it is: the report stays on disk and in Prefect.
 
 from __future__ import annotations
 
-import html
-import logging
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 
-from reports import Report, build_compliance_report, build_dr_test_report, publish_artifacts
-from reports.artifacts import artifact_key, in_run_context
-from reports.mail import Delivery, MailError, report_recipients, send_report
-from reports.report import slug
-from vmrep.cli.report import parse_period, reports_dir  # plain helpers, shared with the CLI
+from flows._common import flow_run_id
+from reports.alert import alert_report
+from reports.period import parse_period
+from reports.report import Report
+from tasks.reporting import email_report, run_logger, write_report
 from vmrep.runtime import get_runtime
-
-log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------
-# Plain helpers (reports_dir and parse_period live in vmrep.cli.report, free of Prefect)
-
-
-def delivery_dict(d: Delivery | None) -> dict[str, Any] | None:
-    if d is None:
-        return None
-    return {"ok": d.ok, "recipients": d.recipients, "subject": d.subject, "attempts": d.attempts,
-            "error": d.error, "delivery_id": d.delivery_id, "refused": d.refused}
-
-
-def report_summary(report: Report) -> dict[str, Any]:
-    return {"kind": report.kind, "ref": report.ref, "title": report.title, "subject": report.subject,
-            "verdict": report.verdict, "vpgs": list(report.vpgs),
-            "paths": {k: str(v) for k, v in report.paths.items()}}
-
-
-def email(report: Report, rt: Any, **mail_options: Any) -> Delivery:
-    """Send `report` to its recipients; recorded in the state database; never raises."""
-    recipients = report_recipients(report, rt.config)
-    return send_report(report, recipients, rt.config.notifications, rt.store, **mail_options)
-
-
-def _email_artifact(report: Report, d: Delivery) -> None:
-    """Make the email's outcome visible in the Prefect UI beside the report's artifacts."""
-    if not in_run_context():
-        return
-    try:
-        from prefect.artifacts import create_markdown_artifact
-
-        to = ", ".join(d.recipients) or "nobody (no email_to and no notifications.default_to)"
-        if d.ok:
-            text = f"**Emailed** to {to} ({d.attempts} attempt(s)).\n\nSubject: {report.subject}"
-        else:
-            text = (f"**Email FAILED** after {d.attempts} attempt(s) to {to}.\n\nError: `{d.error}`\n\n"
-                    "The report is on disk and in the other artifacts; the failure is recorded "
-                    "(`vmrep report emails`).")
-        create_markdown_artifact(markdown=text, key=f"{artifact_key(report)}-email",
-                                 description=report.subject, _sync=True)
-    except Exception:  # noqa: BLE001 - a view, never the record
-        log.exception("could not publish the email artifact of %r", report.subject)
-
-
-# --------------------------------------------------------------------------------------
-# Tasks
-
-
-def _logger() -> Any:
-    try:
-        return get_run_logger()
-    except Exception:  # noqa: BLE001 - outside a run
-        return log
-
-
-@task(name="write-report", cache_policy=NO_CACHE, retries=0, timeout_seconds=300)
-def write_report(config: str, kind: str, operation_id: str | None = None,
-                 since: datetime | None = None, until: datetime | None = None,
-                 vpgs: list[str] | None = None, out_dir: str | None = None) -> Report:
-    """Build the report from the state database, write HTML and CSVs, publish the artifacts."""
-    rt = get_runtime(config)
-    if kind == "dr_test":
-        report = build_dr_test_report(rt.store.engine, operation_id, rt.config)
-    elif kind == "compliance":
-        if since is None or until is None:
-            raise ValueError("a compliance report needs since and until")
-        report = build_compliance_report(rt.store.engine, since, until, vpgs, rt.config)
-    else:
-        raise ValueError(f"no report kind {kind!r}")
-    out = Path(out_dir) if out_dir else reports_dir(rt.config)
-    report.write(out)
-    publish_artifacts(report)
-    _logger().info("%s: %s, written to %s", report.title, report.verdict, report.paths["html"])
-    return report
-
-
-@task(name="email-report", cache_policy=NO_CACHE, retries=0, timeout_seconds=600)
-def email_report(config: str, report: Report) -> dict[str, Any]:
-    """Email the report (reports.mail retries with backoff). Records the delivery; when it
-    still fails, raises MailError so this task shows as Failed in the UI (callers wait on
-    it with return_state=True: the report and the operation are not failed by it)."""
-    rt = get_runtime(config)
-    d = email(report, rt)
-    _email_artifact(report, d)
-    logger = _logger()
-    if d.ok:
-        logger.info("emailed %r to %s", report.subject, ", ".join(d.recipients))
-        return delivery_dict(d) or {}
-    logger.error("email of %r to %s failed after %d attempt(s): %s (recorded as delivery %s)",
-                 report.subject, ", ".join(d.recipients) or "nobody", d.attempts, d.error, d.delivery_id)
-    raise MailError(f"email {report.subject!r} failed after {d.attempts} attempt(s): {d.error}")
 
 
 def _deliver(config: str, report: Report, send: bool) -> dict[str, Any]:
-    out = report_summary(report)
+    out = report.summary()
     out["email"] = None
     if send:
         state = email_report(config, report, return_state=True)
@@ -147,8 +47,6 @@ def _test_operation(config: str, operation_id: str | None, vpg: str | None) -> s
     if operation_id:
         return operation_id
     store = get_runtime(config).store
-    from flows._common import flow_run_id
-
     fr = flow_run_id()
     if fr:
         ops = store.frame("operations", flow_run_id=fr, kind="test")
@@ -187,7 +85,7 @@ def dr_test_report(config: str, operation_id: str | None = None, *, vpg: str | N
     Never raises: a report that cannot be built or sent is logged (and the email
     recorded), the test's own result stands. Returns the report's summary, or None.
     """
-    logger = _logger()
+    logger = run_logger()
     try:
         op_id = _test_operation(config, operation_id, vpg)
         if op_id is None:
@@ -202,7 +100,7 @@ def dr_test_report(config: str, operation_id: str | None = None, *, vpg: str | N
         return _deliver(config, report, send_email)
     except Exception as exc:  # noqa: BLE001
         logger.error("DR-test report %s: email step failed: %s", report.subject, exc)
-        return report_summary(report)
+        return report.summary()
 
 
 # --------------------------------------------------------------------------------------
@@ -233,27 +131,6 @@ def compliance_report(config: str = "vmrep.yaml", period: str = "previous-month"
     return out
 
 
-def alert_report(vpg: str, subject: str, text: str, *, event: str | None = None,
-                 occurred: str | None = None, ref: str | None = None) -> Report:
-    """A short notification email as a Report (so it goes through the same mailer and is
-    recorded in email_deliveries with kind 'alert')."""
-    now = datetime.now(timezone.utc)
-    lines = [text, "", f"VPG: {vpg}"]
-    if event:
-        lines.append(f"Event: {event}")
-    if occurred:
-        lines.append(f"Occurred: {occurred}")
-    lines += ["", "See `vmrep status` and `vmrep alerts`, or the Prefect UI (Events, Flow runs)."]
-    body = "\n".join(lines)
-    page = ("<!doctype html><html><body style=\"font-family:sans-serif\">"
-            f"<h2>{html.escape(subject)}</h2><pre style=\"white-space:pre-wrap\">{html.escape(body)}</pre>"
-            "</body></html>")
-    return Report(kind="alert", ref=(ref or f"{vpg}:{event or 'notify'}")[:200], title=subject,
-                  subject=f"[vmrep] {subject}", html=page, text=body, figures={}, frames={},
-                  vpgs=[vpg] if vpg else [], basename=f"alert-{slug(vpg or 'vmrep', 40)}",
-                  generated_at=now, verdict="")
-
-
 @flow(name="notify")
 def notify(config: str = "vmrep.yaml", vpg: str = "", subject: str = "vmrep alert",
            text: str = "", event: str | None = None, occurred: str | None = None,
@@ -270,14 +147,4 @@ def notify(config: str = "vmrep.yaml", vpg: str = "", subject: str = "vmrep aler
     return state.result(raise_on_failure=True)
 
 
-__all__ = [
-    "compliance_report",
-    "dr_test_report",
-    "dr_test_report_flow",
-    "email",
-    "email_report",
-    "notify",
-    "parse_period",
-    "reports_dir",
-    "write_report",
-]
+__all__ = ["compliance_report", "dr_test_report", "dr_test_report_flow", "notify"]

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from reports.report import Report, slug
+
+if TYPE_CHECKING:
+    from reports.mail import Delivery
 
 log = logging.getLogger(__name__)
 
@@ -105,4 +108,25 @@ def publish_artifacts(report: Report) -> list[UUID] | None:
     return ids
 
 
-__all__ = ["publish_artifacts", "in_run_context", "artifact_key", "table_rows"]
+def publish_email_outcome(report: Report, d: Delivery) -> None:
+    """Make the email's outcome visible in the Prefect UI beside the report's artifacts
+    (an `<key>-email` markdown artifact); outside a run, or when it fails, nothing."""
+    if not in_run_context():
+        return
+    try:
+        from prefect.artifacts import create_markdown_artifact
+
+        to = ", ".join(d.recipients) or "nobody (no email_to and no notifications.default_to)"
+        if d.ok:
+            text = f"**Emailed** to {to} ({d.attempts} attempt(s)).\n\nSubject: {report.subject}"
+        else:
+            text = (f"**Email FAILED** after {d.attempts} attempt(s) to {to}.\n\nError: `{d.error}`\n\n"
+                    "The report is on disk and in the other artifacts; the failure is recorded "
+                    "(`vmrep report emails`).")
+        create_markdown_artifact(markdown=text, key=f"{artifact_key(report)}-email",
+                                 description=report.subject, _sync=True)
+    except Exception:  # noqa: BLE001 - a view, never the record
+        log.exception("could not publish the email artifact of %r", report.subject)
+
+
+__all__ = ["publish_artifacts", "publish_email_outcome", "in_run_context", "artifact_key", "table_rows"]

@@ -9,14 +9,14 @@ import pandas as pd
 
 from reports import charts, frames
 from reports.dr_test import _jsonable, _vpg_config
-from reports.frames import ReportError, now_utc, utc
+from reports.frames import ReportError, utc
 from reports.render import fmt_dt, fmt_duration, fmt_pct, missing, render_html, render_text
 from reports.report import Report, slug
+from vmrep.health import HISTORY_WARNING_RATIO
+from vmrep.stamps import utcnow
 
 COMPLIANT = "compliant"
 AT_RISK = "at risk"
-from vmrep.health import HISTORY_WARNING_RATIO
-
 NOT_COMPLIANT = "not compliant"
 ORDER = {COMPLIANT: 0, AT_RISK: 1, NOT_COMPLIANT: 2}
 
@@ -223,7 +223,7 @@ def build_compliance_report(
     since_u, until_u = utc(since), utc(until)
     if since_u is None or until_u is None or since_u >= until_u:
         raise ReportError(f"the period must end after it starts (since {since}, until {until})")
-    now = utc(now) or now_utc()
+    now = utc(now) or utcnow()
     as_of = min(until_u, now)
     if vpgs is None:
         names = [v.name for v in (getattr(config, "vpgs", None) or [])]

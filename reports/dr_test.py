@@ -10,9 +10,10 @@ from typing import Any
 import pandas as pd
 
 from reports import charts, frames
-from reports.frames import ReportError, now_utc, utc
+from reports.frames import ReportError, utc
 from reports.render import fmt_duration, missing, render_html, render_text
 from reports.report import Report, slug
+from vmrep.stamps import utcnow
 
 VERIFY_STEP = re.compile(r"verif", re.I)
 CLEANUP_STEP = re.compile(r"clean|remove|delete|destroy", re.I)
@@ -95,7 +96,7 @@ def build_dr_test_report(
     engine: Any, operation_id: str | None = None, config: Any = None, *, now: datetime | None = None
 ) -> Report:
     """The report of one DR test (the latest test operation when no id is given)."""
-    now = utc(now) or now_utc()
+    now = utc(now) or utcnow()
     op = frames.operation(engine, operation_id, kind="test")
     op_id = str(op["id"])
     vpg = str(op["vpg"])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import pandas as pd
@@ -331,6 +331,3 @@ def vpg_runtime(db: Any, vpg: str) -> dict[str, Any] | None:
     df = read(db, sa.select(t).where(t.c.vpg == vpg), "vpg_runtime")
     return None if df.empty else df.iloc[0].to_dict()
 
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)

@@ -42,9 +42,9 @@ from tenacity import (
     wait_exponential,
 )
 
-from reports.frames import now_utc
 from reports.report import Report
 from vmrep.errors import SecretError, VmrepError
+from vmrep.stamps import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,12 @@ class Delivery:
     delivery_id: int | None = None  # the email_deliveries row
     refused: dict[str, str] = field(default_factory=dict)  # recipients the server refused
 
+    def as_dict(self) -> dict[str, Any]:
+        """What a flow returns and Prefect stores about the send (JSON-able)."""
+        return {"ok": self.ok, "recipients": self.recipients, "subject": self.subject,
+                "attempts": self.attempts, "error": self.error, "delivery_id": self.delivery_id,
+                "refused": self.refused}
+
 
 # --------------------------------------------------------------------------- recipients
 
@@ -82,6 +88,12 @@ def report_recipients(report: Report, config: Any) -> list[str]:
     if notif is not None:
         out += list(notif.default_to)
     return _dedupe(out)
+
+
+def email_owners(report: Report, config: Any, store: Any, **mail_options: Any) -> Delivery:
+    """Send `report` to its recipients (`report_recipients`); recorded in `store`; never
+    raises (see `send_report` for `mail_options`)."""
+    return send_report(report, report_recipients(report, config), config.notifications, store, **mail_options)
 
 
 def _dedupe(addresses: Iterable[str]) -> list[str]:
@@ -248,7 +260,7 @@ def send_report(
     sender = notif.sender
     rcpt = _dedupe(recipients or [])
     report_path = str(report.paths["html"]) if report.paths.get("html") else None
-    attempted_at = now_utc()
+    attempted_at = utcnow()
     done = 0
     message_id = None
     refused: dict[str, str] = {}
@@ -331,4 +343,4 @@ def _record(store: Any, report: Report, d: Delivery, attempted_at: datetime, rep
     )
 
 
-__all__ = ["send_report", "report_recipients", "build_message", "Delivery", "MailError"]
+__all__ = ["send_report", "email_owners", "report_recipients", "build_message", "Delivery", "MailError"]

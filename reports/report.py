@@ -29,6 +29,12 @@ class Report:
     verdict: str = ""
     paths: dict[str, Path] = field(default_factory=dict)
 
+    def summary(self) -> dict[str, Any]:
+        """What a flow returns about the report (JSON-able: Prefect stores it)."""
+        return {"kind": self.kind, "ref": self.ref, "title": self.title, "subject": self.subject,
+                "verdict": self.verdict, "vpgs": list(self.vpgs),
+                "paths": {k: str(v) for k, v in self.paths.items()}}
+
     def csv_bytes(self) -> dict[str, bytes]:
         """File name -> CSV content, for each frame."""
         return {f"{self.basename}-{name}.csv": _csv(df).encode("utf-8") for name, df in self.frames.items()}

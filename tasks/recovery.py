@@ -13,7 +13,7 @@ from typing import Any
 
 from prefect import task
 
-from flows._common import wait_all
+from tasks._wait import wait_all
 from tasks.common import step_options
 from vmrep.recovery import steps as s
 

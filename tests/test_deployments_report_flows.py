@@ -29,10 +29,10 @@ def db(tmp_path_factory):
 
 @pytest.fixture
 def fast_mail(monkeypatch):
-    import flows.reports as fr
+    import reports.mail as mail  # email_owners, which the email-report task calls, sends through it
 
-    orig = fr.send_report
-    monkeypatch.setattr(fr, "send_report", lambda *a, **k: orig(*a, **{**k, "wait_initial": 0.01, "wait_max": 0.02,
+    orig = mail.send_report
+    monkeypatch.setattr(mail, "send_report", lambda *a, **k: orig(*a, **{**k, "wait_initial": 0.01, "wait_max": 0.02,
                                                                       "timeout": 3}))
 
 

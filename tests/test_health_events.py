@@ -6,8 +6,9 @@ import time
 import uuid
 from datetime import timedelta
 
+from tasks.monitoring import emit_events
 from vmrep.config import VPG, VMSpec
-from vmrep.health import Facts, apply_transitions, emit_events, evaluate
+from vmrep.health import Facts, apply_transitions, evaluate
 from vmrep.state import StateStore, utcnow
 
 

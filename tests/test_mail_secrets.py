@@ -46,3 +46,43 @@ def test_the_value_is_never_logged(monkeypatch, caplog):
         resolve_secret("env:VMREP_T_PW", "sites.prod.password")
     assert caplog.records  # it does log that it resolved the reference...
     assert all(VALUE not in r.getMessage() for r in caplog.records)  # ...not what it found
+
+
+def test_a_prefect_reference_without_the_control_plane_is_refused_in_one_line(monkeypatch):
+    from vmrep import secrets
+
+    monkeypatch.setattr(secrets, "_resolvers", {})  # the engine alone: nothing registered
+    with pytest.raises(SecretError) as e:
+        resolve_secret("prefect_secret:smtp", "notifications.password")
+    assert str(e.value).startswith("notifications.password (prefect_secret:smtp): Prefect Secret blocks are read")
+    assert "\n" not in str(e.value)
+
+
+def test_a_registered_resolver_gets_the_name_and_the_label(monkeypatch):
+    from vmrep import secrets
+
+    calls = []
+    monkeypatch.setattr(secrets, "_resolvers", {})
+    secrets.register_resolver("prefect", lambda name, label: calls.append((name, label)) or VALUE)
+    assert resolve_secret({"prefect_secret": "smtp"}, "notifications.password") == VALUE
+    assert calls == [("smtp", "notifications.password (prefect_secret:smtp)")]
+
+
+def test_the_control_plane_registers_the_prefect_resolver():
+    import tasks  # noqa: F401 - importing any task or flow module does this
+    from tasks.prefect_secrets import prefect_secret
+    from vmrep import secrets
+
+    assert secrets._resolvers["prefect"] is prefect_secret
+
+
+def test_the_vmrep_command_reads_prefect_references():
+    # A fresh interpreter: the command's quick paths import no flow, the registration
+    # must come with the command itself.
+    import subprocess
+    import sys
+
+    code = "import vmrep.cli, vmrep.secrets as s; print(sorted(s._resolvers))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['prefect']"

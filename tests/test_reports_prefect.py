@@ -11,6 +11,7 @@ from email import policy
 import pytest
 from aiosmtpd.controller import Controller
 
+import tasks.prefect_secrets  # noqa: F401 - the control plane registers the Prefect Secret resolver
 from conftest_pg import pg_server, prefect_harness  # noqa: F401
 from reports import build_compliance_report, build_dr_test_report, publish_artifacts, send_report
 from test_reports_data import NOW, SINCE, UNTIL, make_config, populate

@@ -5,10 +5,10 @@
     ev = evaluate(cfg.vpg("erp"), facts)          # status, substatus, alerts that should be open
     transitions = apply_transitions(store, "erp", ev, now)   # raise / clear / status history
     store.add_sample("erp", **ev.sample())
-    emit_events(transitions)                      # Prefect events (inside a flow or task)
 
 `evaluate` knows nothing of vSphere, Prefect or the database: it maps facts to the names
-users know from Zerto (DESIGN.md, "States and alerts").
+users know from Zerto. The monitor flow emits each transition as a Prefect event
+(`tasks.monitoring.emit_events`): the engine imports no Prefect.
 
 Status, first rule that applies:
 
@@ -447,32 +447,3 @@ def apply_transitions(
                            subject=a.subject, alert_id=row.id)  # fmt: skip
             )
     return out
-
-
-def emit_events(transitions: Iterable[Transition]) -> list[Any]:
-    """One Prefect event per transition: vmrep.alert.raised / vmrep.alert.cleared /
-    vmrep.vpg.status-changed, resource ``vmrep.vpg.<vpg>``. Returns the events.
-
-    Call it inside a flow or task, or with PREFECT_API_URL set: outside of both, Prefect
-    starts a temporary server (~10 s) to receive the events.
-    """
-    from prefect.events import emit_event
-
-    events = []
-    for t in transitions:
-        resource = {"prefect.resource.id": f"vmrep.vpg.{t.vpg}", "prefect.resource.name": t.vpg}
-        if t.kind == "status":
-            name = "vmrep.vpg.status-changed"
-            payload: dict[str, Any] = {
-                "status": t.status,
-                "substatus": t.substatus,
-                "previous_status": t.previous_status,
-                "previous_substatus": t.previous_substatus,
-                "detail": t.detail,
-            }
-        else:
-            name = f"vmrep.alert.{t.kind}"
-            payload = {"code": t.code, "level": t.level, "text": t.text, "vm": t.vm,
-                       "subject": t.subject, "alert_id": t.alert_id}  # fmt: skip
-        events.append(emit_event(event=name, resource=resource, payload=payload, occurred=t.at))
-    return events

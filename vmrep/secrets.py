@@ -1,16 +1,23 @@
-"""Resolve a `SecretRef` (environment variable or Prefect Secret block) to its value.
+"""Resolve a `SecretRef` (environment variable, file or Prefect Secret block) to its value.
 
 The value is returned to the caller and nowhere else: it is never logged, never put in an
 exception message, never cached. Errors name the reference (`env:VAR`,
 `prefect_secret:NAME`), which is what a user has to fix.
+
+Environment variables and files are resolved here. The engine imports no Prefect, so a
+`prefect_secret:` reference goes to the resolver the control plane registers:
+
+    register_resolver("prefect", fn)     # fn(name, label) -> value, raising SecretError
+
+`tasks.prefect_secrets` registers it when the control plane is imported (any task or
+flow module, and the `vmrep` command).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -20,7 +27,18 @@ from vmrep.errors import SecretError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["resolve_secret", "as_secret_ref", "SecretError"]
+__all__ = ["resolve_secret", "as_secret_ref", "register_resolver", "Resolver", "SecretError"]
+
+# A resolver gets the reference's name (the block name for "prefect") and the label to put
+# in front of any error message; it returns the value or raises SecretError.
+Resolver = Callable[[str, str], str]
+_resolvers: dict[str, Resolver] = {}
+
+
+def register_resolver(kind: str, fn: Resolver) -> None:
+    """Let `fn` resolve references of `kind` (today only "prefect", for prefect_secret:).
+    Registering again replaces the previous resolver."""
+    _resolvers[kind] = fn
 
 
 def as_secret_ref(ref: SecretRef | Mapping[str, Any] | str) -> SecretRef:
@@ -32,7 +50,7 @@ def as_secret_ref(ref: SecretRef | Mapping[str, Any] | str) -> SecretRef:
     try:
         data = _secret_ref(ref)
     except ValueError as exc:
-        raise SecretError(f"not a secret reference: {_first_line(exc)}") from None
+        raise SecretError(f"not a secret reference: {first_line(exc)}") from None
     try:
         return SecretRef.model_validate(data)
     except ValidationError as exc:
@@ -76,39 +94,18 @@ def resolve_secret(
 
 
 def _prefect_secret(ref: SecretRef, label: str) -> str:
-    name = ref.prefect_secret
-    try:
-        from prefect.blocks.system import Secret
-    except ImportError as exc:  # pragma: no cover - prefect is a dependency
-        raise SecretError(f"{label}: prefect is not installed") from exc
-    try:
-        # _sync=True: this function is synchronous also when called from an async flow.
-        block = Secret.load(name, _sync=True)
-    except ValueError as exc:
-        # Prefect raises ValueError("Unable to find block document named ...").
-        raise SecretError(
-            f"{label}: no Prefect Secret block named {name!r} ({_first_line(exc)})"
-        ) from None
-    except Exception as exc:  # API unreachable, wrong block type, ...
-        raise SecretError(
-            f"{label}: cannot load the Prefect Secret block "
-            f"({type(exc).__name__}: {_first_line(exc)})"
-        ) from None
-    try:
-        value = block.get()
-    except Exception as exc:
-        raise SecretError(
-            f"{label}: cannot read the Prefect Secret block ({type(exc).__name__})"
-        ) from None
-    if value is None or value == "":
-        raise SecretError(f"{label}: the Prefect Secret block is empty")
-    if not isinstance(value, str):
-        # Secret.get() JSON-decodes; a password such as "1234" comes back as an int.
-        value = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    assert ref.prefect_secret is not None
+    fn = _resolvers.get("prefect")
+    if fn is None:
+        # The engine alone (a script, a test) has no Prefect: say so, naming the reference.
+        raise SecretError(f"{label}: Prefect Secret blocks are read by the control plane "
+                          "(import tasks.prefect_secrets, or run it from a flow or the vmrep command)")
+    value = fn(ref.prefect_secret, label)
     log.debug("resolved %s", label)
     return value
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (what an error of ours quotes of it)."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__

@@ -15,6 +15,10 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 from vmrep.cli.common import app, console_err
 from vmrep.errors import VmrepError
 
+# The command is part of the control plane: it reads prefect_secret: references (site
+# passwords, the SMTP password) through the resolver the tasks package registers.
+import tasks  # noqa: F401,E402
+
 # Importing the command modules registers their commands.
 from vmrep.cli import lab as _lab  # noqa: F401,E402
 from vmrep.cli import config as _config  # noqa: F401,E402

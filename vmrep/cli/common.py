@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,6 +11,7 @@ import typer
 from rich.console import Console
 
 from vmrep.config import Config, load_config
+from vmrep.stamps import started_by
 
 app = typer.Typer(
     name="vmrep",
@@ -51,4 +51,5 @@ def print_json(data: Any) -> None:
 
 
 def who() -> str:
-    return os.environ.get("VMREP_USER") or os.environ.get("USER") or "unknown"
+    """Who runs this command ($VMREP_USER, else $USER): recorded as the operation's starter."""
+    return started_by()

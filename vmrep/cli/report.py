@@ -7,90 +7,25 @@ The scheduled flows in flows/reports.py do the same and also publish Prefect art
 
 from __future__ import annotations
 
-import os
 import re
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from reports.period import parse_period, parse_when, reports_dir
 from vmrep.cli.common import ConfigOpt, JsonOpt, app, config_from, console, print_json
 from vmrep.errors import VmrepError
+from vmrep.stamps import utcnow
+
+__all__ = ["parse_period", "parse_when", "reports_dir", "report_app", "resolve_test_operation"]
 
 report_app = typer.Typer(help="DR-test and compliance reports (HTML + CSV), and their emails.",
                          no_args_is_help=True)
 app.add_typer(report_app, name="report")
 
 
-# --------------------------------------------------------------------------------------
-# Helpers shared with flows/reports.py (kept here, free of Prefect, so the CLI stays quick)
-
-
-def reports_dir(config: Any) -> Path:
-    """Where reports are written: $VMREP_REPORTS_DIR, else `vmrep.d/reports` beside the
-    config file (or under $VMREP_HOME when the config was not read from a file)."""
-    env = os.environ.get("VMREP_REPORTS_DIR")
-    if env:
-        return Path(env).resolve()
-    source = getattr(config, "source", None)
-    if source is not None:
-        return Path(source).parent / "vmrep.d" / "reports"
-    return Path(os.environ.get("VMREP_HOME") or ".vmrep").resolve() / "reports"
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(w|d|h|m|s)")
-_UNITS = {"w": 7 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
-
-
-def parse_when(text: str, now: datetime, what: str) -> datetime:
-    """A point in time: an ISO date/time (UTC when no zone is given), `now`, or a duration
-    back from now (`30d`, `12h`)."""
-    t = text.strip().lower()
-    if t == "now":
-        return now
-    m = _DURATION.fullmatch(t)
-    if m:
-        return now - timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
-    try:
-        d = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise VmrepError(f"{what}: cannot read {text!r} (try 30d, 12h, 2025-10-01 or 2025-10-01T08:00)") from None
-    return d.replace(tzinfo=timezone.utc) if d.tzinfo is None else d.astimezone(timezone.utc)
-
-
-def parse_period(period: str, now: datetime | None = None) -> tuple[datetime, datetime]:
-    """A compliance period as [since, until) in UTC.
-
-    `previous-month` (the calendar month before now), `this-month` (its start until now),
-    `YYYY-MM` (that month, until now if it is the current one), or a duration back from
-    now: `30d`, `12h`, `90m`, `2w`.
-    """
-    now = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
-    p = period.strip().lower()
-    month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    if p == "previous-month":
-        prev = (month_start - timedelta(days=1)).replace(day=1)
-        return prev, month_start
-    if p == "this-month":
-        return month_start, now
-    m = re.fullmatch(r"(\d{4})-(\d{2})", p)
-    if m:
-        year, month = int(m.group(1)), int(m.group(2))
-        if not 1 <= month <= 12:
-            raise ValueError(f"period {period!r}: there is no month {month}")
-        start = datetime(year, month, 1, tzinfo=timezone.utc)
-        end = datetime(year + (month == 12), month % 12 + 1, 1, tzinfo=timezone.utc)
-        if start >= now:
-            raise ValueError(f"period {period!r} has not started yet")
-        return start, min(end, now)
-    m = _DURATION.fullmatch(p)
-    if m:
-        seconds = float(m.group(1)) * _UNITS[m.group(2)]
-        if seconds <= 0:
-            raise ValueError(f"period {period!r}: must be longer than zero")
-        return now - timedelta(seconds=seconds), now
-    raise ValueError(f"period {period!r}: use previous-month, this-month, YYYY-MM or a duration such as 30d")
+# reports_dir, parse_when and parse_period are shared with the report flows (reports.period).
 
 
 def resolve_test_operation(store: Any, run_id: str | None) -> str | None:
@@ -138,9 +73,9 @@ def _show(report: Any, delivery: Any, json_out: bool) -> None:
 
 
 def _send(report: Any, rt: Any) -> Any:
-    from reports.mail import report_recipients, send_report
+    from reports.mail import email_owners
 
-    return send_report(report, report_recipients(report, rt.config), rt.config.notifications, rt.store)
+    return email_owners(report, rt.config, rt.store)
 
 
 OutOpt = Annotated[
@@ -192,7 +127,7 @@ def report_compliance(
     from reports.frames import ReportError
     from vmrep.runtime import get_runtime
 
-    now = datetime.now(timezone.utc)
+    now = utcnow()
     key = since.strip().lower()
     if key in ("previous-month", "this-month") or re.fullmatch(r"\d{4}-\d{2}", key):
         if until is not None:
