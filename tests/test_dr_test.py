@@ -176,6 +176,8 @@ def test_test_start_keeps_running_while_replication_continues_then_stop(erp) -> 
 def test_refusals_are_one_clear_line(erp, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     rt = erp.runtime()
     cfg = str(erp.config_path)
+    before = [(o.id, o.result) for o in rt.store.operations("erp")]
+    tags_before = {c.id: list(c.tags) for c in rt.journal.checkpoints("erp")}
 
     def cli(*args: str) -> tuple[int, list[str]]:
         code = cli_main([*args, "--config", cfg])
@@ -219,8 +221,10 @@ def test_refusals_are_one_clear_line(erp, tmp_path, capsys) -> None:  # type: ig
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err == ["error: VPG erp: test refused: the test network 'prod' of VM erp-app NIC 1 is the "
                                  "production network; a test must run isolated"]
-    # nothing was recorded or created by any of them
-    assert all(o.id not in ("other-op",) for o in rt.store.operations("erp"))
+    # nothing was recorded by any of them: no operation, no checkpoint tag (and, checked
+    # after every test, nothing created at the recovery site)
+    assert [(o.id, o.result) for o in rt.store.operations("erp")] == before
+    assert {c.id: list(c.tags) for c in rt.journal.checkpoints("erp")} == tags_before
 
 
 def test_a_crashed_test_is_cleaned_up_by_the_next_operation(erp) -> None:  # type: ignore[no-untyped-def]
