@@ -23,7 +23,7 @@ ORDER = {COMPLIANT: 0, AT_RISK: 1, NOT_COMPLIANT: 2}
 RPO_COMPLIANT = 0.99  # share of samples meeting the RPO target
 RPO_MINIMUM = 0.95
 HISTORY_COMPLIANT = 0.95  # share of samples whose journal history reached its target
-DEFAULT_TEST_INTERVAL = 6  # months, DESIGN.md's default
+DEFAULT_TEST_INTERVAL = 6  # months, the VPG default (docs/concepts.md)
 GAP_INTERVALS = 10  # a gap of more sampling intervals than this (median) ...
 GAP_MIN_SECONDS = 3600.0  # ... and longer than this puts a VPG at risk: RPO unknown
 

@@ -8,7 +8,7 @@
     emit_events(transitions)                      # Prefect events (inside a flow or task)
 
 `evaluate` knows nothing of vSphere, Prefect or the database: it maps facts to the names
-users know from Zerto (DESIGN.md, "States and alerts").
+users know from Zerto (docs/concepts.md, "States and alerts").
 
 Status, first rule that applies:
 
