@@ -23,7 +23,7 @@ ORDER = {COMPLIANT: 0, AT_RISK: 1, NOT_COMPLIANT: 2}
 RPO_COMPLIANT = 0.99  # share of samples meeting the RPO target
 RPO_MINIMUM = 0.95
 HISTORY_COMPLIANT = 0.95  # share of samples whose journal history reached its target
-DEFAULT_TEST_INTERVAL = 6  # months, DESIGN.md's default
+DEFAULT_TEST_INTERVAL = 6  # months, the VPG default (docs/concepts.md)
 GAP_INTERVALS = 10  # a gap of more sampling intervals than this (median) ...
 GAP_MIN_SECONDS = 3600.0  # ... and longer than this puts a VPG at risk: RPO unknown
 
@@ -57,9 +57,9 @@ NOTES = [
     "A sample meets the RPO target when its RPO (now minus the newest checkpoint) is at most "
     "the target in force at that time; a sample taken before the first checkpoint (no RPO) "
     "does not meet it.",
-    "A test is overdue when the test interval (months) has passed since the last test "
-    "started, or, for a VPG never tested, since vmrep first saw it; judged at the end of the "
-    "period (or now, if earlier).",
+    "A test is overdue when the test interval (months) has passed since the last test that "
+    "passed started (a failed or cancelled test does not count), or, for a VPG with no passed "
+    "test, since vmrep first saw it; judged at the end of the period (or now, if earlier).",
     "Alerts are those open at any time in the period.",
 ]
 
@@ -112,9 +112,12 @@ def _vpg_summary(
 
     interval = _months(getattr(cfg, "test_interval_months", DEFAULT_TEST_INTERVAL) if cfg is not None else DEFAULT_TEST_INTERVAL)
     first = frames.first_seen(engine, name)
+    # The clock runs from the last test that passed, as the monitor's (vmrep.health).
+    passed = mine[mine["success"] == True]  # noqa: E712 (nullable boolean)
+    clock = passed.iloc[-1]["started_at"] if len(passed) else (last_test_at if last_test_success else None)
     due = None
     if interval is not None:
-        start = last_test_at if last_test_at is not None else first
+        start = clock if clock is not None else first
         if start is not None:
             due = pd.Timestamp(start) + pd.DateOffset(months=interval)
     overdue = bool(due is not None and due < pd.Timestamp(as_of))

@@ -1,5 +1,6 @@
-"""Deployments without a server: every flow deployable, parameter models matching the
-flows, schemas the Prefect server validates with, schedules, and the alert automation."""
+"""Deployments: every flow deployable, parameter models matching the flows, schemas the
+Prefect server validates with (and refuses runs by, on the session's test server),
+schedules, and the alert automation."""
 
 from __future__ import annotations
 
@@ -68,26 +69,33 @@ def test_schemas_have_a_form_for_people(built, config_path):
     assert dr["keep_minutes"]["minimum"] == 0
 
 
-def test_the_server_refuses_bad_parameters(built):
-    from prefect.utilities.schema_tools.validation import ValidationError, validate
+GOOD = [("dr-test/dr-test", {"vpg": "erp", "keep_minutes": 5}), ("compliance-report/monthly", {"period": "2025-10"}),
+        ("monitor/every-minute", {"vpgs": ["erp", "crm"]}), ("notify/notify", {"vpg": "a-vpg-removed-since", "alert_id": 3})]
+BAD = [("dr-test/dr-test", {"vpg": "erpp"}), ("dr-test/dr-test", {"vpg": "erp", "keep_minutes": -1}),
+       ("compliance-report/monthly", {"period": "last month"}),
+       ("failover/live-failover", {"vpg": "erp", "shutdown": "now"}),
+       ("monitor/every-minute", {"vpgs": ["nope"]}),
+       ("replicate/erp", {"interval_seconds": 0})]
 
-    deps, _ = built
 
-    def check(dep: str, params: dict) -> None:
-        d = deps[dep]
-        validate({**d.parameters, **params}, d._parameter_openapi_schema.model_dump(), raise_on_error=True)
+def test_the_server_refuses_bad_parameters(prefect_harness, config_path):
+    """Registered on a real Prefect server (the session's harness), a run with a value
+    the form would not allow is refused by the server's API, as a run from the UI is."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
 
-    check("dr-test/dr-test", {"vpg": "erp", "keep_minutes": 5})
-    check("compliance-report/monthly", {"period": "2025-10"})
-    check("monitor/every-minute", {"vpgs": ["erp", "crm"]})
-    check("notify/notify", {"vpg": "a-vpg-removed-since", "alert_id": 3})
-    for dep, bad in [("dr-test/dr-test", {"vpg": "erpp"}), ("dr-test/dr-test", {"vpg": "erp", "keep_minutes": -1}),
-                     ("compliance-report/monthly", {"period": "last month"}),
-                     ("failover/live-failover", {"vpg": "erp", "shutdown": "now"}),
-                     ("monitor/every-minute", {"vpgs": ["nope"]}),
-                     ("replicate/erp", {"interval_seconds": 0})]:
-        with pytest.raises(ValidationError):
-            check(dep, bad)
+    deps, _ = serve.build_deployments(config_path, strict=True, schedules_active=False)
+    by_name = {f"{d.flow_name}/{d.name}": d for d in deps}
+    ids = {name: by_name[name].apply() for name in {n for n, _ in GOOD + BAD}}
+    with get_client(sync_client=True) as client:
+        for dep, params in GOOD:
+            fr = client.create_flow_run_from_deployment(ids[dep], parameters=params)
+            client.delete_flow_run(fr.id)  # accepted; nobody is to run it
+        for dep, bad in BAD:
+            with pytest.raises(PrefectHTTPStatusError) as refused:
+                client.create_flow_run_from_deployment(ids[dep], parameters=bad)
+            assert refused.value.response.status_code == 409, (dep, bad)
+            assert "Validation failed" in refused.value.response.text, (dep, bad)
 
 
 def test_models_validate_what_a_schema_cannot():

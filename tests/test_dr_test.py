@@ -15,11 +15,13 @@ import pytest
 import yaml
 
 from test_recovery import corrupt_block, recovery_site_state, restore_block, synced
+from vmrep import health
 from vmrep.cli import main as cli_main
 from vmrep.errors import Refused
 from vmrep.recovery import operations as ops
 from vmrep.recovery import vms as vmops
 from vmrep.replication import engine
+from vmrep.state.models import utcnow
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,13 +81,30 @@ def test_test_failover_recovers_verifies_records_and_cleans_up(erp) -> None:  # 
     assert f"Tested at {s['started_at'].isoformat()}" in rt.journal.checkpoint("erp", cp.id).tags
 
 
+def passed_test_clock(rt):  # type: ignore[no-untyped-def]
+    """Where the monitor's test-overdue clock starts (the newest passed test)."""
+    return health.gather_facts(rt.store, "erp", utcnow()).last_test_at
+
+
 def test_a_vm_that_never_boots_fails_verification_and_the_test_cleans_up(erp) -> None:  # type: ignore[no-untyped-def]
     rt = erp.runtime()
+    clock = passed_test_clock(rt)
+    overdue = rt.store.raise_alert("erp", "TEST_OVERDUE", "warning", "VPG erp: DR test overdue (set by the test)")
+    assert overdue is not None
     erp.control("siteB").never_boot("erp-web - testing recovery")
     try:
         s = ops.run_test(str(erp.config_path), "erp", verify_timeout=1.5)
     finally:
         erp.control("siteB").never_boot("erp-web - testing recovery", False)
+    # a failed test proves nothing: the clock stays, the alert stays open, the tag says so
+    try:
+        assert passed_test_clock(rt) == clock
+        assert "TEST_OVERDUE" in {a.code for a in rt.store.open_alerts("erp")}
+    finally:
+        rt.store.clear_alert(overdue.id)
+    tags = rt.journal.checkpoint("erp", s["checkpoint_id"]).tags
+    assert f"Tested at {s['started_at'].isoformat()} (failed)" in tags
+    assert f"Tested at {s['started_at'].isoformat()}" not in tags
     assert s["success"] is False and s["result"] == "failed" and s["cleanup_ok"] is True
     assert s["verification"]["erp-db"]["ok"] and s["verification"]["erp-app"]["ok"]
     web = s["verification"]["erp-web"]
@@ -157,6 +176,8 @@ def test_test_start_keeps_running_while_replication_continues_then_stop(erp) -> 
 def test_refusals_are_one_clear_line(erp, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     rt = erp.runtime()
     cfg = str(erp.config_path)
+    before = [(o.id, o.result) for o in rt.store.operations("erp")]
+    tags_before = {c.id: list(c.tags) for c in rt.journal.checkpoints("erp")}
 
     def cli(*args: str) -> tuple[int, list[str]]:
         code = cli_main([*args, "--config", cfg])
@@ -200,8 +221,10 @@ def test_refusals_are_one_clear_line(erp, tmp_path, capsys) -> None:  # type: ig
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err == ["error: VPG erp: test refused: the test network 'prod' of VM erp-app NIC 1 is the "
                                  "production network; a test must run isolated"]
-    # nothing was recorded or created by any of them
-    assert all(o.id not in ("other-op",) for o in rt.store.operations("erp"))
+    # nothing was recorded by any of them: no operation, no checkpoint tag (and, checked
+    # after every test, nothing created at the recovery site)
+    assert [(o.id, o.result) for o in rt.store.operations("erp")] == before
+    assert {c.id: list(c.tags) for c in rt.journal.checkpoints("erp")} == tags_before
 
 
 def test_a_crashed_test_is_cleaned_up_by_the_next_operation(erp) -> None:  # type: ignore[no-untyped-def]
@@ -232,6 +255,8 @@ def test_a_crashed_test_is_cleaned_up_by_the_next_operation(erp) -> None:  # typ
     assert crashed.result == "cancelled" and "interrupted" in crashed.error
     tr = next(t for t in rt.store.test_results("erp") if t.operation_id == op.id)
     assert tr.success is False and tr.cleanup_ok is True
+    assert f"Tested at {crashed.started_at.isoformat()} (cancelled)" in rt.journal.checkpoint("erp", tr.checkpoint_id).tags
+    assert passed_test_clock(rt) == s["started_at"]  # the test that passed after it
 
 
 def test_local_vpg_test_recovers_in_its_folder(erp) -> None:  # type: ignore[no-untyped-def]

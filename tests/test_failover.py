@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from preseed import stored_from_protected_site
 from test_recovery import power_on_sources, recovery_site_state, source_state, synced
 from vmrep.errors import Refused, VmrepError
 from vmrep.recovery import operations as ops
@@ -158,7 +159,7 @@ def test_force_shutdown_then_commit_leaves_needs_configuration(erp) -> None:  # 
     assert len([sv for sv in vmops.site_vms(rt.client("siteB")) if sv.marked_vpg == "erp"]) == 3
 
 
-def test_failover_then_commit_with_reverse_protection(fresh_lab) -> None:  # type: ignore[no-untyped-def]
+def test_failover_then_commit_with_reverse_protection(fresh_lab, tmp_path) -> None:  # type: ignore[no-untyped-def]
     rt = fresh_lab.runtime()
     cfg = str(fresh_lab.config_path)
     synced(rt, "erp")
@@ -170,7 +171,13 @@ def test_failover_then_commit_with_reverse_protection(fresh_lab) -> None:  # typ
     assert s["checkpoint_id"] == rt.journal.checkpoint("erp", "latest-tagged").id
     c = ops.commit(cfg, "erp", reverse_protection=True, who="gina")
     rp = c["reverse_protection"]
-    assert c["result"] == "succeeded" and rp["vpg"] == "erp-reverse" and rp["bytes_stored"] == 0
+    assert c["result"] == "succeeded" and rp["vpg"] == "erp-reverse" and rp["bytes_read"] > 0
+    # the pre-seed (the original disks at siteA) saves sending the data back: measured in a
+    # journal of its own, as the shared one holds erp's blocks anyway
+    seeded = stored_from_protected_site(fresh_lab.config_path, tmp_path / "preseed", "erp-reverse", preseed=True)
+    plain = stored_from_protected_site(fresh_lab.config_path, tmp_path / "preseed", "erp-reverse", preseed=False)
+    assert len(seeded["preseeded_disks"]) == 4 and plain["preseeded_disks"] == []
+    assert seeded["bytes_stored"] == 0 < plain["bytes_stored"]
     assert [o.kind for o in rt.store.operations("erp-reverse")] == ["reverse_protect"]
     assert (rt.store.runtime("erp").status, rt.store.runtime("erp").substatus) == ("Recovered", None)
     assert rt.store.runtime("erp-reverse").initial_sync_done is True

@@ -333,3 +333,25 @@ def test_gather_facts_reads_the_runtime_and_the_last_test(store: StateStore) -> 
     assert "erp-db - testing recovery left" in next(
         a.text for a in ev.alerts if a.code == "TEST_CLEANUP_FAILED"
     )
+
+
+def test_only_a_passed_test_resets_the_test_overdue_clock(store: StateStore) -> None:
+    cfg = vpg(test_interval_months=6)
+    store.note_checkpoint("erp", NOW - 400 * DAY)
+    store.update_runtime("erp", initial_sync_done=True)
+    passed = NOW - 200 * DAY
+    store.add_test_result(None, "erp", started_at=passed, success=True)
+    store.add_test_result(None, "erp", started_at=NOW - 10 * DAY, success=False)  # proves nothing
+    f = gather_facts(store, "erp", NOW, oldest_checkpoint_at=NOW - timedelta(hours=24))
+    assert f.last_test_at == passed
+    ev = evaluate(cfg, f)
+    assert "TEST_OVERDUE" in ev.codes
+    assert "last passed test " + f"{passed:%Y-%m-%d}" in next(a.text for a in ev.alerts if a.code == "TEST_OVERDUE")
+    # none passed: the clock runs from the first checkpoint, as if never tested
+    store.note_checkpoint("crm", NOW - 400 * DAY)
+    store.update_runtime("crm", initial_sync_done=True)
+    store.add_test_result(None, "crm", started_at=NOW - DAY, success=False)
+    g = gather_facts(store, "crm", NOW, oldest_checkpoint_at=NOW - timedelta(hours=24))
+    assert g.last_test_at is None
+    assert "never tested successfully" in next(a.text for a in evaluate(vpg(name="crm"), g).alerts
+                                               if a.code == "TEST_OVERDUE")

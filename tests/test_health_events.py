@@ -56,9 +56,12 @@ def test_alert_and_status_transitions_are_emitted_and_read_back(prefect_harness,
     ]
 
     emitted = emit_events(transitions)
-    assert None not in emitted
+    # one event per transition, in order, each the one the API hands back below
+    assert [(e.event, e.occurred) for e in emitted] == [
+        (f"vmrep.{'vpg.status-changed' if t.kind == 'status' else 'alert.' + t.kind}", t.at) for t in transitions]
 
     events = read_events(f"vmrep.vpg.{name}", start, want=5)
+    assert {e.id for e in events} == {e.id for e in emitted}
     got = [(e.event, e.occurred - start) for e in events]
     assert got == [
         ("vmrep.vpg.status-changed", timedelta(0)),

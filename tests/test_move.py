@@ -10,6 +10,7 @@ import random
 import pytest
 import yaml
 
+from preseed import stored_from_protected_site
 from test_recovery import power_on_sources, recovery_site_state, site_vm_names, source_state, synced
 from vmrep.errors import Refused, VmrepError
 from vmrep.recovery import operations as ops
@@ -31,7 +32,7 @@ def digest(path: str) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def test_move_with_reverse_protection_then_failback_brings_changes_home(fresh_lab) -> None:  # type: ignore[no-untyped-def]
+def test_move_with_reverse_protection_then_failback_brings_changes_home(fresh_lab, tmp_path) -> None:  # type: ignore[no-untyped-def]
     lab = fresh_lab
     rt = lab.runtime()
     cfg = str(lab.config_path)
@@ -49,12 +50,17 @@ def test_move_with_reverse_protection_then_failback_brings_changes_home(fresh_la
     assert c["kind"] == "commit" and c["result"] == "succeeded"
     rp = c["reverse_protection"]
     assert rp["vpg"] == "erp-reverse" and rp["generated"] is True
-    # pre-seeded from the original disks: nothing new had to be stored
-    assert rp["bytes_stored"] == 0 and rp["bytes_read"] > 0
+    assert rp["bytes_read"] > 0
     generated = yaml.safe_load((lab.config_path.parent / "vmrep.d" / "vpgs" / "erp-reverse.yaml").read_text())
     assert generated["reverse_of"] == "erp"
     assert (generated["vpg"]["protected_site"], generated["vpg"]["recovery_site"]) == ("siteB", "siteA")
     assert generated["vpg"]["vms"][0]["preseed"]["scsi0:0"] == "[LocalDS_0] erp-db/disk0-flat.vmdk"
+    # what the pre-seed saved: in a journal of its own, with the original disks as pre-seed
+    # nothing has to come from siteB; without, every (non-zero) block does
+    seeded = stored_from_protected_site(lab.config_path, tmp_path / "preseed", "erp-reverse", preseed=True)
+    plain = stored_from_protected_site(lab.config_path, tmp_path / "preseed", "erp-reverse", preseed=False)
+    assert len(seeded["preseeded_disks"]) == len(originals) and plain["preseeded_disks"] == []
+    assert seeded["bytes_stored"] == 0 < plain["bytes_stored"]
     # source VMs removed from the inventory, their disks kept; VMs running at siteB
     assert not set(VMS) & set(site_vm_names(rt, "siteA"))
     assert all(os.path.exists(p) for p in originals.values())

@@ -308,7 +308,9 @@ def test_compliance_reasons_text_and_csvs(comp):
     assert crm["verdict"] == AT_RISK
     assert any("RPO target met in 97.6 %" in r for r in crm["reasons"])
     assert any("journal history" in r for r in crm["reasons"])
-    assert comp.figures["vpgs"]["hr"]["reasons"] == ["the last DR test (2025-10-08 08:00:00 UTC) failed"]
+    # hr's only test failed: its 1-month test clock still runs from when it was first seen
+    assert comp.figures["vpgs"]["hr"]["reasons"] == ["DR test overdue since 2025-10-29 00:00:00 UTC",
+                                                     "the last DR test (2025-10-08 08:00:00 UTC) failed"]
     assert "NOT COMPLIANT" in comp.subject and "1 compliant, 1 at risk, 1 not compliant" in comp.subject
     assert "erp: compliant" in comp.text and "crm: at risk" in comp.text
     summary = pd.read_csv(comp.paths["summary.csv"])

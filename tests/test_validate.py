@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,25 @@ def test_unknown_vm_and_names_are_named(lab, tmp_path: Path, capsys: pytest.Capt
     assert ("VPG files: recovery.test_network: is the production network; "
             "a test must run in an isolated network") in lines
     assert out.err.strip() == "error: 3 problem(s) found"
+
+
+def test_wan_compression_off_is_a_warning_that_it_has_no_effect(lab, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    def edit(d: dict) -> None:
+        d["vpgs"][0]["wan_compression"] = False
+
+    cfg = derived_config(lab, tmp_path, edit)
+    assert main(["validate", "--config", str(cfg)]) == 0  # a warning, not a problem
+    out = capsys.readouterr()
+    assert out.err.strip().splitlines() == [
+        "warning: VPG erp: wan_compression: false has no effect yet: blocks are always compressed"]
+    assert "ok: erp, files" in out.out
+    assert main(["validate", "--config", str(cfg), "--json"]) == 0
+    assert [w["line"] for w in json.loads(capsys.readouterr().out)["warnings"]] == [
+        "VPG erp: wan_compression: false has no effect yet: blocks are always compressed"]
+    # the default (true) says nothing
+    assert main(["validate", "--config", str(lab.config_path)]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_wrong_site_address_is_a_clear_connection_error(lab, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

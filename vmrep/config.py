@@ -1,6 +1,6 @@
 """Configuration models: sites, journal, VPGs.
 
-Loaded from YAML (`vmrep.yaml`). Every setting of DESIGN.md is here with its default.
+Loaded from YAML (`vmrep.yaml`). Every setting of docs/concepts.md is here with its default.
 Unknown keys are errors (a typo must name the field, not be silently ignored), and
 secrets are only ever references (environment variable or Prefect Secret block).
 """

@@ -7,8 +7,8 @@
     store.add_sample("erp", **ev.sample())
 
 `evaluate` knows nothing of vSphere, Prefect or the database: it maps facts to the names
-users know from Zerto. The monitor flow emits each transition as a Prefect event
-(`tasks.monitoring.emit_events`): the engine imports no Prefect.
+users know from Zerto (docs/concepts.md, "States and alerts"). The monitor flow emits each
+transition as a Prefect event (`tasks.monitoring.emit_events`): the engine imports no Prefect.
 
 Status, first rule that applies:
 
@@ -39,8 +39,9 @@ instead. Without a known first checkpoint, the oldest kept one stands in for it.
 
 RPO and history are not judged while initialising, failing over, moving, recovered or
 deleting (replication is not expected to run then). TEST_OVERDUE counts `test_interval`
-calendar months from the last test, or when never tested from the first checkpoint (else
-from when the VPG was first seen); never with ``test_interval: off``.
+calendar months from the newest test that passed (a failed or cancelled one does not
+count), or when none passed from the first checkpoint (else from when the VPG was first
+seen); never with ``test_interval: off``.
 
 `apply_transitions` manages only the codes in `ALERT_CODES`: alerts that flows raise
 under other codes are left alone.
@@ -146,6 +147,8 @@ class Facts:
     awaiting_commit_since: datetime | None = None
     committed: bool = False  # recovered and committed (this VPG no longer replicates)
     delta_sync: bool = False  # a cycle compares every block (CBT reset, after a pause)
+    # Start of the newest DR test that passed: the test-overdue clock runs from there. A
+    # failed or cancelled test proved nothing about recoverability, so it does not reset it.
     last_test_at: datetime | None = None
     test_cleanup_failed: str | bool | None = None  # what was left behind, or True
     recovery_networks_missing: Sequence[str] = ()
@@ -163,7 +166,7 @@ class Facts:
             initial_sync_done=rt.initial_sync_done,
             paused=rt.paused,
             operation_kind=rt.lock_kind,
-            last_test_at=rt.last_test_at,
+            last_test_at=rt.last_test_at if rt.last_test_success else None,  # the row keeps the newest test
         )
         base.update(facts)
         return cls(now=now, **base)
@@ -338,7 +341,7 @@ def evaluate(cfg: "VPG", f: Facts) -> Evaluation:
     if interval != "off" and since is not None and not gone and not initializing:
         due = add_months(since, int(interval))
         if now > due:
-            last = f"last test {f.last_test_at:%Y-%m-%d}" if f.last_test_at else "never tested"
+            last = f"last passed test {f.last_test_at:%Y-%m-%d}" if f.last_test_at else "never tested successfully"
             alert("TEST_OVERDUE", f"DR test overdue since {due:%Y-%m-%d} ({last}, every {interval} months)")
     if f.awaiting_commit_since is not None:
         kind = "move" if (f.live_recovery_kind or f.operation_kind) == "move" else "failover"
@@ -378,11 +381,14 @@ def evaluate(cfg: "VPG", f: Facts) -> Evaluation:
 
 
 def gather_facts(store: "StateStore", vpg: str, now: datetime, **facts: Any) -> Facts:
-    """Facts from the store (runtime row; whether the latest test left things behind),
-    completed by the caller's own: checkpoint times, journal bytes, vSphere findings."""
-    tests = store.test_results(vpg)
+    """Facts from the store (runtime row; the newest passed test; whether the latest test
+    left things behind), completed by the caller's own: checkpoint times, journal bytes,
+    vSphere findings."""
+    tests = store.test_results(vpg)  # newest first
     if tests and tests[0].cleanup_ok is False:
         facts.setdefault("test_cleanup_failed", tests[0].notes or True)
+    if tests:
+        facts.setdefault("last_test_at", next((t.started_at for t in tests if t.success), None))
     return Facts.from_runtime(store.runtime(vpg), now, **facts)
 
 

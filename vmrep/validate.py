@@ -145,6 +145,17 @@ def check_vpg(vpg: VPG, config: Config, sites: Sites) -> list[Problem]:
     return problems
 
 
+def setting_warnings(config: Config, vpg_names: list[str] | None = None) -> list[Problem]:
+    """Settings the file accepts that nothing acts on yet: a setting either works or says so.
+
+    Not problems (the exit code stays as it is): the VPG is protected as if it were unset."""
+    vpgs = [config.vpg(n) for n in vpg_names] if vpg_names else config.vpgs
+    # Blocks are always compressed in the journal, and there is no WAN link of vmrep's
+    # own to switch compression off on (everything runs in one process today).
+    return [Problem(v.name, "wan_compression", "false has no effect yet: blocks are always compressed")
+            for v in vpgs if v.wan_compression is False]
+
+
 def validate(config: Config, vpg_names: list[str] | None = None,
              connector: Callable[..., Client] = connect) -> list[Problem]:
     vpgs = [config.vpg(n) for n in vpg_names] if vpg_names else config.vpgs

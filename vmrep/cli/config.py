@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from vmrep.cli.common import ConfigOpt, JsonOpt, app, config_from, console, print_json
+from vmrep.cli.common import ConfigOpt, JsonOpt, app, config_from, console, console_err, print_json
 from vmrep.errors import VmrepError
 
 
@@ -18,13 +18,18 @@ def validate(
 ) -> None:
     """Check the configuration file and, against the live sites, every VM, host, datastore,
     network and folder it names, and that no VM is of a kind that may not be protected."""
+    from vmrep.validate import setting_warnings
     from vmrep.validate import validate as run
 
     cfg = config_from(config)
+    warnings = setting_warnings(cfg, vpg or None)
     problems = run(cfg, vpg or None)
     if json_out:
-        print_json({"ok": not problems, "problems": [p.__dict__ | {"line": p.line()} for p in problems]})
+        print_json({"ok": not problems, "problems": [p.__dict__ | {"line": p.line()} for p in problems],
+                    "warnings": [w.__dict__ | {"line": w.line()} for w in warnings]})
     else:
+        for w in warnings:
+            console_err.print(f"warning: {w.line()}", markup=False, highlight=False)
         for p in problems:
             console.print(p.line(), markup=False, highlight=False)
         if not problems:

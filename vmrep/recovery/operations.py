@@ -533,8 +533,9 @@ def leftovers(rt: Runtime, vpg: VPG, op_id: str) -> list[str]:
 
 def _finish_test(rt: Runtime, vpg: VPG, op_id: str, *, success: bool | None, notes: str | None,
                  error: Any, runner: Any, result: str | None = None) -> dict[str, Any]:
-    """Stop a test: remove its VMs and scratch copies (always), tag the checkpoint, record
-    the result, reset the test clock, release the VPG."""
+    """Stop a test: remove its VMs and scratch copies (always), tag the checkpoint ("Tested
+    at <start>", with " (failed)" or " (cancelled)" unless it passed), record the result,
+    clear TEST_OVERDUE if it passed, release the VPG."""
     store = rt.store
     config = str(rt.config.source)
     op = store.operation(op_id)
@@ -560,12 +561,21 @@ def _finish_test(rt: Runtime, vpg: VPG, op_id: str, *, success: bool | None, not
     ver_ok, _ = verification(store, op_id)
     if success is None:
         success = error is None and ver_ok is True
+    if result is None:
+        if error is None:
+            result = "succeeded" if success else "failed"
+        elif isinstance(error, BaseException) and not isinstance(error, Exception):
+            result = "cancelled"
+        else:
+            result = "failed"
     plan = find_plan(rt, op_id)
     started = op.started_at
     tag_note = None
     if plan is not None:
+        # The tag is a record of what was proven: only a test that passed says so plainly.
+        outcome = "" if success else f" ({'cancelled' if result == 'cancelled' else 'failed'})"
         try:
-            rt.journal.add_tag(vpg.name, plan.checkpoint_id, f"Tested at {started.isoformat()}")
+            rt.journal.add_tag(vpg.name, plan.checkpoint_id, f"Tested at {started.isoformat()}{outcome}")
         except JournalError as exc:
             tag_note = f"checkpoint not tagged: {exc}"
     text_notes = "; ".join(x for x in (notes, tag_note) if x) or None
@@ -578,19 +588,13 @@ def _finish_test(rt: Runtime, vpg: VPG, op_id: str, *, success: bool | None, not
                           verification_ok=ver_ok, cleanup_ok=cleanup_ok, notes=result_notes,
                           tested_by=op.started_by)
     store.update_runtime(vpg.name, last_test_at=started, last_test_success=bool(success))
-    _clear(store, vpg.name, {"TEST_OVERDUE"})
+    if success:  # only a passed test resets the test-overdue clock (vmrep.health.gather_facts)
+        _clear(store, vpg.name, {"TEST_OVERDUE"})
     if cleanup_ok:
         _clear(store, vpg.name, {"TEST_CLEANUP_FAILED"})
     else:
         store.raise_alert(vpg.name, "TEST_CLEANUP_FAILED", "error",
                           f"VPG {vpg.name}: test clean-up failed: {'; '.join(problems)}")
-    if result is None:
-        if error is None:
-            result = "succeeded" if success else "failed"
-        elif isinstance(error, BaseException) and not isinstance(error, Exception):
-            result = "cancelled"
-        else:
-            result = "failed"
     err_text = None
     if error is not None:
         err_text = str(error) if not isinstance(error, BaseException) or str(error) else type(error).__name__

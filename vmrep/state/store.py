@@ -503,10 +503,9 @@ class StateStore:
         notes: str | None = None,
         tested_by: str | None = None,
     ) -> int:
-        """Record a DR test and reset the VPG's test clock (last_test_at = its start).
-
-        Every finished test resets the clock, as the test was run; whether it passed is
-        kept next to it (`last_test_success`) and in the report.
+        """Record a DR test; the runtime row keeps the newest one (`last_test_at` = its start,
+        `last_test_success`). The test-overdue clock runs from the newest test that passed
+        (`vmrep.health.gather_facts`): a failed one proves nothing.
         """
         with self.session() as s:
             row = TestResult(
