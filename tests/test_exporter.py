@@ -373,16 +373,22 @@ def test_prometheus_scrapes_the_exporter_and_evaluates_the_rules(filled, tmp_pat
         # The rules fire exactly the monitor's RPO / history alerts: crm's two, none for erp.
         monitor_codes = {(v, c) for v, ev in evs.items() for c in ev.codes if c.startswith(("RPO_", "HISTORY_"))}
 
-        def firing() -> set[tuple[str, str]]:
-            alerts = requests.get(f"{api}/alerts", timeout=5).json()["data"]["alerts"]
-            got = {(a["labels"]["vpg"], a["labels"]["code"]) for a in alerts if a["state"] == "firing"}
-            return got if got == monitor_codes else set()
+        seen: list[set[tuple[str, str]]] = [set()]
 
-        wait_for(f"the rules to fire {monitor_codes}", firing)
+        def firing() -> bool:
+            alerts = requests.get(f"{api}/alerts", timeout=5).json()["data"]["alerts"]
+            seen[0] = {(a["labels"]["vpg"], a["labels"]["code"]) for a in alerts if a["state"] == "firing"}
+            return seen[0] == monitor_codes
+
+        try:
+            wait_for("the rules to fire", firing)
+        except AssertionError:
+            raise AssertionError(f"rules fire {seen[0]}, the monitor raised {monitor_codes}") from None
         assert monitor_codes == {("crm", "RPO_OVER_2X_TARGET"), ("crm", "HISTORY_UNDER_85")}
     finally:
         stop(prom)
         stop(exporter)
     out = exporter.stdout.read() if exporter and exporter.stdout else ""
     assert "Traceback" not in out, out
+    assert exporter.returncode == 0, out  # SIGTERM ends it cleanly
     assert time.monotonic() - t0 < 30

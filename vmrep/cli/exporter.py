@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 import threading
 from typing import Annotated
 
@@ -75,8 +76,12 @@ def exporter(
         raise ListenError(f"--listen {listen}: cannot listen there ({exc.strerror or exc})") from None
     console_err.print(f"serving metrics of {collector.safe_url()} on http://{listen}/metrics",
                       markup=False, highlight=False)
+    stop = threading.Event()
+    # SIGTERM (a service manager stopping it) ends it as quietly as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        threading.Event().wait()  # until interrupted (SIGINT) or terminated
+        while not stop.wait(1.0):  # a timed wait keeps Ctrl-C deliverable
+            pass
     finally:
         server.shutdown()
         collector.close()
