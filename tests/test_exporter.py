@@ -27,6 +27,7 @@ import yaml
 from vmrep.config import Config, load_config
 from vmrep.health import Status, apply_transitions, evaluate, gather_facts
 from vmrep.metrics import StateCollector
+from vmrep.runtime import Runtime
 from vmrep.state import StateStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,16 +62,20 @@ RPO_AGO = {"erp": 20.0, "crm": 700.0}
 HISTORY_COVERED = {"erp": 24 * 3600.0, "crm": 0.8 * 24 * 3600.0}
 
 
+BS = 4096
+
+
 def write_config(tmp: Path, db: Path) -> Path:
     vms = lambda *names: [{"name": n} for n in names]  # noqa: E731
     data = {
         "sites": {"a": {"host": "127.0.0.1:1", "password": "env:VMREP_TEST_PW"},
                   "b": {"host": "127.0.0.1:2", "password": "env:VMREP_TEST_PW"}},
-        "journal": {"path": str(tmp / "journal")},
+        "journal": {"path": str(tmp / "journal"), "block_size": BS},
         "database_url": f"sqlite:///{db}",
         "vpgs": [
+            # a hard limit of ~10 KiB, so that the few blocks below make JOURNAL_NEAR_LIMIT
             {"name": "erp", "protected_site": "a", "recovery_site": "b", "vms": vms("erp-db", "erp-app"),
-             "rpo_target_seconds": 300, "journal_history_hours": 24, "journal_hard_limit_gb": 1},
+             "rpo_target_seconds": 300, "journal_history_hours": 24, "journal_hard_limit_gb": 1e-5},
             {"name": "crm", "protected_site": "a", "recovery_site": "b", "vms": vms("crm-db"),
              "rpo_target_seconds": 300, "journal_history_hours": 24},
         ],
@@ -80,23 +85,32 @@ def write_config(tmp: Path, db: Path) -> Path:
     return path
 
 
-def monitor_pass(store: StateStore, cfg: Config, now: datetime) -> dict[str, Any]:
-    """What vmrep.monitor.monitor_pass records for each VPG, with the journal's times given."""
+def replicate(rt: Runtime, now: datetime) -> None:
+    """Two real checkpoints per VPG in the journal (the oldest kept and the newest), noted
+    in the state as the replication engine notes them; the first ever was 90 days ago."""
+    for v in rt.config.vpgs:
+        rt.store.note_checkpoint(v.name, now - timedelta(days=90))  # pruned since
+        for ago, blocks in ((HISTORY_COVERED[v.name], 3), (RPO_AGO[v.name], 1)):
+            with rt.journal.begin(v.name) as w:
+                w.set_disk_size(v.vms[0].name, "scsi0:0", 4 * BS)
+                for i in range(blocks):
+                    w.put_block(v.vms[0].name, "scsi0:0", i, os.urandom(BS))
+                cp = w.commit(time=now - timedelta(seconds=ago))
+            rt.store.note_checkpoint(v.name, cp.time)
+        rt.store.update_runtime(v.name, initial_sync_done=True)
+
+
+def monitor_pass(rt: Runtime, now: datetime) -> dict[str, Any]:
+    """What vmrep.monitor.monitor_pass records for each VPG (its journal facts, then
+    evaluate, transitions, sample), without the vSphere findings (all VMs fine)."""
     out = {}
-    for v in cfg.vpgs:
-        newest = now - timedelta(seconds=RPO_AGO[v.name])
-        oldest = now - timedelta(seconds=HISTORY_COVERED[v.name])
-        store.note_checkpoint(v.name, now - timedelta(days=90))  # first checkpoint ever
-        store.note_checkpoint(v.name, newest)
-        store.update_runtime(v.name, initial_sync_done=True)
-        if v.name == "erp":
-            store.add_test_result(None, "erp", started_at=now - timedelta(days=10), success=True,
-                                  ended_at=now - timedelta(days=10) + timedelta(minutes=5))
-        facts = dict(newest_checkpoint_at=newest, oldest_checkpoint_at=oldest,
-                     journal_bytes=int(0.9 * GiB) if v.name == "erp" else GiB)
-        ev = evaluate(v, gather_facts(store, v.name, now, **facts))
-        apply_transitions(store, v.name, ev, now)
-        store.add_sample(v.name, **ev.sample())
+    for v in rt.config.vpgs:
+        cps = rt.journal.checkpoints(v.name)
+        facts = dict(newest_checkpoint_at=cps[-1].time, oldest_checkpoint_at=cps[0].time,
+                     journal_bytes=rt.journal.usage(v.name).total_bytes)
+        ev = evaluate(v, gather_facts(rt.store, v.name, now, **facts))
+        apply_transitions(rt.store, v.name, ev, now)
+        rt.store.add_sample(v.name, **ev.sample())
         out[v.name] = ev
     return out
 
@@ -104,26 +118,25 @@ def monitor_pass(store: StateStore, cfg: Config, now: datetime) -> dict[str, Any
 @pytest.fixture
 def filled(tmp_path: Path) -> Iterator[tuple[Config, StateStore, dict[str, Any], datetime]]:
     db = tmp_path / "state.db"
-    cfg = load_config(write_config(tmp_path, db))
-    store = StateStore.open(f"sqlite:///{db}")
-    from vmrep.journal import Journal
-
-    Journal.open(cfg.journal_path)  # an empty journal: no checkpoint files, 0 bytes stored
+    rt = Runtime(load_config(write_config(tmp_path, db)))
     now = datetime.now(timezone.utc)
-    evs = monitor_pass(store, cfg, now)
+    replicate(rt, now)
+    rt.store.add_test_result(None, "erp", started_at=now - timedelta(days=10), success=True,
+                             ended_at=now - timedelta(days=10) + timedelta(minutes=5))
+    evs = monitor_pass(rt, now)
     assert evs["erp"].status == Status.MEETING_SLA and evs["erp"].codes == {"JOURNAL_NEAR_LIMIT"}
     assert evs["crm"].status == Status.NOT_MEETING_SLA
     assert evs["crm"].codes == {"RPO_OVER_2X_TARGET", "HISTORY_UNDER_85"}
     try:
-        yield cfg, store, evs, now
+        yield rt.config, rt.store, evs, now
     finally:
-        store.close()
+        rt.store.close()
 
 
 def collector_for(cfg: Config, store: StateStore) -> StateCollector:
     from vmrep.journal import Journal
 
-    return StateCollector(cfg, store.url, journal=Journal.open(cfg.journal_path, create=False))
+    return StateCollector(cfg, store.url, journal=Journal.open(cfg.journal_path, block_size=BS, create=False))
 
 
 def samples(collector: StateCollector, now: datetime) -> dict[str, list[Any]]:
@@ -172,6 +185,13 @@ def test_values_are_what_the_database_and_vmrep_status_say(filled, tmp_path: Pat
         on = [s.labels["status"] for s in found["vmrep_vpg_status"] if s.labels["vpg"] == name and s.value == 1]
         assert on == [evs[name].status] == [rt.status]
     assert value(found, "vmrep_vpg_vm_count", vpg="erp") == 2
+    from vmrep.journal import Journal
+
+    journal = Journal.open(cfg.journal_path, block_size=BS, create=False)
+    for name in ("erp", "crm"):
+        added = sum(c.added_bytes for c in journal.checkpoints(name))
+        assert added >= 4 * BS  # four random blocks, stored raw (they do not compress)
+        assert value(found, "vmrep_vpg_bytes_stored_total", vpg=name) == added
     test = store.test_results("erp")[0]
     assert value(found, "vmrep_vpg_last_test_timestamp_seconds", vpg="erp") == test.started_at.timestamp()
     assert value(found, "vmrep_vpg_last_test_success", vpg="erp") == 1
@@ -182,28 +202,18 @@ def test_values_are_what_the_database_and_vmrep_status_say(filled, tmp_path: Pat
         ("crm", "warning", "HISTORY_UNDER_85")}
     assert value(found, "vmrep_alerts_open", vpg="erp", code="RPO_OVER_TARGET") == 0  # zero, not absent
 
-    # `vmrep status --json` (its row builder, with the journal's checkpoint times) agrees
+    # `vmrep status --json` (its row builder, reading the same journal and database) agrees
     from vmrep.cli.monitor import status_rows
 
-    class Cp:
-        def __init__(self, t: datetime) -> None:
-            self.time = t
-
-    class Journal:
-        def checkpoints(self, vpg: str) -> list[Cp]:
-            return [Cp(now - timedelta(seconds=HISTORY_COVERED[vpg])), Cp(now - timedelta(seconds=RPO_AGO[vpg]))]
-
-    class Rt:
-        config, journal = cfg, Journal()
-
-    Rt.store = store
-    for row in status_rows(Rt, later):
+    for row in status_rows(Runtime(cfg), later):
         v = row["vpg"]
         assert value(found, "vmrep_vpg_actual_rpo_seconds", vpg=v) == pytest.approx(row["rpo_seconds"], abs=0.1)
-        assert value(found, "vmrep_vpg_history_covered_seconds", vpg=v) == pytest.approx(row["history_seconds"], abs=0.1)
+        assert value(found, "vmrep_vpg_history_covered_seconds", vpg=v) == pytest.approx(
+            row["history_seconds"], abs=0.1)
         assert value(found, "vmrep_vpg_history_target_seconds", vpg=v) == row["history_target_seconds"]
         assert value(found, "vmrep_vpg_rpo_target_seconds", vpg=v) == row["rpo_target_seconds"]
-        assert [s.labels["status"] for s in found["vmrep_vpg_status"] if s.labels["vpg"] == v and s.value] == [row["status"]]
+        on = [s.labels["status"] for s in found["vmrep_vpg_status"] if s.labels["vpg"] == v and s.value]
+        assert on == [row["status"]]
         if row["last_test_success"] is not None:
             assert value(found, "vmrep_vpg_last_test_success", vpg=v) == float(row["last_test_success"])
         assert {a["code"] for a in row["alerts"]} == {s.labels["code"] for s in found["vmrep_alerts_open"]

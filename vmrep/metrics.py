@@ -143,8 +143,9 @@ def families(config: "Config", snap: Snapshot, now: datetime,
     """The metric families for the configured VPGs as of `now` (alerts: every VPG with one
     open). A value the database does not have yet (no checkpoint, no sample, never tested)
     is left out rather than reported as 0."""
-    g: dict[str, GaugeMetricFamily | CounterMetricFamily] = {name: GaugeMetricFamily(name, HELP[name], labels=list(labels))
-                            for name, labels in METRICS.items() if name != "vmrep_up"}
+    g: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+        name: GaugeMetricFamily(name, HELP[name], labels=list(labels)) for name, labels in METRICS.items()
+        if name != "vmrep_up"}
     # A counter family is named without _total; the exposition adds it to the sample.
     stored = g["vmrep_vpg_bytes_stored_total"] = CounterMetricFamily(
         "vmrep_vpg_bytes_stored", HELP["vmrep_vpg_bytes_stored_total"], labels=["vpg"])
@@ -158,7 +159,8 @@ def families(config: "Config", snap: Snapshot, now: datetime,
 
         rpo = _age(now, rt.last_checkpoint_at if rt else None)
         if rpo is None and sample is not None and sample.rpo_seconds is not None:
-            rpo = sample.rpo_seconds + (now - sample.at).total_seconds()  # a row older than the checkpoint column
+            # Checkpoints the runtime row never heard of (an older database): the monitor saw them.
+            rpo = sample.rpo_seconds + (now - sample.at).total_seconds()
         if rpo is not None:
             g["vmrep_vpg_actual_rpo_seconds"].add_metric([v.name], rpo)
         g["vmrep_vpg_rpo_target_seconds"].add_metric([v.name], v.rpo_target_seconds)
@@ -174,7 +176,7 @@ def families(config: "Config", snap: Snapshot, now: datetime,
             g["vmrep_vpg_history_covered_seconds"].add_metric([v.name], covered)
         g["vmrep_vpg_history_target_seconds"].add_metric([v.name], v.history_seconds)
         # health.evaluate judges history against min(window, time since the first checkpoint).
-        start = (rt.first_checkpoint_at if rt else None)
+        start = rt.first_checkpoint_at if rt else None
         since_start = _age(now, start) if start else covered
         if since_start is not None:
             g["vmrep_vpg_history_expected_seconds"].add_metric([v.name], min(v.history_seconds, max(since_start, 0.0)))
