@@ -263,6 +263,20 @@ def test_bad_listen_is_one_line_and_exit_2(listen: str, capsys) -> None:
     assert len(err) == 1 and listen in err[0] and err[0].startswith("error: --listen"), err
 
 
+def test_listen_address_in_use_is_one_line_and_exit_2(tmp_path: Path, capsys, monkeypatch) -> None:
+    from vmrep.cli import main
+
+    monkeypatch.setenv("VMREP_TEST_PW", "unused")
+    path = write_config(tmp_path, tmp_path / "state.db")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        where = f"127.0.0.1:{taken.getsockname()[1]}"
+        assert main(["exporter", "--listen", where, "--config", str(path)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and where in err[0] and "cannot listen" in err[0], err
+
+
 def test_rule_file_passes_promtool() -> None:
     promtool = shutil.which("promtool")
     assert promtool, "promtool missing: `make deps` installs Debian's prometheus package"
