@@ -77,10 +77,11 @@ def exporter(
     console_err.print(f"serving metrics of {collector.safe_url()} on http://{listen}/metrics",
                       markup=False, highlight=False)
     stop = threading.Event()
-    # SIGTERM (a service manager stopping it) ends it as quietly as Ctrl-C does.
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # A service manager's SIGTERM and Ctrl-C both end it cleanly: stopping is its normal end.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     try:
-        while not stop.wait(1.0):  # a timed wait keeps Ctrl-C deliverable
+        while not stop.wait(1.0):  # a timed wait lets the handlers run promptly
             pass
     finally:
         server.shutdown()
