@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export PREFECT_LOGGING_LEVEL ?= WARNING
 
-DEBIAN_PACKAGES := golang-go golang-github-vmware-govmomi-dev chromium postgresql-15 \
+DEBIAN_PACKAGES := golang-go golang-github-vmware-govmomi-dev chromium postgresql-15 prometheus \
                    python3-venv ca-certificates
 
 .PHONY: all deps test demo server bench lab-up lab-down clean

@@ -23,7 +23,7 @@ import tasks  # noqa: F401,E402
 from vmrep.cli import lab as _lab  # noqa: F401,E402
 from vmrep.cli import config as _config  # noqa: F401,E402
 
-for _optional in ("replication", "recovery", "monitor", "report", "journal"):
+for _optional in ("replication", "recovery", "monitor", "report", "journal", "exporter"):
     try:
         __import__(f"vmrep.cli.{_optional}")
     except ModuleNotFoundError as _exc:  # a module not written yet must not break the others
