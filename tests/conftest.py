@@ -114,6 +114,26 @@ class LabControl:
     def boot_delay(self, ms: int) -> None:
         self.http.post(f"{self.url}/guest-boot-delay", json={"ms": ms}, timeout=5).raise_for_status()
 
+    # Guest I/O: what a running VM's guest writes and reads (lab/launcher/guestio.go).
+
+    def guest_write(self, vm: str, disk: int, offset: int, data: bytes) -> int:
+        r = self.http.post(f"{self.url}/guest/write", params={"vm": vm, "disk": disk, "offset": offset},
+                           data=data, timeout=60)
+        r.raise_for_status()
+        return int(r.json()["written"])
+
+    def guest_read(self, vm: str, disk: int, offset: int, length: int) -> bytes:
+        r = self.http.get(f"{self.url}/guest/read", params={"vm": vm, "disk": disk, "offset": offset,
+                                                            "length": length}, timeout=60)
+        r.raise_for_status()
+        return r.content
+
+    def cbt_reset(self, vm: str, disk: int) -> None:
+        self.http.post(f"{self.url}/cbt/reset", params={"vm": vm, "disk": disk}, timeout=5).raise_for_status()
+
+    def cbt_max_areas(self, n: int) -> None:
+        self.http.post(f"{self.url}/cbt/max-areas", json={"n": n}, timeout=5).raise_for_status()
+
 
 def _start_lab(base: Path, boot_delay: str = "200ms") -> LabHandle:
     base.mkdir(parents=True, exist_ok=True)
