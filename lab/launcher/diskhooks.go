@@ -7,7 +7,10 @@ package main
 
 import (
 	"log"
+	"os"
+	"path/filepath"
 	"regexp"
+	"strings"
 
 	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/vim25/types"
@@ -44,6 +47,22 @@ func snapshotState(vm *simulator.VirtualMachine) vmBefore {
 		walk(vm.Snapshot.RootSnapshotList)
 	})
 	return st
+}
+
+const extraNoTracking = "vmrep.lab.noChangeTracking"
+
+// refuseTracking turns change tracking back off on a VM marked as unable to
+// have it (the flag reads false afterwards, as on a VM without CBT support).
+func refuseTracking(vm *simulator.VirtualMachine) bool {
+	refused := false
+	simulator.Map.WithLock(vm, func() {
+		if vm.Config == nil || !strings.EqualFold(extraConfig(vm)[extraNoTracking], "true") {
+			return
+		}
+		vm.Config.ChangeTrackingEnabled = types.NewBool(false)
+		refused = true
+	})
+	return refused
 }
 
 var taskReturn = regexp.MustCompile(`<returnval[^>]*>\s*(task-[^<\s]+)\s*</returnval>`)
@@ -88,14 +107,49 @@ func (l *lab) diskHook(method string, this types.ManagedObjectReference) func(se
 		v.refresh(descs, tracking)
 	}
 	before := snapshotState(vm)
+	var kept []string
+	if method == "RemoveSnapshot_Task" || method == "RemoveAllSnapshots_Task" {
+		kept = keepDiskFiles(descs)
+	}
 	return func(served bool, resp []byte) {
 		defer v.mu.Unlock()
+		restoreDiskFiles(kept)
 		if !served {
 			return
 		}
 		if err := l.afterDiskMethod(method, this, vm, v, before, resp); err != nil {
 			log.Printf("lab: disks of %s after %s: %v", vm.Self, method, err)
 		}
+	}
+}
+
+// 0.24.2's snapshot removal deletes the files its layout lists under the
+// snapshot's data key, which after a storage refresh can be a disk's
+// descriptor or -flat.vmdk: hard links taken before put them back after.
+func keepDiskFiles(descs []diskDesc) []string {
+	var kept []string
+	for _, d := range descs {
+		for _, p := range []string{d.flat, strings.TrimSuffix(d.flat, "-flat.vmdk") + ".vmdk"} {
+			link := filepath.Join(filepath.Dir(p), ".lab-keep-"+filepath.Base(p))
+			_ = os.Remove(link)
+			if os.Link(p, link) == nil {
+				kept = append(kept, p)
+			}
+		}
+	}
+	return kept
+}
+
+func restoreDiskFiles(kept []string) {
+	for _, p := range kept {
+		link := filepath.Join(filepath.Dir(p), ".lab-keep-"+filepath.Base(p))
+		if _, err := os.Stat(p); os.IsNotExist(err) {
+			if err := os.Rename(link, p); err != nil {
+				log.Printf("lab: restoring %s: %v", p, err)
+			}
+			continue
+		}
+		_ = os.Remove(link)
 	}
 }
 
@@ -118,6 +172,9 @@ func (l *lab) afterDiskMethod(method string, this types.ManagedObjectReference, 
 
 	switch method {
 	case "ReconfigVM_Task":
+		if tracking && refuseTracking(vm) {
+			tracking = false
+		}
 		v.refresh(descs, tracking) // tracking on/off, resized disks
 		return nil
 	case "CreateSnapshot_Task":
