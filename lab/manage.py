@@ -1,8 +1,10 @@
 """The two-site vSphere lab: start, seed, describe and stop simulator processes.
 
 `vmrep lab up` starts a protected site (siteA) and a recovery site (siteB), each its own
-simulator process, seeds VMs whose disks hold real bytes, adds a production and an
-isolated test network, and writes a ready `vmrep.yaml` with two VPGs: `erp` replicates
+simulator process, seeds VMs whose disks hold real bytes (uploaded through the datastore's
+`/folder`, as onto a real datastore), powers them on (tools running, IPs reported, as
+production VMs run), adds a production and an isolated test network, and writes a ready
+`vmrep.yaml` with two VPGs: `erp` replicates
 remotely (siteA -> siteB), `files` locally (siteA, to another host and datastore).
 `vmrep lab down` stops only the processes `lab up` started (by PID, checked against the
 command line) and removes their folders.

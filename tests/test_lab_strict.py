@@ -161,7 +161,9 @@ def test_snapshot_freezes_the_parent_and_removal_consolidates(lab, si) -> None: 
     # The guest sees its writes; the parent, locally and through /folder, is as at the snapshot.
     assert ctl.guest_read("erp-db", 0, 5 * MiB, len(b)) == b
     assert read_flat(lab, "erp-db", 0, 5 * MiB, len(a)) == a
+    ctl.http.delete(f"{ctl.url}/served", timeout=5).raise_for_status()
     assert folder_read(lab, si, "erp-db", 0, 5 * MiB, len(a)) == a
+    assert ctl.http.get(f"{ctl.url}/served", timeout=5).json() == {"DatastoreFile.GET": len(a)}
     assert read_flat(lab, "erp-db", 1, 2 * MiB, len(c)) != c
     wait(si, snap.RemoveSnapshot_Task(removeChildren=False))
     assert read_flat(lab, "erp-db", 0, 5 * MiB, len(b)) == b

@@ -118,6 +118,7 @@ func writeErr(w http.ResponseWriter, err error) {
 }
 
 func (l *lab) registerDiskControls(mux *http.ServeMux) {
+	registerServed(mux)
 	mux.HandleFunc("/guest/write", func(w http.ResponseWriter, r *http.Request) {
 		if r.Method != http.MethodPost && r.Method != http.MethodPut {
 			w.WriteHeader(http.StatusMethodNotAllowed)

@@ -587,7 +587,7 @@ func (l *lab) serveFolder(w http.ResponseWriter, r *http.Request) {
 		l.putDatastoreFile(w, r, rel)
 		return
 	}
-	l.mux.ServeHTTP(w, r)
+	l.mux.ServeHTTP(countServed(w, r), r)
 }
 
 func (l *lab) datastoreDir(ctx context.Context, dcPath, dsName string) (string, error) {
