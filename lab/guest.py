@@ -11,14 +11,13 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable
 
 import requests
 
 from vmrep.config import Config
 from vmrep.errors import NotFound, VmrepError
 
-Content = Literal["random", "text", "zeros"]
 CONTENT_KINDS: tuple[str, ...] = ("random", "text", "zeros")
 
 

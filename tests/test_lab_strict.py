@@ -226,8 +226,12 @@ def test_a_write_racing_a_snapshot_lands_wholly_before_or_after(lab, si) -> None
 
     t = threading.Thread(target=guest)
     t.start()
+    import time
+
+    deadline = time.monotonic() + 10
     while len(done) < 5:
-        pass
+        assert t.is_alive() and time.monotonic() < deadline
+        time.sleep(0.001)
     snap = snapshot(si, vm, "race")
     stop.set()
     t.join()
