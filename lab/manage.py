@@ -1,8 +1,10 @@
 """The two-site vSphere lab: start, seed, describe and stop simulator processes.
 
 `vmrep lab up` starts a protected site (siteA) and a recovery site (siteB), each its own
-simulator process, seeds VMs whose disks hold real bytes, adds a production and an
-isolated test network, and writes a ready `vmrep.yaml` with two VPGs: `erp` replicates
+simulator process, seeds VMs whose disks hold real bytes (uploaded through the datastore's
+`/folder`, as onto a real datastore), powers them on (tools running, IPs reported, as
+production VMs run), adds a production and an isolated test network, and writes a ready
+`vmrep.yaml` with two VPGs: `erp` replicates
 remotely (siteA -> siteB), `files` locally (siteA, to another host and datastore).
 `vmrep lab down` stops only the processes `lab up` started (by PID, checked against the
 command line) and removes their folders.
@@ -21,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 from pyVmomi import vim
@@ -174,18 +176,25 @@ DEFAULT_VMS = [
 ]
 
 
-def write_disk_image(path: Path, seed: DiskSeed, rng: random.Random) -> None:
+def disk_image_chunks(seed: DiskSeed, rng: random.Random) -> Iterator[bytes]:
+    """The seeded disk's bytes, 1 MiB at a time: random regions, zeros elsewhere, and the
+    shared block at the end (as long as the disk's capacity)."""
     size = seed.size_mib * MiB
-    with open(path, "r+b" if path.exists() else "wb") as f:
-        f.truncate(size)  # sparse where zero, as long as the disk's capacity
-        for start, end in seed.random_regions:
-            lo = int(size * start) // MiB * MiB
-            hi = int(size * end) // MiB * MiB
-            for off in range(lo, hi, MiB):
-                f.seek(off)
-                f.write(rng.randbytes(MiB))
-        f.seek(size - MiB)
-        f.write(SHARED_BLOCK)
+    data: set[int] = set()
+    for start, end in seed.random_regions:
+        data.update(range(int(size * start) // MiB * MiB, int(size * end) // MiB * MiB, MiB))
+    blocks = {off: rng.randbytes(MiB) for off in sorted(data)}  # drawn in the order they were before
+    zero = bytes(MiB)
+    for off in range(0, size, MiB):
+        yield SHARED_BLOCK if off == size - MiB else blocks.get(off, zero)
+
+
+def upload_disk_image(client: Any, path: str, seed: DiskSeed, rng: random.Random) -> None:
+    """Put a new VM's flat extent through the datastore's /folder upload, as onto a real
+    datastore (the launcher keeps zero runs as holes: a thin disk)."""
+    from vmrep.vsphere.datastore import HttpDatastore
+
+    HttpDatastore(client, "DC0").write(path, list(disk_image_chunks(seed, rng)), seed.size_mib * MiB)
 
 
 def _device_specs(vm_name: str, ds: str, disks: list[DiskSeed], network: Any, net_name: str) -> list[Any]:
@@ -237,9 +246,8 @@ def create_vm(client: Any, seed: VMSeed, *, folder: Any, pool: Any, host: Any, n
         deviceChange=_device_specs(seed.name, seed.datastore, seed.disks, network, net_name),
     )
     ref = run_task(client, f"VM {seed.name}", folder.CreateVM_Task, spec, pool, host)
-    root = Path(datastores[seed.datastore]) / seed.name
     for i, d in enumerate(seed.disks):
-        write_disk_image(root / f"disk{i}-flat.vmdk", d, rng)
+        upload_disk_image(client, f"[{seed.datastore}] {seed.name}/disk{i}-flat.vmdk", d, rng)
     return ref
 
 
@@ -278,6 +286,28 @@ def seed_site(client: Any, site: SiteProcess, vms: list[VMSeed], rng: random.Ran
         pool = pools[h.get("parent")._moId]
         create_vm(client, seed, folder=folder, pool=pool, host=h.ref, network=network, net_name="VM Network",
                   datastores=site.datastores, rng=rng)
+
+
+def power_on(client: Any, names: list[str], timeout: float = 30.0) -> dict[str, str]:
+    """Power the VMs on, as production VMs run, and wait until each one's tools run and it
+    reports an IP; returns name -> IP."""
+    from vmrep.recovery import vms as vmops
+
+    refs = {sv.name: sv.ref for sv in vmops.site_vms(client)}
+    for n in names:
+        vmops.power_on(client, n, refs[n])
+    ips: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    for n in names:
+        while True:
+            g = vmops.guest_state(client, refs[n])
+            if g.tools == "guestToolsRunning" and g.ip:
+                ips[n] = g.ip
+                break
+            if time.monotonic() > deadline:
+                raise LabError(f"lab: VM {n} did not report tools and an IP within {timeout:.0f}s")
+            time.sleep(0.05)
+    return ips
 
 
 def lab_config(a: SiteProcess, b: SiteProcess, password_file: Path, journal: Path,
@@ -335,6 +365,7 @@ class Lab:
     dir: Path
     config_path: Path
     sites: dict[str, SiteProcess] = field(default_factory=dict)
+    ips: dict[str, str] = field(default_factory=dict)  # protected VM -> the IP it reported at 'lab up'
 
     def state(self) -> dict[str, Any]:
         return {"dir": str(self.dir), "config": str(self.config_path),
@@ -371,6 +402,9 @@ def up(base: Path | None = None, config_path: Path | None = None, *, boot_delay:
             from vmrep.vsphere.property import retrieve_one
             vm_folder = retrieve_one(a, dc, ["vmFolder"]).get("vmFolder")
             a.call("folder recovered", vm_folder.CreateFolder, "recovered")
+            # Protected VMs run, as in production: guests write, shutdown policies have
+            # something to shut down.
+            lab.ips = power_on(a, [v.name for v in DEFAULT_VMS])
         finally:
             a.close()
             b.close()

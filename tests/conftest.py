@@ -74,6 +74,12 @@ class LabHandle:
     def control(self, site: str) -> "LabControl":
         return LabControl(self.lab.sites[site].control_url)
 
+    def guest_write(self, vm: str, disk: str, offset: int, data: bytes, site: str = "siteA") -> None:
+        """What the running VM's guest writes to its disk `disk` (vmrep's id, 'scsi0:1'):
+        through the launcher, as a guest's I/O reaches ESXi (never into the files)."""
+        ctl = self.control(site)
+        ctl.guest_write(vm, ctl.disk_index(vm, disk), offset, data)
+
 
 class LabControl:
     """The launcher's fault-injection and inspection endpoint."""
@@ -113,6 +119,35 @@ class LabControl:
 
     def boot_delay(self, ms: int) -> None:
         self.http.post(f"{self.url}/guest-boot-delay", json={"ms": ms}, timeout=5).raise_for_status()
+
+    # Guest I/O: what a running VM's guest writes and reads (lab/launcher/guestio.go).
+
+    def guest_write(self, vm: str, disk: int, offset: int, data: bytes) -> int:
+        r = self.http.post(f"{self.url}/guest/write", params={"vm": vm, "disk": disk, "offset": offset},
+                           data=data, timeout=60)
+        r.raise_for_status()
+        return int(r.json()["written"])
+
+    def guest_read(self, vm: str, disk: int, offset: int, length: int) -> bytes:
+        r = self.http.get(f"{self.url}/guest/read", params={"vm": vm, "disk": disk, "offset": offset,
+                                                            "length": length}, timeout=60)
+        r.raise_for_status()
+        return r.content
+
+    def disk_index(self, vm: str, disk_id: str) -> int:
+        """The guest I/O index (controller order) of the VM's disk with vmrep's id 'scsiB:U'."""
+        r = self.http.get(f"{self.url}/guest/disks", params={"vm": vm}, timeout=5)
+        r.raise_for_status()
+        for d in r.json()["disks"]:
+            if f"scsi{d['bus']}:{d['unit']}" == disk_id:
+                return int(d["index"])
+        raise LookupError(f"{vm} has no disk {disk_id}")
+
+    def cbt_reset(self, vm: str, disk: int) -> None:
+        self.http.post(f"{self.url}/cbt/reset", params={"vm": vm, "disk": disk}, timeout=5).raise_for_status()
+
+    def cbt_max_areas(self, n: int) -> None:
+        self.http.post(f"{self.url}/cbt/max-areas", json={"n": n}, timeout=5).raise_for_status()
 
 
 def _start_lab(base: Path, boot_delay: str = "200ms") -> LabHandle:

@@ -72,10 +72,8 @@ def test_move_with_reverse_protection_then_failback_brings_changes_home(fresh_la
     rng = random.Random(3)
     at_b = disk_files(rt, "siteB")
     for (vm, disk), path in at_b.items():
-        with open(path, "r+b") as f:
-            for _ in range(5):
-                f.seek(rng.randrange(os.path.getsize(path) - 70000))
-                f.write(rng.randbytes(65536))
+        for _ in range(5):
+            lab.guest_write(vm, disk, rng.randrange(os.path.getsize(path) - 70000), rng.randbytes(65536), site="siteB")
     # -- failback: move the reverse VPG (a new process reads the generated VPG from disk)
     forget_runtime(cfg)
     rt = lab.runtime()

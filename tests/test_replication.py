@@ -47,10 +47,8 @@ def test_initial_sync_then_cycles_rebuild_exactly(fresh_lab, tmp_path: Path) -> 
     rng = random.Random(5)
     for _ in range(3):
         for (vm, disk), p in files.items():
-            with open(p, "r+b") as f:
-                for _ in range(rng.randrange(0, 4)):
-                    f.seek(rng.randrange(p.stat().st_size - 4096))
-                    f.write(rng.randbytes(4096))
+            for _ in range(rng.randrange(0, 4)):
+                fresh_lab.guest_write(vm, disk, rng.randrange(p.stat().st_size - 4096), rng.randbytes(4096))
         r = engine.run_cycle(rt, rt.config.vpg("erp"))
         saved[r.checkpoint_id] = {k: p.read_bytes() for k, p in files.items()}
         assert r.bytes_stored <= r.blocks_changed * MiB + 4096
@@ -77,12 +75,10 @@ def test_random_writes_between_cycles(lab, tmp_path: Path, writes) -> None:  # t
     saved = {}
     for cycle in writes:
         for disk_i, where, length, zeros in cycle:
-            p = files[keys[disk_i % len(keys)]]
-            size = p.stat().st_size
+            key = keys[disk_i % len(keys)]
+            size = files[key].stat().st_size
             off = int(where * (size - length))
-            with open(p, "r+b") as f:
-                f.seek(off)
-                f.write(bytes(length) if zeros else rng.randbytes(length))
+            lab.guest_write(*key, off, bytes(length) if zeros else rng.randbytes(length))
         r = engine.run_cycle(rt, v)
         saved[r.checkpoint_id] = {k: files[k].read_bytes() for k in keys}
     kept = {c.id for c in rt.journal.checkpoints("erp")}
@@ -96,21 +92,15 @@ def test_dedup_across_vms(fresh_lab) -> None:  # type: ignore[no-untyped-def]
     rt = fresh_lab.runtime()
     files = flat_files(rt, "erp")
     same = random.Random(1).randbytes(4 * MiB)
-    for p in files.values():
-        with open(p, "r+b") as f:
-            f.seek(2 * MiB)
-            f.write(same)
+    for vm, disk in files:
+        fresh_lab.guest_write(vm, disk, 2 * MiB, same)
     before = synced(rt, "erp")
     # A second VPG protecting other VMs with the same bytes stores nothing new for them.
     local = LocalDatastore(rt.config.site("siteA").datastore_mounts)
-    files01 = [local.local(d.flat) for d in engine.vpg_vms(rt, rt.config.vpg("files"))["files-01"].disks]
-    with open(files01[0], "r+b") as f:
-        f.seek(0)
-        f.write(bytes(files01[0].stat().st_size))  # zero it all...
-        f.seek(8 * MiB)
-        f.write(same)  # ...but for the shared 4 MiB
-    with open(files01[1], "r+b") as f:
-        f.write(bytes(files01[1].stat().st_size))
+    files01 = {d.id: local.local(d.flat) for d in engine.vpg_vms(rt, rt.config.vpg("files"))["files-01"].disks}
+    fresh_lab.guest_write("files-01", "scsi0:0", 0, bytes(files01["scsi0:0"].stat().st_size))  # zero it all...
+    fresh_lab.guest_write("files-01", "scsi0:0", 8 * MiB, same)  # ...but for the shared 4 MiB
+    fresh_lab.guest_write("files-01", "scsi0:1", 0, bytes(files01["scsi0:1"].stat().st_size))
     r = synced(rt, "files")
     assert before.bytes_stored > 4 * MiB
     assert r.bytes_stored == 0
@@ -222,10 +212,7 @@ def test_sync_and_replicate_flows(fresh_lab, prefect_harness) -> None:  # type: 
     assert row.initial_sync_done and (row.status, row.lock_holder) == ("MeetingSLA", None)
     op = rt.store.operations("files", kind="initial_sync")[0]
     assert (op.result, op.started_by) == ("succeeded", "flow-test")
-    files = flat_files(rt, "files")
-    with open(files[("files-01", "scsi0:0")], "r+b") as f:
-        f.seek(3 * MiB)
-        f.write(random.Random(9).randbytes(2 * MiB))
+    fresh_lab.guest_write("files-01", "scsi0:0", 3 * MiB, random.Random(9).randbytes(2 * MiB))
     cycles = replicate("files", cfg, cycles=2, interval_seconds=0)
     assert [c["blocks_changed"] for c in cycles] == [2, 0]
     assert [c["checkpoint"] for c in cycles] == [c.id for c in rt.journal.checkpoints("files")[-2:]]

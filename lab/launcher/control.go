@@ -182,6 +182,7 @@ func (l *lab) controlHandler(ready func() interface{}) http.Handler {
 		}
 	})
 
+	l.registerDiskControls(mux)
 	return mux
 }
 

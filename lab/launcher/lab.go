@@ -48,6 +48,7 @@ type lab struct {
 	mux           http.Handler // the simulator's ServeMux
 	client        *vim25.Client
 	guest         *guestSim
+	disks         *diskLab // disk layers (snapshots), guest I/O, change tracking
 	shutdownDelay time.Duration
 
 	mu       sync.Mutex
@@ -63,6 +64,7 @@ func newLab(mux http.Handler, client *vim25.Client, guest *guestSim) *lab {
 		mux:           mux,
 		client:        client,
 		guest:         guest,
+		disks:         newDiskLab(64),
 		shutdownDelay: 500 * time.Millisecond,
 		calls:         make(map[string]int),
 		sessions:      make(map[string]bool),
@@ -315,6 +317,9 @@ func (l *lab) serveSOAP(w http.ResponseWriter, r *http.Request) {
 			if l.guestOp(w, method, this) {
 				return
 			}
+		case "QueryChangedDiskAreas":
+			l.serveQueryChangedDiskAreas(w, body)
+			return
 		}
 	}
 
@@ -334,7 +339,10 @@ func (l *lab) serveSOAP(w http.ResponseWriter, r *http.Request) {
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	r.ContentLength = int64(len(body))
 	rec := &recorder{header: make(http.Header)}
-	if p := l.serveRecovered(rec, r); p != nil {
+	diskDone := l.diskHook(method, this)
+	p := l.serveRecovered(rec, r)
+	diskDone(p == nil && (rec.status == 0 || rec.status == http.StatusOK), rec.body.Bytes())
+	if p != nil {
 		log.Printf("lab: panic in %s on %s: %v\n%s", method, this, p.value, p.stack)
 		msg := fmt.Sprintf("vcsim panic in %s: %v", method, p.value)
 		writeSOAPFault(w, msg, &types.SystemError{Reason: msg})
@@ -575,7 +583,11 @@ func (l *lab) serveFolder(w http.ResponseWriter, r *http.Request) {
 		l.deleteDatastoreFile(w, r, rel)
 		return
 	}
-	l.mux.ServeHTTP(w, r)
+	if r.Method == http.MethodPut {
+		l.putDatastoreFile(w, r, rel)
+		return
+	}
+	l.mux.ServeHTTP(countServed(w, r), r)
 }
 
 func (l *lab) datastoreDir(ctx context.Context, dcPath, dsName string) (string, error) {

@@ -61,6 +61,7 @@ func main() {
 	stateFile := flag.String("state-file", "", "also write the READY json to this file (removed on exit)")
 	username := flag.String("username", "", "the only user that may log in (default: any non-empty user/password, as vcsim)")
 	passwordFile := flag.String("password-file", "", "file holding the password of -username (so it is not on the command line)")
+	cbtMaxAreas := flag.Int("cbt-max-areas", 64, "QueryChangedDiskAreas: at most this many areas per answer")
 	logFile := flag.String("log", "", "simulator log file (default: stderr; \"off\" discards it)")
 	flag.Parse()
 
@@ -148,6 +149,10 @@ func main() {
 
 	l := newLab(srv.Config.Handler, client, guest)
 	l.shutdownDelay = *shutdownDelay
+	if *cbtMaxAreas < 1 {
+		fatalf("-cbt-max-areas must be >= 1")
+	}
+	l.disks.maxAreas = *cbtMaxAreas
 	// Nobody knows the port yet, so no request can be in flight: swap the
 	// simulator's mux for the lab's front handler.
 	srv.Config.Handler = l

@@ -37,12 +37,15 @@ def lab_up(
     config: Annotated[Path, typer.Option("--config", "-c", help="where to write the lab's vmrep.yaml")] = Path("vmrep.yaml"),
     boot_delay: Annotated[str, typer.Option(help="how long a simulated guest takes to boot")] = "1s",
 ) -> None:
-    """Start a protected and a recovery site, seed VMs with real disk bytes, write vmrep.yaml."""
+    """Start a protected and a recovery site, seed VMs with real disk bytes and power them on,
+    write vmrep.yaml."""
     from lab import manage
 
     lab = manage.up(config_path=config, boot_delay=boot_delay)
     for name, s in lab.sites.items():
         console.print(f"{name}: {s.url} (pid {s.pid})", markup=False)
+    for vm, ip in lab.ips.items():
+        console.print(f"  {vm}: running, tools ok, IP {ip}", markup=False)
     console.print(f"config written to {lab.config_path}", markup=False)
 
 
@@ -77,15 +80,16 @@ def lab_write(
     rate: Annotated[str, typer.Option(help="bytes per second, e.g. 4MiB/s")] = "4MiB/s",
     duration: Annotated[str, typer.Option("--for", help="how long, e.g. 60s")] = "10s",
     seed: Annotated[int | None, typer.Option(help="random seed, for repeatable writes")] = None,
+    content: Annotated[str, typer.Option(help="what the guest writes: random, text (compressible) or zeros")] = "text",
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Write into a lab VM's disk as its guest would."""
+    """Write into a running lab VM's disk as its guest would (through the lab's guest I/O)."""
     from lab.guest import guest_write
 
     cfg = config_from(config)
     stats = guest_write(cfg, vm, disk=disk, rate=parse_size(rate, "--rate"),
-                        seconds=parse_duration(duration, "--for"), seed=seed)
+                        seconds=parse_duration(duration, "--for"), seed=seed, content=content)
     if json_out:
         print_json([s.__dict__ for s in stats])
     else:
