@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from vmrep.cli.common import ConfigOpt, JsonOpt, app, config_from, console, print_json
+from vmrep.cli.values import require_positive
 
 
 def _secs(v: float | None) -> str:
@@ -118,6 +119,7 @@ def monitor(
 
     from flows.monitor import monitor as flow
 
+    require_positive(interval, "--interval")
     path = str(config_from(config).source)
     while True:
         out = flow(path)
