@@ -45,7 +45,8 @@ def test_unknown_vm_and_names_are_named(lab, tmp_path: Path, capsys: pytest.Capt
     assert "VPG erp: recovery.datastore: datastore 'NoSuchDS' not found at recovery site siteB" in lines
     assert ("VPG files: recovery.test_network: is the production network; "
             "a test must run in an isolated network") in lines
-    assert out.err.strip() == "error: 3 problem(s) found"
+    assert out.err.strip() == ("error: 3 problem(s) found in VPG erp: VM ghost-vm, VPG erp: recovery.datastore, "
+                               "VPG files: recovery.test_network")
 
 
 def test_wan_compression_off_is_a_warning_that_it_has_no_effect(lab, tmp_path: Path,  # type: ignore[no-untyped-def]

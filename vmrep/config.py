@@ -95,7 +95,7 @@ class Site(Strict):
     tls: TLSSettings = TLSSettings()
     # Datastores also mounted on the replication host: read/write the same files locally.
     datastore_mounts: dict[str, Path] = {}
-    timeout_seconds: float = 60.0
+    timeout_seconds: float = Field(default=60.0, gt=0)
     # Lab only: the simulator's fault-injection control endpoint.
     lab_control_url: str | None = None
 
@@ -150,12 +150,12 @@ class VMSpec(Strict):
 
 class BootGroup(Strict):
     name: str
-    delay_seconds: float = 0.0
+    delay_seconds: float = Field(default=0.0, ge=0)
 
 
 class Script(Strict):
     command: str
-    timeout_seconds: float = 300.0
+    timeout_seconds: float = Field(default=300.0, gt=0)
 
 
 class RecoveryDefaults(Strict):
@@ -176,7 +176,7 @@ class Priority(str, Enum):
 
 class CommitPolicy(Strict):
     policy: Literal["none", "commit", "rollback"] = "commit"
-    timeout_minutes: float = 60.0
+    timeout_minutes: float = Field(default=60.0, ge=0)
 
 
 TestInterval = Literal["off", 1, 3, 6, 9, 12]
@@ -188,10 +188,11 @@ class VPG(Strict):
     recovery_site: str
     vms: list[VMSpec] = Field(min_length=1)
     priority: Priority = Priority.medium
-    rpo_target_seconds: float = 300.0
+    # A target of zero or less could never be met: every status would be an alert.
+    rpo_target_seconds: float = Field(default=300.0, gt=0)
     journal_history_hours: float = 24.0
     journal_hard_limit_gb: float = 150.0
-    journal_warning_percent: float = 75.0
+    journal_warning_percent: float = Field(default=75.0, gt=0, le=100)
     test_interval_months: TestInterval = 6
     wan_compression: bool = True
     recovery: RecoveryDefaults = RecoveryDefaults()
@@ -270,7 +271,7 @@ class DomainControllerMarker(Strict):
 
 class Notifications(Strict):
     smtp_host: str = "127.0.0.1"
-    smtp_port: int = 25
+    smtp_port: int = Field(default=25, ge=1, le=65535)
     security: Literal["plain", "starttls", "ssl"] = "plain"
     username: str | None = None
     password: SecretRef | None = None

@@ -17,6 +17,13 @@ class ConfigError(VmrepError):
     exit_code = 2
 
 
+class UsageError(VmrepError):
+    """A value given on the command line that cannot be used (malformed, out of range,
+    a path that cannot be written); raised before the command does anything."""
+
+    exit_code = 2
+
+
 class SecretError(VmrepError):
     exit_code = 2
 

@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         import click
 
         if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return exc.exit_code
+            return _usage_error(exc)
         if isinstance(exc, click.exceptions.Abort):
             return 1
         try:  # typer >= 0.2x raises its own vendored click's exceptions
@@ -57,9 +56,21 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:  # pragma: no cover - older typer uses click itself
             TyperClickException = ()  # type: ignore[assignment,misc]
         if TyperClickException and isinstance(exc, TyperClickException):
-            exc.show()
-            return exc.exit_code
+            return _usage_error(exc)
         raise
+
+
+def _usage_error(exc: Exception) -> int:
+    """A parsing error as one line naming the option and value (click's own rendering is
+    four lines of usage); a bare command with no arguments still shows its help."""
+    from vmrep.cli.values import usage_error_line
+
+    line = usage_error_line(exc)
+    if line is None:
+        exc.show()  # type: ignore[attr-defined]
+    else:
+        console_err.print(f"error: {line}", markup=False, highlight=False)
+    return int(getattr(exc, "exit_code", 2))
 
 
 def entry() -> None:

@@ -36,4 +36,6 @@ def validate(
             names = ", ".join(v.name for v in cfg.vpgs) or "no VPGs"
             console.print(f"ok: {names}", markup=False)
     if problems:
-        raise VmrepError(f"{len(problems)} problem(s) found", lines=[f"{len(problems)} problem(s) found"])
+        # The one line on stderr names what is wrong (the details are on stdout above).
+        where = ", ".join(dict.fromkeys((f"VPG {p.vpg}: " if p.vpg else "") + p.subject for p in problems))
+        raise VmrepError(f"{len(problems)} problem(s) found in {where}")

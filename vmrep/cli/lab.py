@@ -2,35 +2,19 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from vmrep.cli.common import ConfigOpt, JsonOpt, app, config_from, console, print_json
-from vmrep.errors import VmrepError
+from vmrep.cli.values import parse_duration, parse_size, writable_file
+from vmrep.errors import UsageError
+
+__all__ = ["lab_app", "parse_duration", "parse_size"]  # the parsers moved to values; kept importable here
 
 lab_app = typer.Typer(help="Start, inspect and stop the two-site vSphere lab.", no_args_is_help=True)
 app.add_typer(lab_app, name="lab")
-
-_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
-          "g": 1024**3, "gib": 1024**3, "gb": 1000**3}
-
-
-def parse_size(text: str, what: str) -> float:
-    m = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", text.removesuffix("/s"))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise VmrepError(f"{what}: cannot read {text!r} (try 4MiB/s)")
-    return float(m.group(1)) * _UNITS[m.group(2).lower()]
-
-
-def parse_duration(text: str, what: str) -> float:
-    m = re.fullmatch(r"\s*([\d.]+)\s*(ms|s|m|h|d)?\s*", text)
-    if not m:
-        raise VmrepError(f"{what}: cannot read {text!r} (try 60s, 10m, 1h)")
-    return float(m.group(1)) * {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-
 
 @lab_app.command("up")
 def lab_up(
@@ -41,7 +25,10 @@ def lab_up(
     write vmrep.yaml."""
     from lab import manage
 
-    lab = manage.up(config_path=config, boot_delay=boot_delay)
+    # Both are checked before a site starts: a lab half up is worse than none.
+    delay_ms = round(parse_duration(boot_delay, "--boot-delay", zero_ok=True) * 1000)
+    writable_file(config, "--config")
+    lab = manage.up(config_path=config, boot_delay=f"{delay_ms}ms")
     for name, s in lab.sites.items():
         console.print(f"{name}: {s.url} (pid {s.pid})", markup=False)
     for vm, ip in lab.ips.items():
@@ -85,11 +72,14 @@ def lab_write(
     json_out: JsonOpt = False,
 ) -> None:
     """Write into a running lab VM's disk as its guest would (through the lab's guest I/O)."""
-    from lab.guest import guest_write
+    from lab.guest import CONTENT_KINDS, guest_write
 
+    if content not in CONTENT_KINDS:
+        raise UsageError(f"--content {content!r}: not one of {', '.join(CONTENT_KINDS)}")
+    bytes_per_second = parse_size(rate, "--rate")
+    seconds = parse_duration(duration, "--for")
     cfg = config_from(config)
-    stats = guest_write(cfg, vm, disk=disk, rate=parse_size(rate, "--rate"),
-                        seconds=parse_duration(duration, "--for"), seed=seed, content=content)
+    stats = guest_write(cfg, vm, disk=disk, rate=bytes_per_second, seconds=seconds, seed=seed, content=content)
     if json_out:
         print_json([s.__dict__ for s in stats])
     else:

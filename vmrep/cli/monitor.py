@@ -10,6 +10,7 @@ from rich.table import Table
 from reports.status import short_seconds as _secs
 from reports.status import status_rows
 from vmrep.cli.common import ConfigOpt, JsonOpt, app, config_from, console, print_json
+from vmrep.cli.values import require_positive
 
 
 @app.command()
@@ -80,6 +81,7 @@ def monitor(
 
     from flows.monitor import monitor as flow
 
+    require_positive(interval, "--interval")
     path = str(config_from(config).source)
     while True:
         out = flow(path)

@@ -22,6 +22,7 @@ from typing import Annotated, Any
 import typer
 
 from vmrep.cli.common import ConfigOpt, JsonOpt, app, config_from, console, print_json, who
+from vmrep.cli.values import reach_sites
 from vmrep.errors import VmrepError
 
 CheckpointOpt = Annotated[str, typer.Option("--checkpoint", help="latest, latest-tagged, an id or a time (ISO)")]
@@ -140,6 +141,7 @@ def test_cmd(
         if ops.running_test(rt.store, vpg) is None:
             raise VmrepError(f"VPG {vpg}: no test is running")
         ok = success == YesNo.yes
+        reach_sites(rt, v.recovery_site)  # where the test VMs run
         if direct:
             summary = ops.stop_test(path, vpg, success=ok, notes=notes, who=who())
         else:
@@ -150,6 +152,7 @@ def test_cmd(
         return
     ops.preflight(rt, v, "test")
     rt.journal.checkpoint(vpg, checkpoint)  # a bad reference is one line, before anything starts
+    reach_sites(rt, v.protected_site, v.recovery_site)
     try:
         if action == "start":
             if direct:
@@ -203,6 +206,8 @@ def failover(
 
     ops.preflight(rt, v, "failover", confirm=confirm)
     rt.journal.checkpoint(vpg, checkpoint)
+    # Only the recovery site: a failover is for when the protected site may be gone.
+    reach_sites(rt, v.recovery_site)
     kw = dict(checkpoint=checkpoint, shutdown=shutdown.value if shutdown else None,
               commit_policy=commit_policy.value if commit_policy else None, commit_after_minutes=commit_after,
               verify_timeout=verify_timeout)
@@ -289,6 +294,7 @@ def move(
     if reverse_protection and keep_source_vms:
         raise VmrepError(f"VPG {vpg}: move refused: --keep-source-vms needs --no-reverse-protection "
                          "(reverse protection pre-seeds from the source VMs' disks)")
+    reach_sites(rt, v.protected_site, v.recovery_site)  # a planned move needs both
     kw = dict(shutdown=shutdown.value, reverse_protection=reverse_protection, keep_source_vms=keep_source_vms,
               verify_timeout=verify_timeout)
     if direct:

@@ -9,8 +9,8 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
 from vmrep.cli.common import ConfigOpt, JsonOpt, app, config_from, console, print_json
-from vmrep.cli.lab import parse_duration
-from vmrep.errors import VmrepError
+from vmrep.cli.values import parse_duration, reach_sites, require_positive, require_text, writable_file
+from vmrep.errors import UsageError, VmrepError
 
 
 def _config_path(config: Path | None) -> str:
@@ -36,7 +36,9 @@ def sync(
 
     path = _config_path(config)
     rt = get_runtime(path)
-    total = disk_bytes(vpg_vms(rt, rt.config.vpg(vpg)))
+    v = rt.config.vpg(vpg)
+    reach_sites(rt, v.protected_site, v.recovery_site)
+    total = disk_bytes(vpg_vms(rt, v))
     if json_out:
         summary = initial_sync(vpg, path)
         print_json(summary)
@@ -60,10 +62,19 @@ def replicate(
 ) -> None:
     """Replicate continuously for a bounded time or number of cycles."""
     from flows.replicate import replicate as flow
+    from vmrep.replication.engine import ensure_replicable
+    from vmrep.runtime import get_runtime
 
     if duration is None and cycles is None:
-        raise VmrepError("give --for DURATION or --cycles N")
-    seconds = parse_duration(duration, "--for") if duration else None
+        raise UsageError("give --for DURATION or --cycles N")
+    seconds = parse_duration(duration, "--for") if duration is not None else None
+    require_positive(cycles, "--cycles")
+    require_positive(interval, "--interval")
+    # The flow's own refusals would end as a failed run with a traceback: check here first.
+    rt = get_runtime(_config_path(config))
+    v = rt.config.vpg(vpg)
+    ensure_replicable(rt, v)
+    reach_sites(rt, v.protected_site, v.recovery_site)
     out = flow(vpg, _config_path(config), cycles=cycles, for_seconds=seconds, interval_seconds=interval)
     if json_out:
         print_json(out)
@@ -112,9 +123,10 @@ def checkpoint_tag(
     from vmrep.replication import engine
     from vmrep.runtime import get_runtime
 
+    require_text(tag, "tag")  # an empty tag would be dropped, leaving an untagged checkpoint
     rt = get_runtime(_config_path(config))
     v = rt.config.vpg(vpg)
-    if checkpoint:
+    if checkpoint is not None:
         cp = rt.journal.checkpoint(vpg, checkpoint)
         rt.journal.add_tag(vpg, cp.id, tag)
         cp_id = cp.id
@@ -139,7 +151,7 @@ def verify(
 
     rt = get_runtime(_config_path(config))
     rt.config.vpg(vpg)
-    cp = rt.journal.checkpoint(vpg, checkpoint).id if checkpoint else None
+    cp = rt.journal.checkpoint(vpg, checkpoint).id if checkpoint is not None else None
     bad = rt.journal.verify(vpg, cp)
     rows = [{"vm": m.vm, "disk": m.disk, "offset": m.offset, "reason": m.reason} for m in bad]
     if json_out:
@@ -166,15 +178,23 @@ def restore_disk(
     """Write one disk as of a checkpoint to a local file."""
     from vmrep.runtime import get_runtime
 
+    writable_file(out, "--out")  # before any work: a bad path must not end a restore half-way
     rt = get_runtime(_config_path(config))
     rt.config.vpg(vpg).vm(vm)
     cp = rt.journal.checkpoint(vpg, checkpoint)
     disks = sorted(d for (v, d) in rt.journal.disks(vpg, cp.id) if v == vm)
     disk_id = resolve_disk(disk, disks, vm)
     size = rt.journal.disks(vpg, cp.id)[(vm, disk_id)]
-    with _progress(size, "restore") as prog:
-        bar = prog.add_task(f"{vm} {disk_id}", total=size)
-        written = rt.journal.restore_disk(vpg, cp.id, vm, disk_id, out, progress=lambda n: prog.advance(bar, n))
+    existed = out.exists()
+    try:
+        with _progress(size, "restore") as prog:
+            bar = prog.add_task(f"{vm} {disk_id}", total=size)
+            written = rt.journal.restore_disk(vpg, cp.id, vm, disk_id, out,
+                                              progress=lambda n: prog.advance(bar, n))
+    except BaseException:
+        if not existed:  # a part-written image must not pass for a restored disk
+            out.unlink(missing_ok=True)
+        raise
     if json_out:
         print_json({"vpg": vpg, "vm": vm, "disk": disk_id, "checkpoint": cp.id, "out": str(out), "bytes": written})
     else:

@@ -15,7 +15,8 @@ import typer
 
 from reports.period import parse_period, parse_when, reports_dir
 from vmrep.cli.common import ConfigOpt, JsonOpt, app, config_from, console, print_json
-from vmrep.errors import VmrepError
+from vmrep.cli.values import require_positive, writable_place
+from vmrep.errors import UsageError, VmrepError
 from vmrep.stamps import utcnow
 
 __all__ = ["parse_period", "parse_when", "reports_dir", "report_app", "resolve_test_operation"]
@@ -35,7 +36,7 @@ def resolve_test_operation(store: Any, run_id: str | None) -> str | None:
         return None
     ops = store.frame("operations", kind="test")
     if ops.empty:
-        raise VmrepError("no DR test has been recorded in the state database yet")
+        raise VmrepError(f"no DR test {run_id!r}: none has been recorded in the state database yet")
     for col in ("id", "flow_run_id"):
         hit = ops[ops[col].astype(str) == run_id]
         if len(hit):
@@ -101,6 +102,8 @@ def report_dr_test(
     from reports.frames import ReportError
     from vmrep.runtime import get_runtime
 
+    if out is not None:
+        writable_place(out, "--out")
     rt = get_runtime(config_from(config).source)
     op_id = resolve_test_operation(rt.store, run_id)
     try:
@@ -138,7 +141,12 @@ def report_compliance(
             raise VmrepError(f"--since: {exc}") from None
     else:
         start = parse_when(since, now, "--since")
-        end = parse_when(until, now, "--until") if until else now
+        end = parse_when(until, now, "--until") if until is not None else now
+        if start >= end:
+            given = f"--since {since!r}" + (f" --until {until!r}" if until is not None else "")
+            raise UsageError(f"{given}: the period must end after it starts")
+    if out is not None:
+        writable_place(out, "--out")
     rt = get_runtime(config_from(config).source)
     if vpg:
         for name in vpg:
@@ -161,6 +169,7 @@ def report_emails(
     """Report and alert emails sent: when, to whom, attempts, and the error of those that failed."""
     from vmrep.runtime import get_runtime
 
+    require_positive(last, "--last")
     rt = get_runtime(config_from(config).source)
     df = rt.store.frame("email_deliveries", **({"ok": False} if failed else {}))
     df = df.tail(last)
