@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from vmrep.cli.common import ConfigOpt, JsonOpt, app, config_from, console, print_json
+from vmrep.cli.server import run_flow
 
 
 def _secs(v: float | None) -> str:
@@ -120,7 +121,7 @@ def monitor(
 
     path = str(config_from(config).source)
     while True:
-        out = flow(path)
+        out = run_flow(flow, path)
         if json_out:
             print_json(out)
         else:

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 
 from vmrep.cli.common import ConfigOpt, JsonOpt, app, config_from, console, print_json
 from vmrep.cli.lab import parse_duration
+from vmrep.cli.server import run_flow
 from vmrep.errors import VmrepError
 
 
@@ -38,13 +39,13 @@ def sync(
     rt = get_runtime(path)
     total = disk_bytes(vpg_vms(rt, rt.config.vpg(vpg)))
     if json_out:
-        summary = initial_sync(vpg, path)
+        summary = run_flow(initial_sync, vpg, path)
         print_json(summary)
         return
     with _progress(total, "sync") as prog:
         bar = prog.add_task(f"initial sync {vpg}", total=total)
         with showing_progress(lambda n: prog.advance(bar, n)):
-            summary = initial_sync(vpg, path)
+            summary = run_flow(initial_sync, vpg, path)
     console.print(f"VPG {vpg}: checkpoint {summary['checkpoint']}, read {summary['bytes_read']} bytes, "
                   f"stored {summary['bytes_stored']} bytes", markup=False)
 
@@ -64,7 +65,7 @@ def replicate(
     if duration is None and cycles is None:
         raise VmrepError("give --for DURATION or --cycles N")
     seconds = parse_duration(duration, "--for") if duration else None
-    out = flow(vpg, _config_path(config), cycles=cycles, for_seconds=seconds, interval_seconds=interval)
+    out = run_flow(flow, vpg, _config_path(config), cycles=cycles, for_seconds=seconds, interval_seconds=interval)
     if json_out:
         print_json(out)
         return
