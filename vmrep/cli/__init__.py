@@ -73,4 +73,5 @@ def _error_code(exc: BaseException) -> int:
 
 
 def entry() -> None:
+    signals.own_process = True
     sys.exit(main())

@@ -83,9 +83,16 @@ def flow_api() -> Iterator[str | None]:
 
     # Prefect reads its environment once, at import: the settings context is what counts
     # for this process; the variable is for whatever this process may start.
+    before = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = url
-    with temporary_settings(updates={PREFECT_API_URL: url}):
-        yield url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:  # as it was: main() may run again in the same process (tests)
+        if before is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = before
 
 
 def run_flow(flow: Callable[..., T], *args: Any, **kwargs: Any) -> T:

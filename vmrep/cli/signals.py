@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 from contextlib import contextmanager
 from types import FrameType
@@ -40,6 +39,11 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _lock = threading.Lock()
 _stopping = False
 _raised = False
+_deadline: threading.Timer | None = None
+# True in a `vmrep` process of its own (entry()): the deadline then also covers the
+# interpreter's exit (Prefect flushes its logs and events there). False when main() is
+# called in a process that goes on (tests): the deadline ends with the command.
+own_process = False
 
 
 def stopping() -> bool:
@@ -49,16 +53,16 @@ def stopping() -> bool:
 
 def _begin_stop() -> None:
     """Idempotent; callable from any thread (the watcher) and from the handler."""
-    global _stopping
+    global _stopping, _deadline
     blocks.request_stop()
     with _lock:
         first = not _stopping
         _stopping = True
     if first:
         logging.disable(logging.CRITICAL)
-        t = threading.Timer(GRACE_SECONDS, _hard_exit)
-        t.daemon = True
-        t.start()
+        _deadline = threading.Timer(GRACE_SECONDS, _hard_exit)
+        _deadline.daemon = True
+        _deadline.start()
 
 
 def _hard_exit() -> None:
@@ -90,8 +94,11 @@ def _watch(fd: int) -> None:
 def _reset() -> None:
     global _stopping, _raised
     with _lock:
+        was = _stopping
         _stopping = _raised = False
     blocks.reset_stop()
+    if was:
+        logging.disable(logging.NOTSET)
 
 
 @contextmanager
@@ -121,7 +128,5 @@ def handled() -> Iterator[None]:
         if old_fd is not None:
             signal.set_wakeup_fd(old_fd)
         os.close(w)  # the watcher reads EOF and ends
-        if stopping():
-            sys.stderr.flush()
-        else:
-            logging.disable(logging.NOTSET)
+        if _deadline is not None and not own_process:
+            _deadline.cancel()
