@@ -26,12 +26,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from types import FrameType
 from typing import Iterator
-
-from vmrep.replication import blocks
 
 GRACE_SECONDS = 20.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -54,6 +53,8 @@ def stopping() -> bool:
 def _begin_stop() -> None:
     """Idempotent; callable from any thread (the watcher) and from the handler."""
     global _stopping, _deadline
+    from vmrep.replication import blocks
+
     blocks.request_stop()
     with _lock:
         first = not _stopping
@@ -96,7 +97,10 @@ def _reset() -> None:
     with _lock:
         was = _stopping
         _stopping = _raised = False
-    blocks.reset_stop()
+    # Only where the block engine is loaded already: a quick command need not load it.
+    blocks = sys.modules.get("vmrep.replication.blocks")
+    if blocks is not None:
+        blocks.reset_stop()
     if was:
         logging.disable(logging.NOTSET)
 
