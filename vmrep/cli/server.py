@@ -64,6 +64,9 @@ def ensure_server() -> Any:
     if srv is None:
         console_err.print(f"starting a local Prefect server for {srvmod.vmrep_home()} (once; the first start "
                           "sets up its database) ...", markup=False, highlight=False)
+    else:  # started by another command a moment ago, or not answering: start() waits, then restarts it
+        console_err.print(f"waiting for the local Prefect server (pid {srv.pid}) to answer ...", markup=False,
+                          highlight=False)
     srv = srvmod.start()
     if srv.started:
         console_err.print(f"Prefect UI: {srv.ui_url} (runs until 'vmrep server stop')", markup=False, highlight=False)
