@@ -6,8 +6,9 @@
 
 The server runs as its own process group (`prefect server start` also starts workers of
 its own); stop() ends exactly that group, by the id it was started with. Its PID and URL
-are kept in `<home>/server.json`, so a server left behind by a killed demo is found and
-stopped by the next start instead of piling up.
+are kept in `<home>/server.json`: the next start reuses a running one (the CLI's operations
+all run against it, see vmrep/cli/server.py), and one start at a time per home holds
+`<home>/server.lock`, so there is one server per VMREP_HOME, never a pile of them.
 
 Nothing is read from or sent to the internet: analytics are off, DO_NOT_TRACK is set.
 """
@@ -118,25 +119,74 @@ def _state_file(home: Path) -> Path:
     return home / "server.json"
 
 
+def start_timeout() -> float:
+    """Seconds a start waits for /api/health: a fresh SQLite database is migrated first,
+    which takes well over Prefect's own 20 s ephemeral limit on a busy 2-core machine."""
+    try:
+        return float(os.environ.get("VMREP_SERVER_START_TIMEOUT", "") or 180.0)
+    except ValueError:
+        raise ServerError(f"VMREP_SERVER_START_TIMEOUT={os.environ['VMREP_SERVER_START_TIMEOUT']!r} "
+                          "is not a number of seconds") from None
+
+
+def current(home: Path | None = None) -> Server | None:
+    """The server recorded in `<home>/server.json` if that process is still ours, else None."""
+    home = (home or default_home()).resolve()
+    try:
+        old = json.loads(_state_file(home).read_text())
+        srv = Server(old["host"], int(old["port"]), int(old["pid"]), home, Path(old["log"]), started=False)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return srv if _is_our_server(srv.pid, home) else None
+
+
+@contextmanager
+def _start_lock(home: Path) -> Iterator[None]:
+    """One start at a time per home: two commands run at once on a fresh home would
+    otherwise each start a server (or stop the other's, still migrating, as unhealthy)."""
+    import fcntl
+
+    with open(home / "server.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _wait_healthy(srv: Server, deadline: float, proc: subprocess.Popen[bytes] | None = None) -> bool:
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = srv.log_path.read_text(errors="replace").strip().splitlines()[-5:]
+            raise ServerError(f"the Prefect server exited at start (code {proc.returncode}): {' | '.join(tail)}")
+        if proc is None and not _is_our_server(srv.pid, srv.home):
+            return False
+        if healthy(srv.api_url, timeout=1.0):
+            return True
+        time.sleep(0.3)
+    return False
+
+
 def start(home: Path | None = None, *, port: int | None = None, host: str = "127.0.0.1",
-          timeout: float = 90.0, reuse: bool = True) -> Server:
+          timeout: float | None = None, reuse: bool = True) -> Server:
     """Start `prefect server start` on `host:port` with PREFECT_HOME=`home`; wait until
-    /api/health answers. `port` None: 4200 if free, else any free port. With `reuse`, a
-    healthy server of ours already running from the same home is returned as is."""
+    /api/health answers (`timeout`: default start_timeout()). `port` None: 4200 if free,
+    else any free port. With `reuse`, a server of ours already running from the same home
+    is returned as is (after waiting for it to become healthy, if it is still starting)."""
     home = (home or default_home()).resolve()
     home.mkdir(parents=True, exist_ok=True)
-    state = _state_file(home)
-    if state.exists():
-        try:
-            old = json.loads(state.read_text())
-        except ValueError:
-            old = None
-        if old and _is_our_server(int(old["pid"]), home):
-            srv = Server(old["host"], int(old["port"]), int(old["pid"]), home, Path(old["log"]), started=False)
-            if reuse and healthy(srv.api_url) and (not port or port == srv.port):
-                return srv
-            stop(srv)
-        state.unlink(missing_ok=True)
+    timeout = start_timeout() if timeout is None else timeout
+    with _start_lock(home):
+        old = current(home)
+        if old is not None:
+            if reuse and (not port or port == old.port) and _wait_healthy(old, time.monotonic() + timeout):
+                return old
+            stop(old)
+        _state_file(home).unlink(missing_ok=True)
+        return _spawn(home, port, host, timeout)
+
+
+def _spawn(home: Path, port: int | None, host: str, timeout: float) -> Server:
     if not port:  # None or 0: the usual port when free, else any
         port = DEFAULT_PORT if port_free(DEFAULT_PORT, host) else free_port(host)
     elif not port_free(port, host):
@@ -154,19 +204,15 @@ def start(home: Path | None = None, *, port: int | None = None, host: str = "127
     })
     args = [*_prefect_cmd(), "server", "start", "--host", host, "--port", str(port), "--analytics-off"]
     with open(log_path, "ab") as log:
+        # Its own session: a Ctrl-C in the terminal of the command that started it does
+        # not reach it, and stop() can end its whole process group.
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True, cwd=home)
     srv = Server(host, port, proc.pid, home, log_path)
-    state.write_text(json.dumps({"pid": proc.pid, "host": host, "port": port, "log": str(log_path)}))
-    deadline = time.monotonic() + timeout
+    _state_file(home).write_text(json.dumps({"pid": proc.pid, "host": host, "port": port, "log": str(log_path)}))
     try:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-                raise ServerError(f"the Prefect server exited at start (code {proc.returncode}): {' | '.join(tail)}")
-            if healthy(srv.api_url, timeout=1.0):
-                return srv
-            time.sleep(0.3)
+        if _wait_healthy(srv, time.monotonic() + timeout, proc):
+            return srv
         raise ServerError(f"the Prefect server did not become healthy within {timeout:.0f}s (log: {log_path})")
     except BaseException:
         stop(srv)
@@ -261,17 +307,15 @@ def main(argv: list[str] | None = None) -> int:
         srv = start(home, port=a.port)
         print(f"Prefect server: {srv.ui_url} (PREFECT_API_URL={srv.api_url}, pid {srv.pid})")
         return 0
-    state = _state_file(home)
-    if not state.exists():
+    srv = current(home)
+    if srv is None:
         print("no server running from", home)
         return 0 if a.action == "stop" else 1
-    old = json.loads(state.read_text())
-    srv = Server(old["host"], int(old["port"]), int(old["pid"]), home, Path(old["log"]))
     if a.action == "stop":
         stop(srv)
         print("stopped")
         return 0
-    ok = _is_our_server(srv.pid, home) and healthy(srv.api_url)
+    ok = healthy(srv.api_url)
     print(f"{srv.ui_url}: {'healthy' if ok else 'not answering'} (pid {srv.pid})")
     return 0 if ok else 1
 

@@ -19,6 +19,10 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 _PREFECT_HOME = Path(__file__).resolve().parents[1] / "build" / "test-prefect-home"
 os.environ.setdefault("PREFECT_HOME", str(_PREFECT_HOME))
+# The CLI's operations called in-process run in Prefect's ephemeral mode, as the flows the
+# tests call directly do, instead of leaving a local server running behind the suite;
+# tests/test_cli_server.py and test_cli_signals.py run `vmrep` with a home and server of their own.
+os.environ.setdefault("VMREP_LOCAL_SERVER", "off")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

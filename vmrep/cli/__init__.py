@@ -12,6 +12,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
+from vmrep.cli import signals
 from vmrep.cli.common import app, console_err
 from vmrep.errors import VmrepError
 
@@ -22,6 +23,7 @@ import tasks  # noqa: F401,E402
 # Importing the command modules registers their commands.
 from vmrep.cli import lab as _lab  # noqa: F401,E402
 from vmrep.cli import config as _config  # noqa: F401,E402
+from vmrep.cli import server as _server  # noqa: F401,E402
 
 for _optional in ("replication", "recovery", "monitor", "report", "journal", "exporter"):
     try:
@@ -32,32 +34,44 @@ for _optional in ("replication", "recovery", "monitor", "report", "journal", "ex
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        app(args=argv, prog_name="vmrep", standalone_mode=False)
-        return 0
-    except VmrepError as exc:
+    with signals.handled():
+        try:
+            rv = app(args=argv, prog_name="vmrep", standalone_mode=False)
+        except BaseException as exc:  # noqa: BLE001 - each kind is told apart below
+            if signals.stopping() or isinstance(exc, KeyboardInterrupt):
+                # whatever the stop broke off (a cancelled transfer, Prefect's own
+                # termination signal, a KeyboardInterrupt): one line, not its story
+                console_err.print("interrupted", markup=False)
+                return 130
+            return _error_code(exc)
+        if signals.stopping():  # typer turns a KeyboardInterrupt into exit code 130
+            console_err.print("interrupted", markup=False)
+            return 130
+        return rv if isinstance(rv, int) else 0
+
+
+def _error_code(exc: BaseException) -> int:
+    """The exit code of an error the user can act on, printed as one line; anything
+    else is a bug and is raised with its traceback."""
+    if isinstance(exc, VmrepError):
         for line in exc.lines:
             console_err.print(f"error: {line}", markup=False, highlight=False)
         return exc.exit_code
-    except SystemExit as exc:  # typer exits for --help and usage errors
+    if isinstance(exc, SystemExit):  # typer exits for --help and usage errors
         return int(exc.code or 0)
-    except KeyboardInterrupt:
-        console_err.print("interrupted", markup=False)
-        return 130
-    except Exception as exc:  # click usage errors and the like
-        import click
+    import click
 
-        if isinstance(exc, click.exceptions.ClickException):
-            return _usage_error(exc)
-        if isinstance(exc, click.exceptions.Abort):
-            return 1
-        try:  # typer >= 0.2x raises its own vendored click's exceptions
-            from typer._click.exceptions import ClickException as TyperClickException
-        except ImportError:  # pragma: no cover - older typer uses click itself
-            TyperClickException = ()  # type: ignore[assignment,misc]
-        if TyperClickException and isinstance(exc, TyperClickException):
-            return _usage_error(exc)
-        raise
+    if isinstance(exc, click.exceptions.ClickException):
+        return _usage_error(exc)
+    if isinstance(exc, click.exceptions.Abort):
+        return 1
+    try:  # typer >= 0.2x raises its own vendored click's exceptions
+        from typer._click.exceptions import ClickException as TyperClickException
+    except ImportError:  # pragma: no cover - older typer uses click itself
+        TyperClickException = ()  # type: ignore[assignment,misc]
+    if TyperClickException and isinstance(exc, TyperClickException):
+        return _usage_error(exc)
+    raise exc
 
 
 def _usage_error(exc: Exception) -> int:
@@ -74,4 +88,5 @@ def _usage_error(exc: Exception) -> int:
 
 
 def entry() -> None:
+    signals.own_process = True
     sys.exit(main())

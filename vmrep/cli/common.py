@@ -31,7 +31,12 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")
 
 
 def config_from(path: Path | None) -> Config:
-    return load_config(path)
+    cfg = load_config(path)
+    # The config's `home` is where its state lives (vmrep.runtime does the same when it
+    # opens the state store); the CLI's local Prefect server lives there too.
+    if cfg.home and "VMREP_HOME" not in os.environ:
+        os.environ["VMREP_HOME"] = str(cfg.resolve(cfg.home))
+    return cfg
 
 
 def _default(o: Any) -> Any:

@@ -11,6 +11,7 @@ from reports.status import short_seconds as _secs
 from reports.status import status_rows
 from vmrep.cli.common import ConfigOpt, JsonOpt, app, config_from, console, print_json
 from vmrep.cli.values import require_positive
+from vmrep.cli.server import run_flow
 
 
 @app.command()
@@ -84,7 +85,7 @@ def monitor(
     require_positive(interval, "--interval")
     path = str(config_from(config).source)
     while True:
-        out = flow(path)
+        out = run_flow(flow, path)
         if json_out:
             print_json(out)
         else:

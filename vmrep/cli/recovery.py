@@ -22,6 +22,7 @@ from typing import Annotated, Any
 import typer
 
 from vmrep.cli.common import ConfigOpt, JsonOpt, app, config_from, console, print_json, who
+from vmrep.cli.server import run_flow
 from vmrep.cli.values import reach_sites
 from vmrep.errors import VmrepError
 
@@ -147,7 +148,7 @@ def test_cmd(
         else:
             from flows.dr_test import dr_test_stop
 
-            summary = dr_test_stop(vpg, ok, path, notes=notes, who=who())
+            summary = run_flow(dr_test_stop, vpg, ok, path, notes=notes, who=who())
         _out(summary, json_out)
         return
     ops.preflight(rt, v, "test")
@@ -161,7 +162,7 @@ def test_cmd(
             else:
                 from flows.dr_test import dr_test_start
 
-                summary = dr_test_start(vpg, path, checkpoint=checkpoint, notes=notes, who=who(),
+                summary = run_flow(dr_test_start, vpg, path, checkpoint=checkpoint, notes=notes, who=who(),
                                         verify_timeout=verify_timeout)
         elif direct:
             summary = ops.run_test(path, vpg, checkpoint=checkpoint, keep_minutes=keep, notes=notes, who=who(),
@@ -171,7 +172,7 @@ def test_cmd(
         else:
             from flows.dr_test import dr_test
 
-            summary = dr_test(vpg, path, checkpoint=checkpoint, keep_minutes=keep, notes=notes, who=who(),
+            summary = run_flow(dr_test, vpg, path, checkpoint=checkpoint, keep_minutes=keep, notes=notes, who=who(),
                               verify_timeout=verify_timeout)
     except ops.TestFailed as exc:
         _out(exc.summary, json_out)
@@ -217,7 +218,7 @@ def failover(
     else:
         from flows.failover import failover as flow
 
-        summary = flow(vpg, confirm or "", path, who=who(), **kw)
+        summary = run_flow(flow, vpg, confirm or "", path, who=who(), **kw)
     _out(summary, json_out)
     if not json_out and not direct and not summary.get("commit"):
         console.print(f"awaiting commit: vmrep commit {vpg} [--reverse-protection]  or  vmrep rollback {vpg}",
@@ -244,7 +245,7 @@ def commit(
     else:
         from flows.failover import commit as flow
 
-        summary = flow(vpg, path, reverse_protection=reverse_protection, who=who())
+        summary = run_flow(flow, vpg, path, reverse_protection=reverse_protection, who=who())
     _out(summary, json_out)
 
 
@@ -266,7 +267,7 @@ def rollback(
     else:
         from flows.failover import rollback as flow
 
-        summary = flow(vpg, path, who=who())
+        summary = run_flow(flow, vpg, path, who=who())
     _out(summary, json_out)
 
 
@@ -302,5 +303,5 @@ def move(
     else:
         from flows.move import move as flow
 
-        summary = flow(vpg, confirm or "", path, who=who(), **kw)
+        summary = run_flow(flow, vpg, confirm or "", path, who=who(), **kw)
     _out(summary, json_out)

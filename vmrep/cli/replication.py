@@ -9,6 +9,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
 from vmrep.cli.common import ConfigOpt, JsonOpt, app, config_from, console, print_json
+from vmrep.cli.server import run_flow
 from vmrep.cli.values import parse_duration, reach_sites, require_positive, require_text, writable_file
 from vmrep.errors import UsageError, VmrepError
 
@@ -40,13 +41,13 @@ def sync(
     reach_sites(rt, v.protected_site, v.recovery_site)
     total = disk_bytes(vpg_vms(rt, v))
     if json_out:
-        summary = initial_sync(vpg, path)
+        summary = run_flow(initial_sync, vpg, path)
         print_json(summary)
         return
     with _progress(total, "sync") as prog:
         bar = prog.add_task(f"initial sync {vpg}", total=total)
         with showing_progress(lambda n: prog.advance(bar, n)):
-            summary = initial_sync(vpg, path)
+            summary = run_flow(initial_sync, vpg, path)
     console.print(f"VPG {vpg}: checkpoint {summary['checkpoint']}, read {summary['bytes_read']} bytes, "
                   f"stored {summary['bytes_stored']} bytes", markup=False)
 
@@ -75,7 +76,7 @@ def replicate(
     v = rt.config.vpg(vpg)
     ensure_replicable(rt, v)
     reach_sites(rt, v.protected_site, v.recovery_site)
-    out = flow(vpg, _config_path(config), cycles=cycles, for_seconds=seconds, interval_seconds=interval)
+    out = run_flow(flow, vpg, _config_path(config), cycles=cycles, for_seconds=seconds, interval_seconds=interval)
     if json_out:
         print_json(out)
         return

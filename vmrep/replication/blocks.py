@@ -21,9 +21,42 @@ from typing import Protocol, runtime_checkable
 import blake3
 import numpy as np
 
+from vmrep.errors import VmrepError
 from vmrep.journal import BlockMap, CheckpointWriter
 
 CHUNK_BYTES = 8 << 20  # bytes read per call
+
+
+class TransferCancelled(VmrepError):
+    """A transfer stopped because the process was asked to stop (Ctrl-C, SIGTERM)."""
+
+    exit_code = 130
+
+
+# The cooperative stop of every transfer in this process. Transfers run in worker
+# threads (ours, and Prefect's task runner threads), which a KeyboardInterrupt in the
+# main thread does not reach: they check this between chunks instead. Set by the CLI's
+# signal handler; nothing clears it but `reset_stop` (a stopping process stays stopping).
+_stop = threading.Event()
+
+
+def request_stop() -> None:
+    """Make every running and later `sync_disk` of this process raise TransferCancelled."""
+    _stop.set()
+
+
+def stop_requested() -> bool:
+    return _stop.is_set()
+
+
+def reset_stop() -> None:
+    """Allow transfers again (for a process that goes on after a stop, e.g. a test)."""
+    _stop.clear()
+
+
+def _check_stop(vm: str, disk: str) -> None:
+    if _stop.is_set():
+        raise TransferCancelled(f"VM {vm} disk {disk}: transfer cancelled (stop requested)")
 
 
 @runtime_checkable
@@ -180,7 +213,9 @@ def sync_disk(
     previous=None every non-zero block is put, and the store's deduplication makes a
     re-run after an interruption store only what is still missing (see
     `blocks_deduplicated` and `bytes_stored`). `progress(n)` gets the bytes read per chunk.
+    After `request_stop()` it raises TransferCancelled within one chunk per thread.
     """
+    _check_stop(vm, disk)
     t0 = time.perf_counter()
     bs = writer.block_size
     size = int(source.size)
@@ -207,6 +242,7 @@ def sync_disk(
         local = DiskSyncStats()
         try:
             while not failure:
+                _check_stop(vm, disk)
                 with lock:
                     nxt = next(it, None)
                 if nxt is None:
