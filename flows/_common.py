@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable
+from typing import Any
 
+from tasks.common import wait_all
 from vmrep.errors import VmrepError
+
+__all__ = ["flow_run_id", "problem_lines", "started_by", "wait_all"]
 
 
 def flow_run_id() -> str | None:
@@ -19,24 +22,6 @@ def flow_run_id() -> str | None:
 
 def started_by(default: str | None = None) -> str:
     return default or os.environ.get("VMREP_USER") or os.environ.get("USER") or "prefect"
-
-
-def wait_all(futures: Iterable[Any]) -> list[Any]:
-    """Wait for every future; then raise the first failure (after all have finished,
-    so no step is left running or unobserved)."""
-    futures = list(futures)
-    for f in futures:
-        f.wait()
-    results, first_error = [], None
-    for f in futures:
-        try:
-            results.append(f.result())
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            results.append(exc)
-            first_error = first_error or exc
-    if first_error is not None:
-        raise first_error
-    return results
 
 
 def problem_lines(problems: list[Any]) -> VmrepError:
