@@ -183,3 +183,67 @@ def test_a_site_that_does_not_answer_fails_after_its_connect_timeout(lab) -> Non
         for f in fillers:
             f.close()
         silent.close()
+
+
+# --------------------------------------------------------------------------------------
+# commit-checkpoint: a retry after its first side effect finishes with one checkpoint
+
+
+def _synced(rt, vpg: str) -> None:  # type: ignore[no-untyped-def]
+    from vmrep.replication import engine
+
+    if not rt.store.runtime(vpg).initial_sync_done:
+        engine.initial_sync(rt, rt.config.vpg(vpg), validate=False)
+
+
+def _flaky_note(monkeypatch: pytest.MonkeyPatch, store) -> list:  # type: ignore[no-untyped-def,type-arg]
+    """note_checkpoint (the commit's second side effect) fails once, transiently."""
+    from vmrep.errors import TransientError
+
+    real, calls = store.note_checkpoint, []
+
+    def flaky(vpg: str, at):  # type: ignore[no-untyped-def]
+        calls.append(at)
+        if len(calls) == 1:
+            raise TransientError(f"VPG {vpg}: state database connection lost (injected)")
+        return real(vpg, at)
+
+    monkeypatch.setattr(store, "note_checkpoint", flaky)
+    return calls
+
+
+def test_commit_retried_after_its_publication_leaves_one_checkpoint(lab, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from vmrep.replication import engine
+    from vmrep.replication.steps import STEPS
+    from vmrep.runner import DirectRunner
+
+    rt = lab.runtime()
+    _synced(rt, "files")
+    before = [c.id for c in rt.journal.checkpoints("files")]
+    calls = _flaky_note(monkeypatch, rt.store)
+    r = engine.run_cycle(rt, rt.config.vpg("files"), runner=DirectRunner(STEPS, delays=[0.01]))
+    assert [c.id for c in rt.journal.checkpoints("files")] == before + [r.checkpoint_id]
+    assert len(calls) == 2  # the retry noted the checkpoint its first try published
+    assert rt.store.runtime("files").last_checkpoint_at == r.time
+
+
+def test_commit_task_retried_in_the_flow_leaves_one_checkpoint(lab, prefect_harness, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from flows.replicate import replicate
+
+    rt = lab.runtime()
+    _synced(rt, "files")
+    before = [c.id for c in rt.journal.checkpoints("files")]
+    calls = _flaky_note(monkeypatch, rt.store)
+    [cycle] = replicate("files", str(lab.config_path), cycles=1, interval_seconds=0)
+    assert [c.id for c in rt.journal.checkpoints("files")] == before + [cycle["checkpoint"]]
+    assert len(calls) == 2
+
+
+def test_a_commit_that_finds_no_open_checkpoint_says_so_in_one_line(lab) -> None:  # type: ignore[no-untyped-def]
+    from vmrep.errors import JournalError
+    from vmrep.replication.steps import commit_checkpoint
+
+    with pytest.raises(JournalError) as e:
+        commit_checkpoint(str(lab.config_path), "files", "c0ffee", None, None, {"kind": "cycle"})
+    assert str(e.value) == ("VPG files: no open checkpoint of cycle c0ffee in this process and none published "
+                            "(its commit failed, or its steps ran in another process); the next cycle takes it again")
