@@ -38,7 +38,7 @@ T = TypeVar("T")
 
 # How long a refused connection is tried again when logging in (a vCenter restarting
 # refuses for a moment; one that stays down is reported after this).
-REFUSED_WINDOW_S = 15.0
+REFUSED_WINDOW_S = 10.0
 
 
 @dataclass
