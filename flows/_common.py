@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from tasks._wait import wait_all  # re-exported: the flows wait as the tasks do
+from tasks.common import wait_all  # re-exported: the flows wait as the tasks do
 from vmrep.errors import VmrepError
 
 __all__ = ["flow_run_id", "problem_lines", "started_by", "wait_all"]

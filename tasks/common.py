@@ -1,13 +1,14 @@
 """What every vmrep task shares: retry only transient faults, no result caching
-(a step's inputs are live vSphere objects, and a retried step must run again)."""
+(a step's inputs are live vSphere objects, and a retried step must run again), and the
+runner that lets an engine sequence submit its steps as task runs."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 from prefect.cache_policies import NO_CACHE
 
-from vmrep.vsphere.faults import is_transient
+from vmrep.runner import retryable
 
 
 def transient_only(task: Any, task_run: Any, state: Any) -> bool:
@@ -15,7 +16,7 @@ def transient_only(task: Any, task_run: Any, state: Any) -> bool:
     try:
         state.result(raise_on_failure=True)
     except BaseException as exc:  # noqa: BLE001 - we classify, Prefect re-raises
-        return is_transient(exc) or is_transient(exc.__cause__ or exc)
+        return retryable(exc)
     return False
 
 
@@ -35,3 +36,47 @@ def step_options(*, retries: int = 3, timeout: float | None = None, **extra: Any
     )
     opts.update(extra)
     return opts
+
+
+def wait_all(futures: Iterable[Any]) -> list[Any]:
+    """Wait for every future; then raise the first failure (after all have finished,
+    so no step is left running or unobserved)."""
+    futures = list(futures)
+    for f in futures:
+        f.wait()
+    results, first_error = [], None
+    for f in futures:
+        try:
+            results.append(f.result())
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            results.append(exc)
+            first_error = first_error or exc
+    if first_error is not None:
+        raise first_error
+    return results
+
+
+class PrefectStepRunner:
+    """Run an engine sequence's steps as task runs of the current flow: the same
+    interface as `vmrep.runner.DirectRunner`, over a table of step name -> task."""
+
+    def __init__(self, tasks: Mapping[str, Any]) -> None:
+        self.tasks = tasks
+
+    def one(self, step: str, *args: Any) -> Any:
+        return self.tasks[step](*args)
+
+    def each(self, step: str, calls: list[tuple[Any, ...]], *, settle: bool = False) -> list[Any]:
+        if not calls:
+            return []
+        futures = [self.tasks[step].submit(*a) for a in calls]
+        if not settle:
+            return wait_all(futures)
+        out: list[Any] = []
+        for f in futures:
+            f.wait()
+            try:
+                out.append(f.result())
+            except BaseException as exc:  # noqa: BLE001 - a finding, returned in place
+                out.append(exc)
+        return out

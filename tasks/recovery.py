@@ -13,10 +13,8 @@ from typing import Any
 
 from prefect import task
 
-from tasks._wait import wait_all
-from tasks.common import step_options
+from tasks.common import PrefectStepRunner, step_options
 from vmrep.recovery import steps as s
-
 
 
 @task(name="cleanup-leftovers", **step_options(timeout=None))
@@ -132,24 +130,9 @@ TASKS = {
 assert set(TASKS) == set(s.STEPS), set(TASKS) ^ set(s.STEPS)
 
 
-class PrefectRunner:
-    """Run the engine's steps as task runs of the current flow (same interface as
+class PrefectRunner(PrefectStepRunner):
+    """Recovery steps as task runs of the current flow (the interface of
     `vmrep.recovery.operations.DirectRunner`)."""
 
-    def one(self, step: str, *args: Any) -> Any:
-        return TASKS[step](*args)
-
-    def each(self, step: str, calls: list[tuple], *, settle: bool = False) -> list[Any]:
-        if not calls:
-            return []
-        futures = [TASKS[step].submit(*a) for a in calls]
-        if not settle:
-            return wait_all(futures)
-        out: list[Any] = []
-        for f in futures:
-            f.wait()
-            try:
-                out.append(f.result())
-            except BaseException as exc:  # noqa: BLE001 - a finding, returned in place
-                out.append(exc)
-        return out
+    def __init__(self) -> None:
+        super().__init__(TASKS)

@@ -1,7 +1,10 @@
-"""Replication steps as Prefect tasks: each wraps one engine function, one retry unit.
+"""Replication steps as Prefect tasks: each wraps one step of `vmrep.replication.steps`
+one to one (one retry unit), retried on transient faults only. `PrefectRunner` lets the
+engine's sequences (`engine.run_cycle`, `engine.initial_sync`) submit them.
 
 Tasks take the config path and the VPG name (plain values the UI can show); the live
-objects (clients, the journal, the open checkpoint) come from the process's Runtime.
+objects (clients, the journal, the open checkpoint) come from the process's Runtime, so
+a cycle's tasks run in its flow run's process (see `engine._writers`).
 """
 
 from __future__ import annotations
@@ -11,61 +14,68 @@ from typing import Any
 
 from prefect import task
 
-from tasks.common import step_options
-from vmrep.replication import engine
-from vmrep.runtime import get_runtime
+from tasks.common import PrefectStepRunner, step_options
+from vmrep.replication import steps as s
 from vmrep.vsphere.inventory import DiskInfo, VMInfo
 
 
 @task(name="read-vpg-inventory", **step_options())
 def read_vpg_inventory(config: str, vpg: str) -> dict[str, VMInfo]:
-    rt = get_runtime(config)
-    return engine.vpg_vms(rt, rt.config.vpg(vpg))
+    return s.read_vpg_inventory(config, vpg)
 
 
 @task(name="consistency-point", **step_options())
 def consistency_point(config: str, vpg: str, vms: dict[str, VMInfo]) -> datetime:
-    rt = get_runtime(config)
-    return engine.create_consistency_points(rt, rt.config.vpg(vpg), vms)
+    return s.consistency_point(config, vpg, vms)
 
 
 @task(name="release-consistency-points", **step_options())
 def release_consistency_points(config: str, vpg: str) -> int:
-    rt = get_runtime(config)
-    return engine.remove_consistency_points(rt, rt.config.vpg(vpg))
+    return s.release_consistency_points(config, vpg)
 
 
 @task(name="transfer-vm", **step_options())
-def transfer_vm(config: str, vpg: str, vm: VMInfo, previous: str | None) -> dict[str, Any]:
-    rt = get_runtime(config)
-    v = rt.config.vpg(vpg)
-    out = engine.transfer_vm(rt, v, vm, engine.open_writer(rt, vpg), previous)
-    return {"vm": vm.name, "bytes_read": out.bytes_read, "bytes_stored": out.bytes_stored,
-            "blocks_changed": out.blocks_changed,
-            "seconds": sum(s.seconds for s in out.disks.values())}
+def transfer_vm(config: str, vpg: str, vm: VMInfo, previous: str | None, cycle: str | None = None) -> dict[str, Any]:
+    return s.transfer_vm(config, vpg, vm, previous, cycle)
 
 
 @task(name="transfer-disk", **step_options())
 def transfer_disk(config: str, vpg: str, vm: VMInfo, disk: DiskInfo, previous: str | None,
-                  preseed_path: str | None = None) -> dict[str, Any]:
-    rt = get_runtime(config)
-    v = rt.config.vpg(vpg)
-    seed = engine.preseed_source(rt, v, preseed_path, disk.capacity) if preseed_path else None
-    s = engine.transfer_disk(rt, v, vm, disk, engine.open_writer(rt, vpg), previous, preseed=seed)
-    return {"vm": vm.name, "disk": disk.id, "bytes_read": s.bytes_read, "bytes_stored": s.bytes_stored,
-            "blocks_changed": s.blocks_changed, "seconds": s.seconds}
+                  preseed_path: str | None = None, cycle: str | None = None) -> dict[str, Any]:
+    return s.transfer_disk(config, vpg, vm, disk, previous, preseed_path, cycle)
 
 
 @task(name="commit-checkpoint", **step_options(retries=1))
-def commit_checkpoint(config: str, vpg: str, at: datetime, tag: str | None, meta: dict[str, Any]) -> dict[str, Any]:
-    rt = get_runtime(config)
-    cp = engine.close_writer(rt, vpg, commit=True, at=at, tag=tag, meta=meta)
-    rt.store.note_checkpoint(vpg, cp.time)
-    return {"id": cp.id, "time": cp.time, "added_bytes": cp.added_bytes}
+def commit_checkpoint(config: str, vpg: str, cycle: str, at: datetime | None, tag: str | None,
+                      meta: dict[str, Any]) -> dict[str, Any]:
+    return s.commit_checkpoint(config, vpg, cycle, at, tag, meta)
 
 
 @task(name="apply-retention", **step_options())
 def apply_retention(config: str, vpg: str) -> dict[str, Any]:
-    rt = get_runtime(config)
-    r = engine.apply_retention(rt, rt.config.vpg(vpg))
-    return {k: v for k, v in getattr(r, "__dict__", {}).items() if isinstance(v, (int, float, bool, str))}
+    return s.apply_retention(config, vpg)
+
+
+@task(name="validate-vpg", **step_options())
+def validate_vpg(config: str, vpg: str) -> None:
+    s.validate_vpg(config, vpg)
+
+
+TASKS = {
+    "read-vpg-inventory": read_vpg_inventory,
+    "consistency-point": consistency_point,
+    "release-consistency-points": release_consistency_points,
+    "transfer-vm": transfer_vm,
+    "transfer-disk": transfer_disk,
+    "commit-checkpoint": commit_checkpoint,
+    "apply-retention": apply_retention,
+    "validate-vpg": validate_vpg,
+}
+assert set(TASKS) == set(s.STEPS), set(TASKS) ^ set(s.STEPS)
+
+
+class PrefectRunner(PrefectStepRunner):
+    """Replication steps as task runs of the current flow."""
+
+    def __init__(self) -> None:
+        super().__init__(TASKS)

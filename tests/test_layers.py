@@ -126,11 +126,6 @@ def test_the_code_base_keeps_its_layers() -> None:
     assert not found, "layer contract broken:\n" + "\n".join(map(str, found))
 
 
-# Flows whose tasks have not moved to tasks/ yet (the initial-sync restructuring moves
-# validate-vpg); remove an entry once its flow defines none.
-TASKS_STILL_IN = {"flows/initial_sync.py"}
-
-
 def task_definitions(path: Path) -> list[str]:
     """Functions of the file decorated as Prefect tasks (`@task`, `@task(...)`, `@prefect.task`)."""
     out = []
@@ -145,8 +140,7 @@ def task_definitions(path: Path) -> list[str]:
 
 
 def test_flows_define_no_tasks() -> None:
-    found = [d for path in sorted((ROOT / "flows").glob("*.py"))
-             if str(path.relative_to(ROOT)) not in TASKS_STILL_IN for d in task_definitions(path)]
+    found = [d for path in sorted((ROOT / "flows").glob("*.py")) for d in task_definitions(path)]
     assert not found, "tasks belong in tasks/: " + ", ".join(found)
 
 

@@ -248,6 +248,38 @@ def test_lock_race_between_processes_has_exactly_one_winner(db_url: str, workers
         assert s.runtime("erp").lock_holder == f"op-{results.index('True')}"
 
 
+def test_holding_a_vpg_records_and_locks_in_one_call_or_records_the_refusal(db_url: str) -> None:
+    from vmrep.errors import Refused
+    from vmrep.state.holding import holding_vpg
+
+    with StateStore.open(db_url) as a, StateStore.open(db_url) as b:
+        with holding_vpg(a, "erp", "failover", who="alice", params={}, flow_run_id=None, keep=True,
+                         refusal=lambda row: f"held by {row.lock_kind}") as live:
+            assert b.runtime("erp").lock_holder == live
+        assert b.runtime("erp").lock_holder == live  # kept: awaiting commit
+        with pytest.raises(Refused, match="^held by failover$"):
+            with holding_vpg(b, "erp", "test", who="bob", params={}, flow_run_id=None,
+                             refusal=lambda row: f"held by {row.lock_kind}"):
+                raise AssertionError("a refused operation runs nothing")
+        refused = b.operations("erp", kind="test")[0]
+        assert (refused.result, refused.started_by) == ("failed", "bob")
+        assert refused.error == f"VPG erp: test refused: held by failover operation {live[:8]}"
+        # A commit takes the lock from the failover and, when it fails, hands it back.
+        with pytest.raises(RuntimeError):
+            with holding_vpg(b, "erp", "commit", who="bob", params={}, flow_run_id=None,
+                             take_from=(live, "failover"), refusal=str) as commit:
+                assert a.runtime("erp").lock_holder == commit
+                raise RuntimeError("disk full")
+        assert (a.runtime("erp").lock_holder, a.runtime("erp").lock_kind) == (live, "failover")
+        assert (a.operation(commit).result, a.operation(commit).error) == ("failed", "disk full")
+        # A rollback that succeeds releases the VPG; it ends its operation itself.
+        with holding_vpg(b, "erp", "rollback", who="bob", params={}, flow_run_id=None,
+                         take_from=(live, "failover"), refusal=str) as rb:
+            b.finish_operation(rb, "succeeded")
+        assert a.runtime("erp").lock_holder is None
+        assert a.operation(rb).result == "succeeded"
+
+
 # --- operations and steps -----------------------------------------------------------------
 
 

@@ -96,6 +96,9 @@ class Site(Strict):
     # Datastores also mounted on the replication host: read/write the same files locally.
     datastore_mounts: dict[str, Path] = {}
     timeout_seconds: float = Field(default=60.0, gt=0)
+    # Bound of one TCP connect to the site: a site that does not answer within it is
+    # reported unreachable at once (a refused connection is retried for a few seconds).
+    connect_timeout_seconds: float = Field(default=10.0, gt=0)
     # Lab only: the simulator's fault-injection control endpoint.
     lab_control_url: str | None = None
 

@@ -8,8 +8,9 @@ retry unit and the VMs of one step run in parallel.
 
 Rules every operation follows:
 
-* one operation holds a VPG at a time (`StateStore.try_lock`), none starts while the VPG
-  is in initial sync, a live failover or move holds it until commit or rollback;
+* one operation holds a VPG at a time (`vmrep.state.holding.holding_vpg`: recorded and
+  locked in one transaction, or recorded as refused), none starts while the VPG is in
+  initial sync, a live failover or move holds it until commit or rollback;
 * an operation whose process died (a crash) is recognised by the next one (the process
   recorded with the operation is gone), which cleans up after it before starting;
 * every operation begins by removing what earlier runs left at the recovery site;
@@ -23,19 +24,20 @@ import logging
 import os
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-from sqlalchemy import update
+import psutil
 
 from vmrep.config import VPG
 from vmrep.errors import JournalError, Refused, VmrepError
 from vmrep.recovery import naming, steps
 from vmrep.recovery.plan import check_test_networks
 from vmrep.recovery.steps import STEPS, VerificationFailed, find_plan, get_plan
+from vmrep.runner import DirectRunner as _StepRunner
 from vmrep.runtime import Runtime, get_runtime
-from vmrep.vsphere.faults import is_transient
+from vmrep.state.holding import holding_vpg, who_started
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ def utcnow() -> datetime:
 
 
 def who_am_i(who: str | None = None) -> str:
-    return who or os.environ.get("VMREP_USER") or os.environ.get("USER") or "unknown"
+    return who_started(who)
 
 
 class TestFailed(VmrepError):
@@ -65,47 +67,12 @@ class TestFailed(VmrepError):
 # Runners
 
 
-class DirectRunner:
-    """Run steps in this process: the calls of one step in parallel threads, transient
-    faults retried as the Prefect tasks retry them."""
+class DirectRunner(_StepRunner):
+    """Run recovery steps in this process: the calls of one step in parallel threads,
+    transient faults retried as the Prefect tasks retry them (`vmrep.runner`)."""
 
     def __init__(self, *, retries: int = 3, delays: Sequence[float] = (0.5, 1.0, 2.0), max_workers: int = 8) -> None:
-        self.retries, self.delays, self.max_workers = retries, list(delays), max_workers
-
-    def _call(self, step: str, args: tuple) -> Any:
-        fn = STEPS[step]
-        for attempt in range(self.retries + 1):
-            try:
-                return fn(*args)
-            except Exception as exc:
-                transient = is_transient(exc) or (exc.__cause__ is not None and is_transient(exc.__cause__))
-                if attempt >= self.retries or not transient:
-                    raise
-                log.warning("step %s failed transiently (%s); retrying", step, exc)
-                time.sleep(self.delays[min(attempt, len(self.delays) - 1)])
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def one(self, step: str, *args: Any) -> Any:
-        return self._call(step, args)
-
-    def each(self, step: str, calls: list[tuple], *, settle: bool = False) -> list[Any]:
-        """Run `step` once per argument tuple, all at once; wait for all. With `settle`,
-        failures come back in place of results; else the first failure is raised."""
-        if not calls:
-            return []
-        results: list[Any] = []
-        with ThreadPoolExecutor(min(self.max_workers, len(calls))) as ex:
-            futs = [ex.submit(self._call, step, a) for a in calls]
-            for f in futs:
-                try:
-                    results.append(f.result())
-                except BaseException as exc:  # noqa: BLE001 - returned or re-raised below
-                    results.append(exc)
-        if not settle:
-            for r in results:
-                if isinstance(r, BaseException):
-                    raise r
-        return results
+        super().__init__(STEPS, retries=retries, delays=delays, max_workers=max_workers)
 
 
 def _cleanup_runner(runner: Any, exc: BaseException | None) -> Any:
@@ -120,10 +87,11 @@ def _cleanup_runner(runner: Any, exc: BaseException | None) -> Any:
 # Which process runs an operation (to recognise one that died)
 
 
-def _proc_start(pid: int) -> str | None:
+def _proc_start(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), None if there is none."""
     try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
         return None
 
 
@@ -133,37 +101,25 @@ def process_identity() -> dict[str, Any]:
 
 
 def process_gone(ident: dict[str, Any] | None) -> bool:
-    """True when the process is known to be gone (same host only: elsewhere we cannot tell)."""
+    """True when the process is known to be gone (same host only: elsewhere we cannot
+    tell). A pid in use again by a later process counts as gone (its start differs)."""
     if not ident or ident.get("host") != socket.gethostname():
         return False
     pid = int(ident.get("pid") or 0)
     if pid <= 0:
         return False
-    if pid == os.getpid() and ident.get("start") == _proc_start(pid):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass
     start = _proc_start(pid)
-    return start is not None and ident.get("start") is not None and start != ident.get("start")
+    if start is None:
+        return not psutil.pid_exists(pid)
+    try:
+        recorded = float(ident["start"])
+    except (KeyError, TypeError, ValueError):
+        return False  # no start recorded: the pid is in use, so it may be the same process
+    return abs(start - recorded) > 0.01
 
 
 # --------------------------------------------------------------------------------------
 # The lock
-
-
-def _swap_lock(store: Any, vpg: str, old: str, new: str, kind: str) -> bool:
-    """Hand the VPG's lock from operation `old` to `new` in one conditional UPDATE."""
-    from vmrep.state.models import VpgRuntime
-
-    with store.session() as s:
-        return bool(s.execute(
-            update(VpgRuntime).where(VpgRuntime.vpg == vpg, VpgRuntime.lock_holder == old)
-            .values(lock_holder=new, lock_kind=kind)
-        ).rowcount)
 
 
 def _handed_over(store: Any, op_id: str) -> bool:
@@ -237,9 +193,12 @@ def preflight(rt: Runtime, vpg: VPG, kind: str, *, confirm: str | None = None, c
         check_test_networks(vpg)
 
 
+@contextmanager
 def begin(rt: Runtime, vpg: VPG, kind: str, *, who: str | None, params: dict[str, Any],
-          flow_run_id: str | None, runner: Any, confirm: str | None = None) -> str:
-    """Refuse or start: clean up after a dead holder, check, record, lock."""
+          flow_run_id: str | None, runner: Any, confirm: str | None = None) -> Iterator[str]:
+    """Refuse or start: clean up after a dead holder, check, then record and lock
+    (`holding_vpg`). The VPG stays held when the block returns: a failover awaits
+    commit, a test may be left running; their own ends release it."""
     store = rt.store
     row = store.runtime(vpg.name)
     if row.lock_holder is not None and holder_is_stale(store, row):
@@ -247,15 +206,11 @@ def begin(rt: Runtime, vpg: VPG, kind: str, *, who: str | None, params: dict[str
                             reason=f"its process is gone; cleaned up before a new {kind}")
     preflight(rt, vpg, kind, confirm=confirm)
     row = store.runtime(vpg.name)
-    op = store.start_operation(vpg.name, kind, who_am_i(who),
-                               {**params, "process": process_identity(),
-                                "status_before": [row.status, row.substatus]}, flow_run_id)
-    if not store.try_lock(vpg.name, op, kind):
-        row = store.runtime(vpg.name)
-        msg = f"VPG {vpg.name}: {kind} refused: {_describe_holder(store, row)}"
-        store.finish_operation(op, "failed", error=msg)
-        raise Refused(msg)
-    return op
+    with holding_vpg(store, vpg.name, kind, who=who, flow_run_id=flow_run_id, keep=True,
+                     params={**params, "process": process_identity(),
+                             "status_before": [row.status, row.substatus]},
+                     refusal=lambda held: f"VPG {vpg.name}: {kind} refused: {_describe_holder(store, held)}") as op:
+        yield op
 
 
 def recover_interrupted(rt: Runtime, vpg: VPG, op_id: str, *, runner: Any = None, reason: str) -> None:
@@ -282,7 +237,7 @@ def recover_interrupted(rt: Runtime, vpg: VPG, op_id: str, *, runner: Any = None
     if op.kind in ("commit", "rollback") and op.result == "running":
         live = (op.params or {}).get("live_operation")
         store.finish_operation(op_id, "failed", error=f"interrupted: {reason}; run it again")
-        if live and _swap_lock(store, vpg.name, op_id, live, store.operation(live).kind):
+        if live and store.hand_over_lock(vpg.name, op_id, live, store.operation(live).kind):
             return
     if store.runtime(vpg.name).lock_holder == op_id:
         store.force_unlock(vpg.name)
@@ -464,24 +419,24 @@ def run_test(config: str, vpg: str, *, checkpoint: str = "latest", keep_minutes:
     runner = runner or DirectRunner()
     preflight(rt, v, "test", check_lock=False)
     cp = rt.journal.checkpoint(vpg, checkpoint)
-    op = begin(rt, v, "test", who=who, flow_run_id=flow_run_id, runner=runner,
+    with begin(rt, v, "test", who=who, flow_run_id=flow_run_id, runner=runner,
                params={"checkpoint": checkpoint, "checkpoint_id": cp.id, "keep_minutes": keep_minutes,
-                       "stop": stop, "notes": notes, "verify_timeout": verify_timeout})
-    try:
-        runner.one("cleanup-leftovers", config, vpg, op)
-        results = _recover(rt, config, v, op, "test", cp.id, runner, verify_timeout, sleep)
-        if all(not isinstance(r, BaseException) for r in results.values()):
-            _record_rto(rt.store, op)
-        if not stop:
-            rt.store.record_step(op, None, "awaiting-stop", "ok",
-                                 detail={"verified": all(not isinstance(r, BaseException) for r in results.values())})
-            return operation_summary(rt.store, op)
-        if keep_minutes > 0:
-            sleep(keep_minutes * 60.0)
-    except BaseException as exc:
-        _finish_test(rt, v, op, success=False, notes=notes, error=exc, runner=_cleanup_runner(runner, exc))
-        raise
-    return _finish_test(rt, v, op, success=None, notes=notes, error=None, runner=runner)
+                       "stop": stop, "notes": notes, "verify_timeout": verify_timeout}) as op:
+        try:
+            runner.one("cleanup-leftovers", config, vpg, op)
+            results = _recover(rt, config, v, op, "test", cp.id, runner, verify_timeout, sleep)
+            verified = all(not isinstance(r, BaseException) for r in results.values())
+            if verified:
+                _record_rto(rt.store, op)
+            if not stop:
+                rt.store.record_step(op, None, "awaiting-stop", "ok", detail={"verified": verified})
+                return operation_summary(rt.store, op)
+            if keep_minutes > 0:
+                sleep(keep_minutes * 60.0)
+        except BaseException as exc:
+            _finish_test(rt, v, op, success=False, notes=notes, error=exc, runner=_cleanup_runner(runner, exc))
+            raise
+        return _finish_test(rt, v, op, success=None, notes=notes, error=None, runner=runner)
 
 
 def running_test(store: Any, vpg: str) -> Any | None:
@@ -692,56 +647,56 @@ def run_failover(config: str, vpg: str, *, confirm: str | None, checkpoint: str 
         raise Refused(f"VPG {vpg}: move refused: a move shuts the source down (graceful or force)")
     preflight(rt, v, operation, confirm=confirm, check_lock=False)
     cp = None if moving else rt.journal.checkpoint(vpg, checkpoint)
-    op = begin(rt, v, operation, who=who, flow_run_id=flow_run_id, runner=runner, confirm=confirm,
+    with begin(rt, v, operation, who=who, flow_run_id=flow_run_id, runner=runner, confirm=confirm,
                params={"checkpoint": "final" if moving else checkpoint, "shutdown": shutdown,
                        "commit_policy": policy, "commit_after_minutes": after,
                        "reverse_protection": reverse_protection, "keep_source_vms": keep_source_vms,
-                       "verify_timeout": verify_timeout})
-    store = rt.store
-    status = "Moving" if moving else "FailingOver"
-    names = [m.name for m in v.vms]
-    try:
-        runner.one("cleanup-leftovers", config, vpg, op)
-        runner.one("pause-replication", config, vpg, op, True)
-        store.set_status(vpg, status, None, detail=f"{operation} {op[:8]} started")
-        outs = runner.each("shutdown-source", [(config, vpg, op, n, shutdown, shutdown_timeout) for n in names],
-                           settle=True)
-        bad = [r for r in outs if isinstance(r, BaseException)]
-        if bad:
-            raise bad[0]
-        if moving:
-            start = store.operation(op).started_at
-            cp_id = runner.one("final-checkpoint", config, vpg, op, f"Move at {start.isoformat()}")["id"]
-        else:
-            cp_id = cp.id
-        results = _recover(rt, config, v, op, operation, cp_id, runner, verify_timeout, sleep)
-        failed = [r for r in results.values() if isinstance(r, BaseException)]
-        if failed:
-            raise failed[0]
-        rto = _record_rto(store, op)
-        store.set_status(vpg, status, "MovingBeforeCommit" if moving else "FailingOverBeforeCommit",
-                         detail=f"{operation} {op[:8]}: awaiting commit or rollback")
-        plan = get_plan(rt, op)
-        when = {"commit": f"; commits at the policy's timeout ({after:g} min)",
-                "rollback": f"; rolls back at the policy's timeout ({after:g} min)"}.get(policy, "")
-        store.raise_alert(vpg, "AWAITING_COMMIT", "warning",
-                          f"VPG {vpg}: {operation} to checkpoint {plan.checkpoint_id} awaiting commit or "
-                          f"rollback{when}", data={"operation": op})
-        store.finish_operation(op, "succeeded", rto_seconds=round(rto, 3),
-                               **_cp_fields(rt, vpg, store.operation(op), plan))
-    except BaseException as exc:
-        cleanup = _cleanup_runner(runner, exc)
-        errs = _undo_live(rt, v, op, op, cleanup)
-        _restore_status(store, vpg, store.operation(op))
-        result = "cancelled" if not isinstance(exc, Exception) else "failed"
-        text = str(exc) or type(exc).__name__
-        if errs:
-            text += f"; rollback incomplete: {errs[0]}"
-        store.finish_operation(op, result, error=text,
-                               **_cp_fields(rt, vpg, store.operation(op), find_plan(rt, op)))
-        store.unlock(vpg, op)
-        steps.forget(op)
-        raise
+                       "verify_timeout": verify_timeout}) as op:
+        store = rt.store
+        status = "Moving" if moving else "FailingOver"
+        names = [m.name for m in v.vms]
+        try:
+            runner.one("cleanup-leftovers", config, vpg, op)
+            runner.one("pause-replication", config, vpg, op, True)
+            store.set_status(vpg, status, None, detail=f"{operation} {op[:8]} started")
+            outs = runner.each("shutdown-source", [(config, vpg, op, n, shutdown, shutdown_timeout) for n in names],
+                               settle=True)
+            bad = [r for r in outs if isinstance(r, BaseException)]
+            if bad:
+                raise bad[0]
+            if moving:
+                start = store.operation(op).started_at
+                cp_id = runner.one("final-checkpoint", config, vpg, op, f"Move at {start.isoformat()}")["id"]
+            else:
+                cp_id = cp.id
+            results = _recover(rt, config, v, op, operation, cp_id, runner, verify_timeout, sleep)
+            failed = [r for r in results.values() if isinstance(r, BaseException)]
+            if failed:
+                raise failed[0]
+            rto = _record_rto(store, op)
+            store.set_status(vpg, status, "MovingBeforeCommit" if moving else "FailingOverBeforeCommit",
+                             detail=f"{operation} {op[:8]}: awaiting commit or rollback")
+            plan = get_plan(rt, op)
+            when = {"commit": f"; commits at the policy's timeout ({after:g} min)",
+                    "rollback": f"; rolls back at the policy's timeout ({after:g} min)"}.get(policy, "")
+            store.raise_alert(vpg, "AWAITING_COMMIT", "warning",
+                              f"VPG {vpg}: {operation} to checkpoint {plan.checkpoint_id} awaiting commit or "
+                              f"rollback{when}", data={"operation": op})
+            store.finish_operation(op, "succeeded", rto_seconds=round(rto, 3),
+                                   **_cp_fields(rt, vpg, store.operation(op), plan))
+        except BaseException as exc:
+            cleanup = _cleanup_runner(runner, exc)
+            errs = _undo_live(rt, v, op, op, cleanup)
+            _restore_status(store, vpg, store.operation(op))
+            result = "cancelled" if not isinstance(exc, Exception) else "failed"
+            text = str(exc) or type(exc).__name__
+            if errs:
+                text += f"; rollback incomplete: {errs[0]}"
+            store.finish_operation(op, result, error=text,
+                                   **_cp_fields(rt, vpg, store.operation(op), find_plan(rt, op)))
+            store.unlock(vpg, op)
+            steps.forget(op)
+            raise
     summary = operation_summary(store, op)
     if not moving:
         if policy == "none":
@@ -798,44 +753,40 @@ def commit(config: str, vpg: str, *, reverse_protection: bool = False, remove_so
     if reverse_protection and not remove_source:
         raise Refused(f"VPG {vpg}: commit refused: reverse protection removes the source VMs "
                       "(their disks pre-seed the reverse VPG)")
-    op = store.start_operation(vpg, "commit", who_am_i(who),
-                               {"live_operation": live.id, "reverse_protection": reverse_protection,
-                                "remove_source": remove_source, "process": process_identity()}, flow_run_id)
-    if not _swap_lock(store, vpg, live.id, op, "commit"):
-        store.finish_operation(op, "failed", error="another commit or rollback took the VPG")
-        raise Refused(f"VPG {vpg}: commit refused: another commit or rollback is running")
     moving = live.kind == "move"
-    store.set_status(vpg, "Moving" if moving else "FailingOver", None if moving else "FailingOverCommitting",
-                     detail=f"commit {op[:8]}")
     names = [m.name for m in v.vms]
-    try:
-        plan = get_plan(rt, live.id)
-        runner.each("mark-committed", [(config, vpg, op, n, live.id) for n in names])
-        if remove_source:
-            runner.each("remove-source-vm", [(config, vpg, op, n, live.id) for n in names])
-        _clear(store, vpg, {"AWAITING_COMMIT"})
-    except BaseException as exc:
-        store.finish_operation(op, "cancelled" if not isinstance(exc, Exception) else "failed", error=str(exc))
-        _swap_lock(store, vpg, op, live.id, live.kind)
-        store.set_status(vpg, "Moving" if moving else "FailingOver",
-                         "MovingBeforeCommit" if moving else "FailingOverBeforeCommit",
-                         detail=f"commit {op[:8]} failed: run it again")
-        raise
-    reverse: dict[str, Any] | None = None
-    reverse_error: BaseException | None = None
-    if reverse_protection:
+    with holding_vpg(store, vpg, "commit", who=who, flow_run_id=flow_run_id, take_from=(live.id, live.kind),
+                     params={"live_operation": live.id, "reverse_protection": reverse_protection,
+                             "remove_source": remove_source, "process": process_identity()},
+                     refusal=lambda _: f"VPG {vpg}: commit refused: another commit or rollback is running") as op:
+        store.set_status(vpg, "Moving" if moving else "FailingOver", None if moving else "FailingOverCommitting",
+                         detail=f"commit {op[:8]}")
         try:
-            reverse = reverse_protect(rt, v, plan, op, runner=runner, who=who, flow_run_id=flow_run_id)
-        except Exception as exc:  # noqa: BLE001 - the commit stands; reported below
-            reverse_error = exc
-    if reverse is not None:
-        store.set_status(vpg, "Recovered", None, detail=f"committed; protected back by VPG {reverse['vpg']}")
-    else:
-        store.set_status(vpg, "Recovered", "NeedsConfiguration", detail="committed; not protected")
-    notes = f"reverse protection: VPG {reverse['vpg']}" if reverse else None
-    store.finish_operation(op, "succeeded", notes=notes,
-                           error=f"reverse protection failed: {reverse_error}" if reverse_error else None)
-    store.unlock(vpg, op)
+            plan = get_plan(rt, live.id)
+            runner.each("mark-committed", [(config, vpg, op, n, live.id) for n in names])
+            if remove_source:
+                runner.each("remove-source-vm", [(config, vpg, op, n, live.id) for n in names])
+            _clear(store, vpg, {"AWAITING_COMMIT"})
+        except BaseException:
+            # the operation is ended and the lock handed back to the live operation by holding_vpg
+            store.set_status(vpg, "Moving" if moving else "FailingOver",
+                             "MovingBeforeCommit" if moving else "FailingOverBeforeCommit",
+                             detail=f"commit {op[:8]} failed: run it again")
+            raise
+        reverse: dict[str, Any] | None = None
+        reverse_error: BaseException | None = None
+        if reverse_protection:
+            try:
+                reverse = reverse_protect(rt, v, plan, op, runner=runner, who=who, flow_run_id=flow_run_id)
+            except Exception as exc:  # noqa: BLE001 - the commit stands; reported below
+                reverse_error = exc
+        if reverse is not None:
+            store.set_status(vpg, "Recovered", None, detail=f"committed; protected back by VPG {reverse['vpg']}")
+        else:
+            store.set_status(vpg, "Recovered", "NeedsConfiguration", detail="committed; not protected")
+        notes = f"reverse protection: VPG {reverse['vpg']}" if reverse else None
+        store.finish_operation(op, "succeeded", notes=notes,
+                               error=f"reverse protection failed: {reverse_error}" if reverse_error else None)
     steps.forget(live.id)
     out = operation_summary(store, op)
     out["reverse_protection"] = reverse
@@ -859,37 +810,32 @@ def reverse_protect(rt: Runtime, vpg: VPG, plan: Any, commit_op: str, *, runner:
     else:
         target = rt.config.vpg(name)
     preseed = {m.source: dict((m.source_info or {}).get("disks") or {}) for m in plan.vms}
-    op = store.start_operation(target.name, "reverse_protect", who_am_i(who),
-                               {"reverse_of": vpg.name, "commit_operation": commit_op, "preseed": preseed,
-                                "process": process_identity()}, flow_run_id)
-    if not store.try_lock(target.name, op, "reverse_protect"):
-        row = store.runtime(target.name)
-        msg = f"VPG {target.name}: reverse protection refused: {_describe_holder(store, row)}"
-        store.finish_operation(op, "failed", error=msg)
-        raise Refused(msg)
-    try:
-        store.update_runtime(target.name, initial_sync_done=False, paused=False)
-        store.set_status(target.name, "Initializing", "InitialSync", detail=f"reverse protection of {vpg.name}")
-        engine.close_writer(rt, target.name, commit=False)
-        results = runner.each("reverse-sync", [(config, target.name, op, m.name, preseed.get(m.name, {}))
-                                               for m in target.vms])
-        cp = runner.one("reverse-checkpoint", config, target.name, op, vpg.name)
+    with holding_vpg(store, target.name, "reverse_protect", who=who, flow_run_id=flow_run_id,
+                     params={"reverse_of": vpg.name, "commit_operation": commit_op, "preseed": preseed,
+                             "process": process_identity()},
+                     refusal=lambda held: f"VPG {target.name}: reverse protection refused: "
+                                          f"{_describe_holder(store, held)}") as op:
+        try:
+            store.update_runtime(target.name, initial_sync_done=False, paused=False)
+            store.set_status(target.name, "Initializing", "InitialSync", detail=f"reverse protection of {vpg.name}")
+            engine.close_writer(rt, target.name, commit=False)
+            results = runner.each("reverse-sync", [(config, target.name, op, m.name, preseed.get(m.name, {}))
+                                                   for m in target.vms])
+            cp = runner.one("reverse-checkpoint", config, target.name, op, vpg.name)
+        except BaseException as exc:
+            # the operation is ended and the VPG released by holding_vpg
+            engine.close_writer(rt, target.name, commit=False)
+            store.set_status(target.name, "Initializing", "InitialSync",
+                             detail=f"reverse protection failed: {exc}; run 'vmrep sync {target.name}'")
+            raise
         store.update_runtime(target.name, initial_sync_done=True)
         store.set_status(target.name, "MeetingSLA", "DeltaSync", detail="reverse protection synced")
         stored = sum(r["bytes_stored"] for r in results)
         read = sum(r["bytes_read"] for r in results)
         store.finish_operation(op, "succeeded", checkpoint_id=cp["id"],
                                notes=f"pre-seeded; {stored} bytes stored of {read} read")
-        return {"vpg": target.name, "operation_id": op, "checkpoint": cp["id"], "bytes_read": read,
-                "bytes_stored": stored, "generated": generate}
-    except BaseException as exc:
-        engine.close_writer(rt, target.name, commit=False)
-        store.set_status(target.name, "Initializing", "InitialSync",
-                         detail=f"reverse protection failed: {exc}; run 'vmrep sync {target.name}'")
-        store.finish_operation(op, "cancelled" if not isinstance(exc, Exception) else "failed", error=str(exc))
-        raise
-    finally:
-        store.unlock(target.name, op)
+    return {"vpg": target.name, "operation_id": op, "checkpoint": cp["id"], "bytes_read": read,
+            "bytes_stored": stored, "generated": generate}
 
 
 def rollback(config: str, vpg: str, *, who: str | None = None, flow_run_id: str | None = None,
@@ -903,27 +849,23 @@ def rollback(config: str, vpg: str, *, who: str | None = None, flow_run_id: str 
     live = pending_live_operation(rt, v, runner=runner)
     if live is None:
         raise Refused(f"VPG {vpg}: rollback refused: no failover or move is awaiting commit")
-    op = store.start_operation(vpg, "rollback", who_am_i(who), {"live_operation": live.id,
-                                                                "process": process_identity()}, flow_run_id)
-    if not _swap_lock(store, vpg, live.id, op, "rollback"):
-        store.finish_operation(op, "failed", error="another commit or rollback took the VPG")
-        raise Refused(f"VPG {vpg}: rollback refused: another commit or rollback is running")
     moving = live.kind == "move"
-    store.set_status(vpg, "Moving" if moving else "FailingOver", None if moving else "FailingOverRollingBack",
-                     detail=f"rollback {op[:8]}")
-    try:
-        errs = _undo_live(rt, v, live.id, op, runner)
-        if errs:
-            raise errs[0]
-    except BaseException as exc:
-        store.finish_operation(op, "cancelled" if not isinstance(exc, Exception) else "failed", error=str(exc))
-        _swap_lock(store, vpg, op, live.id, live.kind)
-        store.raise_alert(vpg, "ROLLBACK_FAILED", "error", f"VPG {vpg}: rollback failed: {exc}")
-        raise
-    _restore_status(store, vpg, live)
-    _clear(store, vpg, {"ROLLBACK_FAILED"})
-    store.finish_operation(op, "succeeded")
-    store.unlock(vpg, op)
+    with holding_vpg(store, vpg, "rollback", who=who, flow_run_id=flow_run_id, take_from=(live.id, live.kind),
+                     params={"live_operation": live.id, "process": process_identity()},
+                     refusal=lambda _: f"VPG {vpg}: rollback refused: another commit or rollback is running") as op:
+        store.set_status(vpg, "Moving" if moving else "FailingOver", None if moving else "FailingOverRollingBack",
+                         detail=f"rollback {op[:8]}")
+        try:
+            errs = _undo_live(rt, v, live.id, op, runner)
+            if errs:
+                raise errs[0]
+        except BaseException as exc:
+            # the operation is ended and the lock handed back to the live operation by holding_vpg
+            store.raise_alert(vpg, "ROLLBACK_FAILED", "error", f"VPG {vpg}: rollback failed: {exc}")
+            raise
+        _restore_status(store, vpg, live)
+        _clear(store, vpg, {"ROLLBACK_FAILED"})
+        store.finish_operation(op, "succeeded")
     steps.forget(live.id)
     return operation_summary(store, op)
 

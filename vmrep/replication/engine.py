@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
 
 from vmrep.config import VPG
-from vmrep.errors import NotFound, Refused
+from vmrep.errors import JournalError, NotFound, Refused
 from vmrep.replication.blocks import DiskSyncStats, sync_disk
 from vmrep.runtime import Runtime
 from vmrep.vsphere.datastore import DatastoreAccess
@@ -157,6 +159,10 @@ class VMTransfer:
     def blocks_changed(self) -> int:
         return sum(s.blocks_changed for s in self.disks.values())
 
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.disks.values())
+
 
 def previous_map(rt: Runtime, vpg: str, previous: str | None, vm: str, disk: DiskInfo) -> Any:
     if previous is None:
@@ -215,32 +221,103 @@ class showing_progress:
 # Checkpoints and cycles
 
 
-_writers: dict[tuple[int, str], Any] = {}
+@dataclass
+class _OpenCheckpoint:
+    writer: Any
+    cycle: str | None
+
+
+# The open checkpoint of each VPG, per Runtime, in this process. Module-global because
+# an open checkpoint exists only in the memory of the process that began it (its pack
+# buffers and block maps, the journal's per-VPG lock held by that process): all of a
+# cycle's steps (transfers and the commit) must therefore run in its flow run's
+# process, which is why the flows run their tasks in threads (ThreadPoolTaskRunner)
+# and never hand them to other workers. A step that finds no open checkpoint of its
+# cycle fails with one line saying so.
+_writers: dict[tuple[int, str], _OpenCheckpoint] = {}
 _writers_lock = threading.Lock()
 
 
-def open_writer(rt: Runtime, vpg: str) -> Any:
-    """The open checkpoint of a VPG in this process (shared by the cycle's transfer steps)."""
+def new_cycle() -> str:
+    """A token naming one cycle's open checkpoint; kept in the checkpoint's meta, so a
+    retried commit finds what the first try published."""
+    return uuid.uuid4().hex[:16]
+
+
+def open_writer(rt: Runtime, vpg: str, cycle: str | None = None) -> Any:
+    """The open checkpoint of a VPG in this process (shared by the cycle's transfer
+    steps), begun by the first step that asks. With `cycle`, the open checkpoint of
+    another cycle is refused: two sequences in one process never share a writer."""
     key = (id(rt), vpg)
     with _writers_lock:
-        w = _writers.get(key)
-        if w is None:
-            w = rt.journal.begin(vpg)
-            _writers[key] = w
-        return w
+        e = _writers.get(key)
+        if e is not None and cycle is not None and e.cycle not in (None, cycle):
+            raise JournalError(f"VPG {vpg}: locked by another writer in this process "
+                               f"(cycle {e.cycle} is open)")
+        if e is None:
+            e = _writers[key] = _OpenCheckpoint(rt.journal.begin(vpg), cycle)
+        return e.writer
 
 
 def close_writer(rt: Runtime, vpg: str, *, commit: bool, at: datetime | None = None,
                  tag: str | None = None, meta: dict[str, Any] | None = None) -> Any:
+    """Commit or abort the VPG's open checkpoint (None when there is none)."""
     key = (id(rt), vpg)
     with _writers_lock:
-        w = _writers.pop(key, None)
-    if w is None:
+        e = _writers.pop(key, None)
+    if e is None:
         return None
     if not commit:
-        w.abort()
+        e.writer.abort()
         return None
-    return w.commit(time=at, tag=tag, meta=meta)
+    return e.writer.commit(time=at, tag=tag, meta=meta)
+
+
+def discard_writer(rt: Runtime, vpg: str, cycle: str | None = None) -> None:
+    """Abort the open checkpoint (only that of `cycle` when given): after a failed
+    sequence, or one a crashed run left in this process."""
+    key = (id(rt), vpg)
+    with _writers_lock:
+        e = _writers.get(key)
+        if e is None or (cycle is not None and e.cycle != cycle):
+            return
+        del _writers[key]
+    e.writer.abort()
+
+
+def published_checkpoint(rt: Runtime, vpg: str, cycle: str) -> Any | None:
+    """The checkpoint that cycle `cycle` published, if it did."""
+    for cp in reversed(rt.journal.checkpoints(vpg)):
+        if cp.meta.get("cycle") == cycle:
+            return cp
+    return None
+
+
+def commit_checkpoint(rt: Runtime, vpg: str, cycle: str, *, at: datetime | None, tag: str | None,
+                      meta: dict[str, Any]) -> Any:
+    """Publish the cycle's open checkpoint; idempotent. A retry after the publication
+    (a later side effect failed, or the reply was lost) gets the checkpoint the first
+    try published, found by the cycle's token in its meta; a retry after a commit that
+    published nothing fails with one line (the open checkpoint went with it)."""
+    key = (id(rt), vpg)
+    with _writers_lock:
+        e = _writers.get(key)
+        mine = e is not None and e.cycle == cycle
+        if mine:
+            del _writers[key]
+    if e is not None and mine:
+        try:
+            return e.writer.commit(time=at, tag=tag, meta={**meta, "cycle": cycle})
+        except BaseException:
+            cp = published_checkpoint(rt, vpg, cycle)
+            if cp is None:
+                raise
+            return cp  # published, then something after it failed
+    cp = published_checkpoint(rt, vpg, cycle)
+    if cp is not None:
+        return cp
+    raise JournalError(f"VPG {vpg}: no open checkpoint of cycle {cycle} in this process and none published "
+                       "(its commit failed, or its steps ran in another process); the next cycle takes it again")
 
 
 def latest_checkpoint_id(rt: Runtime, vpg: str) -> str | None:
@@ -285,10 +362,22 @@ class CycleResult:
     def blocks_changed(self) -> int:
         return sum(v.blocks_changed for v in self.vms.values())
 
+    @property
+    def transfer_seconds(self) -> float:
+        """The slowest VM's transfer: the cycle's own work on its critical path (the
+        rest of `seconds` is orchestration: Prefect's, when a flow runs the steps)."""
+        return max((v.seconds for v in self.vms.values()), default=0.0)
+
     def summary(self) -> dict[str, Any]:
         return {"vpg": self.vpg, "checkpoint": self.checkpoint_id, "time": self.time.isoformat(),
                 "bytes_read": self.bytes_read, "bytes_stored": self.bytes_stored,
-                "blocks_changed": self.blocks_changed, "seconds": round(self.seconds, 3)}
+                "blocks_changed": self.blocks_changed, "seconds": round(self.seconds, 3),
+                "transfer_seconds": round(self.transfer_seconds, 3)}
+
+    def disk_rows(self) -> list[dict[str, Any]]:
+        return [{"vm": vm, "disk": d, "bytes_read": s.bytes_read, "bytes_stored": s.bytes_stored,
+                 "blocks_changed": s.blocks_changed, "seconds": s.seconds}
+                for vm, t in self.vms.items() for d, s in t.disks.items()]
 
 
 def ensure_replicable(rt: Runtime, vpg: VPG) -> None:
@@ -299,55 +388,106 @@ def ensure_replicable(rt: Runtime, vpg: VPG) -> None:
         raise Refused(f"VPG {vpg.name}: replication is paused")
 
 
-def run_cycle(rt: Runtime, vpg: VPG, *, tag: str | None = None, threads: int = 2,
-              progress: Callable[[int], None] | None = None) -> CycleResult:
-    """One replication cycle without Prefect (the CLI's --direct path and the tests)."""
-    import time
+# --------------------------------------------------------------------------------------
+# The sequences, written once: a runner runs their steps (`vmrep.replication.steps`),
+# DirectRunner in this process or the flows' Prefect runner as one task run per step.
 
+
+def direct_runner() -> Any:
+    from vmrep.replication.steps import STEPS
+    from vmrep.runner import DirectRunner
+
+    return DirectRunner(STEPS)
+
+
+def _cleanup_runner(runner: Any, exc: BaseException | None) -> Any:
+    """After a cancel the orchestration may not submit tasks any more: clean up here."""
+    return direct_runner() if exc is not None and not isinstance(exc, Exception) else runner
+
+
+_STAT_FIELDS = [f.name for f in fields(DiskSyncStats)]
+
+
+def _transfers(rows: list[dict[str, Any]]) -> dict[str, VMTransfer]:
+    out: dict[str, VMTransfer] = {}
+    for r in rows:
+        t = out.setdefault(r["vm"], VMTransfer(r["vm"]))
+        for disk, st in r["disks"].items():
+            t.disks[disk] = DiskSyncStats(**{k: st[k] for k in _STAT_FIELDS if k in st})
+    return out
+
+
+def run_cycle(rt: Runtime, vpg: VPG, *, tag: str | None = None, runner: Any = None) -> CycleResult:
+    """One replication cycle: leftovers removed, consistency point, every VM's changed
+    blocks (VMs in parallel), one checkpoint, snapshots removed (also when the cycle
+    failed), retention."""
+    runner = runner or direct_runner()
+    config, name = str(rt.config.source), vpg.name
     t0 = time.monotonic()
-    vms = vpg_vms(rt, vpg)
-    remove_consistency_points(rt, vpg)  # leftovers of a crashed cycle
-    previous = latest_checkpoint_id(rt, vpg.name)
-    committed = None
+    vms = runner.one("read-vpg-inventory", config, name)
+    runner.one("release-consistency-points", config, name)  # leftovers of a crashed cycle
+    previous = latest_checkpoint_id(rt, name)
+    cycle = new_cycle()
+    committed: dict[str, Any] | None = None
+    failure: BaseException | None = None
     try:
-        at = create_consistency_points(rt, vpg, vms)
-        writer = open_writer(rt, vpg.name)
-        transfers = {name: transfer_vm(rt, vpg, vm, writer, previous, threads=threads, progress=progress)
-                     for name, vm in vms.items()}
-        committed = close_writer(rt, vpg.name, commit=True, at=at, tag=tag,
-                                 meta={"kind": "cycle", "previous": previous})
+        at = runner.one("consistency-point", config, name, vms)
+        rows = runner.each("transfer-vm", [(config, name, vm, previous, cycle) for vm in vms.values()])
+        committed = runner.one("commit-checkpoint", config, name, cycle, at, tag,
+                               {"kind": "cycle", "previous": previous})
+    except BaseException as exc:
+        failure = exc
+        raise
     finally:
         if committed is None:
-            close_writer(rt, vpg.name, commit=False)
-        remove_consistency_points(rt, vpg, vms)
-    rt.store.note_checkpoint(vpg.name, committed.time)
-    apply_retention(rt, vpg)
-    return CycleResult(vpg.name, committed.id, committed.time, transfers, time.monotonic() - t0, tag)
+            discard_writer(rt, name, cycle)
+        _cleanup_runner(runner, failure).one("release-consistency-points", config, name)
+    runner.one("apply-retention", config, name)
+    return CycleResult(name, committed["id"], committed["time"], _transfers(rows), time.monotonic() - t0, tag)
 
 
-def initial_sync(rt: Runtime, vpg: VPG, *, threads: int = 2, progress: Callable[[int], None] | None = None,
-                 preseed: dict[str, dict[str, Any]] | None = None) -> CycleResult:
-    """Full copy of every disk into the journal, ending with the first checkpoint.
+def initial_sync(rt: Runtime, vpg: VPG, *, runner: Any = None, who: str | None = None,
+                 flow_run_id: str | None = None, validate: bool = True) -> CycleResult:
+    """Full copy of every disk into the journal (one step per disk, pre-seeded where the
+    config says), ending with the first checkpoint.
 
-    Resumable: blocks already in the store (from a run that broke off) are not stored
-    again. Callers set the VPG's status around it (Initializing/InitialSync)."""
-    import time
+    Validates the VPG first (`validate`), then holds the VPG as operation initial_sync:
+    Initializing/InitialSync while it runs (no recovery may start), MeetingSLA/DeltaSync
+    and initial_sync_done when it ends. Resumable: blocks already in the store (from a
+    run that broke off) are not stored again."""
+    from vmrep.state.holding import holding_vpg
 
+    runner = runner or direct_runner()
+    config, name, store = str(rt.config.source), vpg.name, rt.store
     t0 = time.monotonic()
-    vms = vpg_vms(rt, vpg)
-    writer = open_writer(rt, vpg.name)
-    committed = None
-    try:
-        transfers = {name: transfer_vm(rt, vpg, vm, writer, None, threads=threads, progress=progress,
-                                       preseed=(preseed or {}).get(name))
-                     for name, vm in vms.items()}
-        committed = close_writer(rt, vpg.name, commit=True, at=utcnow(), tag="initial sync",
-                                 meta={"kind": "initial_sync"})
-    finally:
-        if committed is None:
-            close_writer(rt, vpg.name, commit=False)
-    rt.store.note_checkpoint(vpg.name, committed.time)
-    return CycleResult(vpg.name, committed.id, committed.time, transfers, time.monotonic() - t0, "initial sync")
+    if validate:
+        runner.one("validate-vpg", config, name)
+
+    def refusal(row: Any) -> str:
+        return f"VPG {name}: another operation ({row.lock_kind}) holds it"
+
+    with holding_vpg(store, name, "initial_sync", who=who, params={"vpg": name}, flow_run_id=flow_run_id,
+                     refusal=refusal) as op:
+        cycle = new_cycle()
+        try:
+            store.update_runtime(name, initial_sync_done=False)
+            store.set_status(name, "Initializing", "InitialSync")
+            vms = runner.one("read-vpg-inventory", config, name)
+            discard_writer(rt, name)  # an open checkpoint of a crashed run in this process
+            rows = runner.each("transfer-disk", [
+                (config, name, vm, disk, None, vpg.vm(vm_name).preseed.get(disk.id), cycle)
+                for vm_name, vm in vms.items() for disk in vm.disks])
+            cp = runner.one("commit-checkpoint", config, name, cycle, utcnow(), "initial sync",
+                            {"kind": "initial_sync"})
+        except BaseException as exc:
+            discard_writer(rt, name, cycle)
+            store.set_status(name, "Initializing", "InitialSync", detail=f"initial sync failed: {exc}")
+            raise
+        store.update_runtime(name, initial_sync_done=True)
+        store.set_status(name, "MeetingSLA", "DeltaSync")
+        store.finish_operation(op, "succeeded")
+    transfers = _transfers([{"vm": r["vm"], "disks": {r["disk"]: r}} for r in rows])
+    return CycleResult(name, cp["id"], cp["time"], transfers, time.monotonic() - t0, "initial sync")
 
 
 def disk_bytes(vms: dict[str, VMInfo]) -> int:

@@ -343,6 +343,73 @@ class StateStore:
             log.warning("VPG %s: lock of operation %s released by force", vpg, holder)
             return holder
 
+    def hand_over_lock(self, vpg: str, old: str, new: str, kind: str) -> bool:
+        """Hand the VPG's lock from operation `old` to `new` in one conditional UPDATE
+        (a commit or rollback takes it from the failover it ends, and gives it back
+        when it fails)."""
+        with self.session() as s:
+            return bool(
+                s.execute(
+                    update(VpgRuntime)
+                    .where(VpgRuntime.vpg == vpg, VpgRuntime.lock_holder == old)
+                    .values(lock_holder=new, lock_kind=kind)
+                ).rowcount
+            )
+
+    def begin_operation(
+        self,
+        vpg: str,
+        kind: str,
+        started_by: str | None = None,
+        params: dict[str, Any] | None = None,
+        flow_run_id: str | None = None,
+        *,
+        take_from: str | None = None,
+    ) -> tuple[str, VpgRuntime | None]:
+        """Record a running operation and give it the VPG's lock, in one transaction.
+
+        The lock is taken when free, or with `take_from` handed over from that operation.
+        Returns (operation id, None); when another operation holds the VPG the new one is
+        recorded as refused (result failed, naming the holder) and the VPG's runtime row
+        comes back in place of None. No moment exists where the operation runs unlocked.
+        """
+        _check(kind, OPERATION_KINDS, "operation kind")
+        op_id = str(uuid.uuid4())
+        now = utcnow()
+        with self.session() as s:
+            self._ensure_runtime(s, vpg, now)
+            s.add(Operation(id=op_id, vpg=vpg, kind=kind, started_by=started_by, started_at=now,
+                            result="running", flow_run_id=flow_run_id, params=params))
+            s.flush()
+            free = VpgRuntime.lock_holder == take_from if take_from else VpgRuntime.lock_holder.is_(None)
+            values: dict[str, Any] = {"lock_holder": op_id, "lock_kind": kind}
+            if take_from is None:
+                values["lock_acquired_at"] = literal(now, UTCDateTime())
+            if s.execute(update(VpgRuntime).where(VpgRuntime.vpg == vpg, free).values(**values)).rowcount:
+                return op_id, None
+            row = s.execute(
+                select(VpgRuntime).where(VpgRuntime.vpg == vpg).execution_options(populate_existing=True)
+            ).scalar_one()
+            op = s.get_one(Operation, op_id)
+            op.result, op.ended_at = "failed", now
+            if row.lock_holder:
+                op.error = f"VPG {vpg}: {kind} refused: held by {row.lock_kind} operation {row.lock_holder[:8]}"
+            else:
+                op.error = f"VPG {vpg}: {kind} refused: operation {(take_from or '')[:8]} no longer holds it"
+            return op_id, row
+
+    def finish_running(self, operation_id: str, result: str, error: str | None = None) -> bool:
+        """End an operation unless it has ended already; returns whether it did."""
+        _check(result, OPERATION_RESULTS[1:], "operation result")
+        with self.session() as s:
+            return bool(
+                s.execute(
+                    update(Operation)
+                    .where(Operation.id == operation_id, Operation.result == "running")
+                    .values(result=result, error=error, ended_at=literal(utcnow(), UTCDateTime()))
+                ).rowcount
+            )
+
     # --- operations and steps --------------------------------------------------------
 
     def start_operation(

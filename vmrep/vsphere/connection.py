@@ -8,8 +8,10 @@ faults into one-line errors naming the object.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
 from typing import Any, Callable, TypeVar
@@ -32,6 +34,11 @@ from vmrep.vsphere import faults
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+# How long a refused connection is tried again when logging in (a vCenter restarting
+# refuses for a moment; one that stays down is reported after this).
+REFUSED_WINDOW_S = 10.0
 
 
 @dataclass
@@ -135,8 +142,10 @@ def split_host(host: str) -> tuple[str, int]:
 class Client:
     """A logged-in session to one site."""
 
-    def __init__(self, site: Site, password: str, *, retry: RetryPolicy | None = None) -> None:
+    def __init__(self, site: Site, password: str, *, retry: RetryPolicy | None = None,
+                 refused_window: float = REFUSED_WINDOW_S) -> None:
         self.site = site
+        self.refused_window = refused_window
         self._password = password
         self.retry = retry or RetryPolicy()
         self.stats = CallStats()
@@ -148,6 +157,45 @@ class Client:
     # -- connection -------------------------------------------------------------------
 
     def _connect(self) -> Any:
+        """Log in. A refused connection (a vCenter or its proxy restarting) is tried again
+        for up to `refused_window` seconds; a site that does not answer at all fails after
+        one connect timeout, so an unreachable site is reported quickly, in one line."""
+        deadline = time.monotonic() + self.refused_window
+        delay = 0.25
+        while True:
+            try:
+                self._probe()
+                break
+            except ConnectionRefusedError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ConnectionFailed(
+                        f"site {self.site.name} ({self.site.host}): cannot connect: connection refused "
+                        f"(still refused after {self.refused_window:g} s)"
+                    ) from None
+                log.warning("site %s: connection refused; trying again", self.site.name)
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 4.0)
+        return self._login()
+
+    def _probe(self) -> None:
+        """One TCP connect, bounded by the site's connect timeout: refused, unreachable and
+        silent sites are told apart here, before pyvmomi (which has no connect bound)."""
+        timeout = self.site.connect_timeout_seconds
+        try:
+            socket.create_connection((self.host, self.port), timeout=timeout).close()
+        except ConnectionRefusedError:
+            raise
+        except (socket.timeout, TimeoutError):
+            raise ConnectionFailed(
+                f"site {self.site.name} ({self.site.host}): cannot connect: no answer within {timeout:g} s"
+            ) from None
+        except OSError as exc:
+            raise ConnectionFailed(
+                f"site {self.site.name} ({self.site.host}): cannot connect: {exc.strerror or exc}"
+            ) from None
+
+    def _login(self) -> Any:
         try:
             return SmartConnect(
                 host=self.host,
@@ -224,9 +272,14 @@ class Client:
     # -- calls ------------------------------------------------------------------------
 
     def call(self, what: str, fn: Callable[..., T], *args: Any, method_name: str | None = None,
-             **kwargs: Any) -> T:
-        """Run one vSphere call, retrying transient faults; `what` names the object for errors."""
+             attempts: int | None = None, **kwargs: Any) -> T:
+        """Run one vSphere call, retrying transient faults; `what` names the object for errors.
+
+        `attempts` overrides the client's policy for this call only (a one-shot stream
+        cannot be sent twice): the policy is shared by every thread using the client,
+        so a call never changes it."""
         label = method_name or method_label(fn)
+        tries = self.retry.attempts if attempts is None else max(1, attempts)
 
         def before_retry(state: RetryCallState) -> None:
             self.stats.retries += 1
@@ -237,7 +290,7 @@ class Client:
                 self.relogin()
 
         retrying = Retrying(
-            stop=stop_after_attempt(self.retry.attempts),
+            stop=stop_after_attempt(tries),
             wait=wait_random_exponential(multiplier=self.retry.initial, max=self.retry.maximum),
             retry=retry_if_exception(faults.is_transient),
             before_sleep=before_retry,
@@ -254,7 +307,7 @@ class Client:
             if faults.is_transient(exc):
                 raise TransientError(
                     f"site {self.site.name}: {label} on {what} still failing after "
-                    f"{self.retry.attempts} attempts: {faults.fault_name(exc)}: {faults.fault_message(exc)}"
+                    f"{tries} attempt{'s' if tries != 1 else ''}: {faults.fault_name(exc)}: {faults.fault_message(exc)}"
                 ) from exc
             from pyVmomi import vmodl
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 from urllib.parse import quote
 
 import requests
@@ -61,12 +61,15 @@ class HttpDatastore:
         host = f"{self.client.host}:{self.client.port}"
         return f"https://{host}/folder/{quote(rel)}", {"dcPath": self.datacenter, "dsName": ds}
 
-    def _request(self, method: str, path: str, **kw) -> requests.Response:  # type: ignore[no-untyped-def]
+    def _request(self, method: str, path: str, *, attempts: int | None = None,
+                 body: Callable[[], Any] | None = None, **kw: Any) -> requests.Response:
+        """One request through `Client.call`; `body` makes the request body anew for each attempt."""
         url, params = self._url(path)
 
         def go() -> requests.Response:
+            data = {"data": body()} if body is not None else {}
             r = self._session().request(method, url, params=params, timeout=self.client.site.timeout_seconds,
-                                        verify=http_verify(self.client.site), **kw)
+                                        verify=http_verify(self.client.site), **data, **kw)
             if r.status_code == 401:
                 # The cookie went stale with the session: log in again, then retry.
                 self.client.relogin()
@@ -75,7 +78,7 @@ class HttpDatastore:
                 raise TransientError(f"{path}: HTTP {r.status_code}")
             return r
 
-        return self.client.call(path, go, method_name=f"DatastoreFile.{method}")
+        return self.client.call(path, go, method_name=f"DatastoreFile.{method}", attempts=attempts)
 
     def size(self, path: str) -> int:
         r = self._request("GET", path, headers={"Range": "bytes=0-0"}, stream=True)
@@ -115,19 +118,11 @@ class HttpDatastore:
         if isinstance(chunks, bytes):
             chunks = [chunks]
 
-        def put() -> requests.Response:
-            return self._request("PUT", path, data=_SizedStream(iter(chunks), size),
-                                 headers={"Content-Type": "application/octet-stream"})
-
-        if replayable:
-            r = put()
-        else:
-            saved = self.client.retry
-            self.client.retry = type(saved)(attempts=1, initial=saved.initial, maximum=saved.maximum)
-            try:
-                r = put()
-            finally:
-                self.client.retry = saved
+        # A one-shot stream gets one attempt, for this call only: the client's policy is
+        # shared with the other threads (write steps run in parallel per VM).
+        r = self._request("PUT", path, body=lambda: _SizedStream(iter(chunks), size),
+                          headers={"Content-Type": "application/octet-stream"},
+                          attempts=None if replayable else 1)
         if r.status_code not in (200, 201, 204):
             raise VSphereError(f"writing {path}: HTTP {r.status_code}")
 
