@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from vmrep.cli import signals
 from vmrep.cli.common import ConfigOpt, app, config_from, console_err
 from vmrep.errors import VmrepError
 
@@ -78,6 +79,7 @@ def exporter(
                       markup=False, highlight=False)
     stop = threading.Event()
     # A service manager's SIGTERM and Ctrl-C both end it cleanly: stopping is its normal end.
+    signals.stop_ends_successfully()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:

@@ -72,13 +72,17 @@ def lab_write(
     json_out: JsonOpt = False,
 ) -> None:
     """Write into a running lab VM's disk as its guest would (through the lab's guest I/O)."""
-    from lab.guest import CONTENT_KINDS, guest_write
+    from lab.guest import CONTENT_KINDS, find_guest, guest_write
 
     if content not in CONTENT_KINDS:
         raise UsageError(f"--content {content!r}: not one of {', '.join(CONTENT_KINDS)}")
     bytes_per_second = parse_size(rate, "--rate")
     seconds = parse_duration(duration, "--for")
     cfg = config_from(config)
+    if disk is not None:
+        n = len(find_guest(cfg, vm).disks())
+        if not 0 <= disk < n:
+            raise UsageError(f"--disk {disk}: VM {vm} has disks 0 to {n - 1}")
     stats = guest_write(cfg, vm, disk=disk, rate=bytes_per_second, seconds=seconds, seed=seed, content=content)
     if json_out:
         print_json([s.__dict__ for s in stats])

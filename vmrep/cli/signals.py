@@ -43,11 +43,20 @@ _deadline: threading.Timer | None = None
 # interpreter's exit (Prefect flushes its logs and events there). False when main() is
 # called in a process that goes on (tests): the deadline ends with the command.
 own_process = False
+# Set by a command whose normal end is a stop signal (a service such as `vmrep exporter`):
+# its stop is then a success, not "interrupted".
+_stop_is_success = False
 
 
 def stopping() -> bool:
-    """A stop signal arrived during this command."""
-    return _stopping
+    """A stop signal arrived during this command, and the command did not expect it."""
+    return _stopping and not _stop_is_success
+
+
+def stop_ends_successfully() -> None:
+    """The running command is a service: Ctrl-C or SIGTERM is how it ends, exit 0."""
+    global _stop_is_success
+    _stop_is_success = True
 
 
 def _begin_stop() -> None:
@@ -93,10 +102,10 @@ def _watch(fd: int) -> None:
 
 
 def _reset() -> None:
-    global _stopping, _raised
+    global _stopping, _raised, _stop_is_success
     with _lock:
         was = _stopping
-        _stopping = _raised = False
+        _stopping = _raised = _stop_is_success = False
     # Only where the block engine is loaded already: a quick command need not load it.
     blocks = sys.modules.get("vmrep.replication.blocks")
     if blocks is not None:
