@@ -44,10 +44,12 @@ class SiteVM:
         return self.extra.get(naming.MARK_STATE) == naming.STATE_COMMITTED
 
 
-def site_vms(client: Client) -> list[SiteVM]:
-    """Every VM of a site with its vmrep markers: one collector read."""
+def site_vms(client: Client, *, fresh_view: bool = False) -> list[SiteVM]:
+    """Every VM of a site with its vmrep markers: one collector read (through the
+    session's container view, or with `fresh_view` through one made for this read)."""
     out = []
-    for o in retrieve(client, vim.VirtualMachine, SITE_VM_PATHS):
+    container = client.content.rootFolder if fresh_view else None
+    for o in retrieve(client, vim.VirtualMachine, SITE_VM_PATHS, container=container):
         extra: dict[str, str] = {}
         for opt in o.get("config.extraConfig") or []:
             if str(opt.key).startswith("vmrep."):
@@ -400,11 +402,12 @@ def wait_guest(client: Client, ref: Any, expected_ips: list[str], timeout: float
 # Source VMs
 
 
-def source_vm(client: Client, vpg: str, name: str, uuid: str | None = None) -> SiteVM | None:
+def source_vm(client: Client, vpg: str, name: str, uuid: str | None = None, *,
+              fresh_view: bool = False) -> SiteVM | None:
     """The protected VM of `vpg`: by name, preferring the given uuid, never a VM that
     `vpg` itself recovered (a namesake in a local recovery). A VM recovered for another
     VPG is a source like any other (failback protects recovered VMs)."""
-    cands = [v for v in site_vms(client) if v.name == name and v.marked_vpg != vpg]
+    cands = [v for v in site_vms(client, fresh_view=fresh_view) if v.name == name and v.marked_vpg != vpg]
     if uuid:
         exact = [v for v in cands if v.uuid == uuid]
         if exact:
