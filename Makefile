@@ -13,7 +13,8 @@ export DO_NOT_TRACK := 1
 export PREFECT_LOGGING_LEVEL ?= WARNING
 
 DEBIAN_PACKAGES := golang-go golang-github-vmware-govmomi-dev chromium postgresql-15 prometheus \
-                   python3-venv ca-certificates
+                   python3-venv ca-certificates \
+                   libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0 fonts-dejavu-core poppler-utils
 
 .PHONY: all deps test demo server bench lab-up lab-down clean
 

@@ -10,8 +10,9 @@ from typing import Any
 import pandas as pd
 
 from reports import charts, frames
+from reports.details import describe
 from reports.frames import ReportError, utc
-from reports.render import fmt_duration, missing, render_html, render_text
+from reports.render import fmt_duration, missing, render_html, render_print, render_text
 from reports.report import Report, slug
 from vmrep.stamps import utcnow
 
@@ -74,24 +75,6 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-DETAIL_VALUE_MAX = 200  # characters of one detail value in the HTML; the steps CSV has them whole
-
-
-def _short(text: str) -> str:
-    if len(text) <= DETAIL_VALUE_MAX:
-        return text
-    return f"{text[:DETAIL_VALUE_MAX]}… ({len(text)} characters, whole in the steps CSV)"
-
-
-def _detail_text(detail: Any) -> str:
-    if isinstance(detail, dict):
-        return ", ".join(f"{k}: {_short(json.dumps(v) if isinstance(v, (dict, list)) else str(v))}"
-                         for k, v in detail.items())
-    if isinstance(detail, list):
-        return _short(json.dumps(detail))
-    return "" if missing(detail) else _short(str(detail))
-
-
 def build_dr_test_report(
     engine: Any, operation_id: str | None = None, config: Any = None, *, now: datetime | None = None
 ) -> Report:
@@ -125,7 +108,8 @@ def build_dr_test_report(
     # ---- steps and per-VM summary
     steps = steps.copy()
     steps["vm_label"] = steps["vm"].map(lambda v: VPG_LEVEL if missing(v) or v == "" else str(v))
-    steps["detail_text"] = steps["detail"].map(_detail_text)
+    # In words for the reader; the steps CSV keeps the recorded detail whole (JSON).
+    steps["detail_text"] = [describe(str(st), d) for st, d in zip(steps["step"], steps["detail"])]
     steps["error"] = steps["error"].map(lambda e: None if missing(e) or e == "" else str(e))
     vm_labels = list(dict.fromkeys(steps["vm_label"]))
     if VPG_LEVEL in vm_labels:  # VPG-wide steps first
@@ -297,6 +281,7 @@ def build_dr_test_report(
     }
     html = render_html("dr_test.html.j2", **ctx)
     text = render_text("dr_test.txt.j2", **ctx)
+    print_html = render_print("dr_test.html.j2", **ctx)
 
     steps_csv = steps[["vm_label", "step", "started_at", "ended_at", "duration_seconds", "result", "error"]].rename(columns={"vm_label": "vm"})
     steps_csv = steps_csv.assign(detail=steps["detail"].map(lambda d: "" if d is None or (not isinstance(d, (dict, list)) and missing(d)) else json.dumps(_jsonable(d))))
@@ -319,6 +304,7 @@ def build_dr_test_report(
         basename=f"dr-test-{slug(vpg, 40)}-{slug(op_id, 40)}",
         generated_at=now,
         verdict=verdict,
+        print_html=print_html,
     )
 
 

@@ -252,5 +252,11 @@ def render_html(template: str, **context: Any) -> str:
     return escape_attributes(_INLINER.inline(html))
 
 
+def render_print(template: str, **context: Any) -> str:
+    """The HTML for the PDF: the print layout (`for_print`), CSS left in its <style>
+    (WeasyPrint reads it, and its @page rules cannot be inlined)."""
+    return html_env().get_template(template).render(**context, for_print=True)
+
+
 def render_text(template: str, **context: Any) -> str:
     return text_env().get_template(template).render(**context)

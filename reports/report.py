@@ -13,6 +13,9 @@ from typing import Any
 import pandas as pd
 
 
+FORMATS = ("html", "pdf")  # what Report.write (and `vmrep report … --format`) writes
+
+
 @dataclass
 class Report:
     kind: str  # "dr_test" | "compliance"
@@ -27,6 +30,7 @@ class Report:
     basename: str
     generated_at: datetime
     verdict: str = ""
+    print_html: str = ""  # the print layout, made into the PDF (reports.pdf)
     paths: dict[str, Path] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
@@ -39,24 +43,34 @@ class Report:
         """File name -> CSV content, for each frame."""
         return {f"{self.basename}-{name}.csv": _csv(df).encode("utf-8") for name, df in self.frames.items()}
 
-    def write(self, out: Path | str) -> dict[str, Path]:
-        """Write the HTML and the CSVs. `out` is a directory, or the HTML file's path.
+    def write(self, out: Path | str, fmt: str = "html") -> dict[str, Path]:
+        """Write the document (HTML, or PDF when fmt is "pdf") and the CSVs. `out` is a
+        directory, or the document's path (.html/.htm/.pdf: the CSVs go beside it).
 
-        Returns {"html": path, "<frame>.csv": path, ...}. Each file is written to a
-        temporary name and renamed into place: a reader never sees half a report.
+        Returns {"html" or "pdf": path, "<frame>.csv": path, ...}. Each file is written to
+        a temporary name and renamed into place: a reader never sees half a report.
         """
+        if fmt not in FORMATS:
+            raise ValueError(f"no report format {fmt!r} (choose {', '.join(FORMATS)})")
         out = Path(out)
-        if out.suffix.lower() in (".html", ".htm"):
-            html_path = out
+        if out.suffix.lower() in (".html", ".htm", ".pdf"):
             folder = out.parent
             stem = out.stem
+            same = out.suffix.lower() in ((".html", ".htm") if fmt == "html" else (".pdf",))
+            doc_path = out if same else out.with_suffix(f".{fmt}")
         else:
             folder = out
             stem = self.basename
-            html_path = folder / f"{stem}.html"
+            doc_path = folder / f"{stem}.{fmt}"
         folder.mkdir(parents=True, exist_ok=True)
-        paths: dict[str, Path] = {"html": html_path}
-        _atomic_write(html_path, self.html.encode("utf-8"))
+        if fmt == "pdf":
+            from reports.pdf import render_pdf  # WeasyPrint is imported only for a PDF
+
+            data = render_pdf(self)
+        else:
+            data = self.html.encode("utf-8")
+        paths: dict[str, Path] = {fmt: doc_path}
+        _atomic_write(doc_path, data)
         for name, df in self.frames.items():
             p = folder / f"{stem}-{name}.csv"
             _atomic_write(p, _csv(df).encode("utf-8"))

@@ -84,6 +84,19 @@ OutOpt = Annotated[
     typer.Option("--out", "-o", help="HTML file to write (CSVs beside it), or a folder; "
                                      "default: vmrep.d/reports beside the config"),
 ]
+FormatOpt = Annotated[str, typer.Option("--format", help="html (default) or pdf; the CSVs are written with either")]
+
+
+def _format(fmt: str) -> str:
+    """The --format value checked before any work (an unknown one: one line, exit 2)."""
+    from reports.report import FORMATS
+
+    f = fmt.strip().lower()
+    if f not in FORMATS:
+        raise UsageError(f"--format: no format {fmt!r} (choose {' or '.join(FORMATS)})")
+    return f
+
+
 EmailOpt = Annotated[bool, typer.Option("--email/--no-email", help="also email it to the VPGs' email_to "
                                                                   "and notifications.default_to")]
 
@@ -96,12 +109,14 @@ def report_dr_test(
     email: EmailOpt = False,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
+    fmt: FormatOpt = "html",
 ) -> None:
     """The report of one DR test: verdict, RPO achieved, RTO measured, per-VM steps and verification."""
     from reports import build_dr_test_report
     from reports.frames import ReportError
     from vmrep.runtime import get_runtime
 
+    fmt = _format(fmt)
     if out is not None:
         writable_place(out, "--out")
     rt = get_runtime(config_from(config).source)
@@ -110,7 +125,7 @@ def report_dr_test(
         report = build_dr_test_report(rt.store.engine, op_id, rt.config)
     except ReportError as exc:
         raise VmrepError(str(exc)) from None
-    report.write(out or reports_dir(rt.config))
+    report.write(out or reports_dir(rt.config), fmt)
     _show(report, _send(report, rt) if email else None, json_out)
 
 
@@ -124,12 +139,14 @@ def report_compliance(
     email: EmailOpt = False,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
+    fmt: FormatOpt = "html",
 ) -> None:
     """Compliance over a period, per VPG: RPO met, journal history met, tests done and not overdue."""
     from reports import build_compliance_report
     from reports.frames import ReportError
     from vmrep.runtime import get_runtime
 
+    fmt = _format(fmt)
     now = utcnow()
     key = since.strip().lower()
     if key in ("previous-month", "this-month") or re.fullmatch(r"\d{4}-\d{2}", key):
@@ -155,7 +172,7 @@ def report_compliance(
         report = build_compliance_report(rt.store.engine, start, end, list(vpg) if vpg else None, rt.config)
     except ReportError as exc:
         raise VmrepError(str(exc)) from None
-    report.write(out or reports_dir(rt.config))
+    report.write(out or reports_dir(rt.config), fmt)
     _show(report, _send(report, rt) if email else None, json_out)
 
 
