@@ -64,7 +64,7 @@ def remove_vm(config: str, vpg: str, op_id: str, vm: str, of_operation: str) -> 
 
 @task(name="remove-disks", **step_options(timeout=None))
 def remove_disks(config: str, vpg: str, op_id: str, of_operation: str) -> dict[str, Any]:
-    return s.remove_folder(config, vpg, op_id, of_operation)
+    return s.remove_disks(config, vpg, op_id, of_operation)
 
 
 @task(name="shutdown-source", task_run_name="shutdown-source {vm}", **step_options(timeout=None))
@@ -104,7 +104,7 @@ def reverse_sync(config: str, target: str, op_id: str, vm: str, preseed: dict[st
 
 @task(name="reverse-checkpoint", **step_options(retries=1, timeout=None))
 def reverse_checkpoint(config: str, target: str, op_id: str, reverse_of: str) -> dict[str, Any]:
-    return s.reverse_commit(config, target, op_id, reverse_of)
+    return s.reverse_checkpoint(config, target, op_id, reverse_of)
 
 
 TASKS = {
@@ -132,7 +132,7 @@ assert set(TASKS) == set(s.STEPS), set(TASKS) ^ set(s.STEPS)
 
 class PrefectRunner(PrefectStepRunner):
     """Recovery steps as task runs of the current flow (the interface of
-    `vmrep.recovery.operations.DirectRunner`)."""
+    `vmrep.recovery.sequence.DirectRunner`)."""
 
     def __init__(self) -> None:
         super().__init__(TASKS)

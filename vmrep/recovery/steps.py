@@ -4,7 +4,10 @@ Every step takes plain values, ``(config path, VPG name, operation id, …)``, l
 runtime up by config path, records itself in the state database (start, end, result,
 error, detail; per VM where it is per VM) and finds what an earlier try of it created
 instead of creating it twice. `tasks/recovery.py` wraps each in a Prefect task;
-`operations.DirectRunner` calls them without Prefect.
+`sequence.DirectRunner` calls them without Prefect.
+
+One module of ~530 lines because it is the step table (`STEPS`) and one short function
+per key, named as its key; splitting it would put the table away from its steps.
 """
 
 from __future__ import annotations
@@ -173,7 +176,7 @@ def run_recovery_script(config: str, vpg: str, op_id: str, phase: str) -> dict[s
         return out
 
 
-def remove_folder(config: str, vpg: str, op_id: str, of_operation: str) -> dict[str, Any]:
+def remove_disks(config: str, vpg: str, op_id: str, of_operation: str) -> dict[str, Any]:
     """Delete the scratch (test) or disk (live) folder of an operation on every datastore it used."""
     rt, v = _rt(config, vpg)
     with rt.store.step(op_id, None, "remove-disks") as h:
@@ -504,7 +507,7 @@ def reverse_sync_vm(config: str, target: str, op_id: str, vm: str, preseed: dict
         return out
 
 
-def reverse_commit(config: str, target: str, op_id: str, reverse_of: str) -> dict[str, Any]:
+def reverse_checkpoint(config: str, target: str, op_id: str, reverse_of: str) -> dict[str, Any]:
     from vmrep.replication import engine
 
     rt, _ = _rt(config, target)
@@ -522,7 +525,7 @@ STEPS: dict[str, Callable[..., Any]] = {
     "plan": make_plan,
     "cleanup-leftovers": cleanup_leftovers,
     "run-script": run_recovery_script,
-    "remove-disks": remove_folder,
+    "remove-disks": remove_disks,
     "final-checkpoint": final_checkpoint,
     "pause-replication": set_replication_paused,
     "write-disks": write_disks,
@@ -536,5 +539,5 @@ STEPS: dict[str, Callable[..., Any]] = {
     "power-on-source": power_on_source,
     "remove-source-vm": remove_source_vm,
     "reverse-sync": reverse_sync_vm,
-    "reverse-checkpoint": reverse_commit,
+    "reverse-checkpoint": reverse_checkpoint,
 }

@@ -1,0 +1,358 @@
+"""The live lifecycle: failover and move to 'awaiting commit', the commit policy, commit
+(with reverse protection), rollback."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from vmrep.config import VPG
+from vmrep.errors import Refused, VmrepError
+from vmrep.recovery import steps
+from vmrep.recovery.ownership import (
+    LIVE_KINDS,
+    _describe_holder,
+    begin,
+    holder_is_stale,
+    preflight,
+    process_identity,
+    recover_interrupted,
+)
+from vmrep.recovery.records import (
+    _clear,
+    _cp_fields,
+    _record_rto,
+    _restore_status,
+    operation_summary,
+    utcnow,
+)
+from vmrep.recovery.sequence import DirectRunner, _cleanup_runner, _recover
+from vmrep.recovery.steps import find_plan, get_plan
+from vmrep.runtime import Runtime, get_runtime
+from vmrep.state.holding import holding_vpg
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------
+# Live failover, move, commit, rollback
+
+
+def _undo_live(rt: Runtime, vpg: VPG, live_op: str, record_op: str, runner: Any) -> list[BaseException]:
+    """Remove what a live recovery created and put the source back as it was."""
+    store = rt.store
+    config = str(rt.config.source)
+    names = [m.name for m in vpg.vms]
+    errs: list[BaseException] = []
+    errs += [r for r in runner.each("remove-vm", [(config, vpg.name, record_op, n, live_op) for n in names],
+                                    settle=True) if isinstance(r, BaseException)]
+    try:
+        runner.one("remove-disks", config, vpg.name, record_op, live_op)
+    except Exception as exc:  # noqa: BLE001
+        errs.append(exc)
+    errs += [r for r in runner.each("power-on-source", [(config, vpg.name, record_op, n, live_op) for n in names],
+                                    settle=True) if isinstance(r, BaseException)]
+    was = None
+    for s in store.steps(live_op):
+        if s.step == "pause-replication" and s.result == "ok" and s.detail:
+            was = bool(s.detail.get("was_paused"))
+            break
+    if was is not None:
+        try:
+            runner.one("pause-replication", config, vpg.name, record_op, was)
+        except Exception as exc:  # noqa: BLE001
+            errs.append(exc)
+    _clear(store, vpg.name, {"AWAITING_COMMIT"})
+    return errs
+
+
+def pending_live_operation(rt: Runtime, vpg: VPG, *, runner: Any = None) -> Any | None:
+    """The failover or move awaiting commit or rollback (after recovering an interrupted
+    commit or rollback, or cleaning up a live recovery whose process died)."""
+    store = rt.store
+    row = store.runtime(vpg.name)
+    if row.lock_holder is None:
+        return None
+    op = store.operation(row.lock_holder)
+    if op is None:
+        return None
+    if op.kind in ("commit", "rollback") and holder_is_stale(store, row):
+        recover_interrupted(rt, vpg, op.id, runner=runner, reason="its process is gone")
+        row = store.runtime(vpg.name)
+        op = store.operation(row.lock_holder) if row.lock_holder else None
+    if op is not None and op.kind in LIVE_KINDS and op.result == "running" and holder_is_stale(store, row):
+        recover_interrupted(rt, vpg, op.id, runner=runner, reason="its process is gone")
+        return None
+    if op is not None and op.kind in LIVE_KINDS and op.result == "succeeded":
+        return op
+    return None
+
+
+def run_failover(config: str, vpg: str, *, confirm: str | None, checkpoint: str = "latest",
+                 shutdown: str | None = None, commit_policy: str | None = None,
+                 commit_after_minutes: float | None = None, who: str | None = None,
+                 flow_run_id: str | None = None, runner: Any = None, verify_timeout: float = 600.0,
+                 shutdown_timeout: float = 300.0, operation: str = "failover", reverse_protection: bool = False,
+                 keep_source_vms: bool = False, sleep: Callable[[float], None] = time.sleep,
+                 notify: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Live failover (or, with operation='move', a move): recover on the production
+    network and wait for commit or rollback as the commit policy says. `notify` gets a
+    line for people when the failover awaits commit."""
+    rt = get_runtime(config)
+    v = rt.config.vpg(vpg)
+    runner = runner or DirectRunner()
+    moving = operation == "move"
+    shutdown = shutdown or ("graceful" if moving else v.shutdown_policy)
+    if shutdown not in ("none", "graceful", "force"):
+        raise VmrepError(f"shutdown policy {shutdown!r} is not none, graceful or force")
+    policy = "commit" if moving else (commit_policy or v.commit_policy.policy)
+    if policy not in ("none", "commit", "rollback"):
+        raise VmrepError(f"commit policy {policy!r} is not none, commit or rollback")
+    after = 0.0 if moving else (commit_after_minutes if commit_after_minutes is not None
+                                else v.commit_policy.timeout_minutes)
+    if moving and reverse_protection and keep_source_vms:
+        raise Refused(f"VPG {vpg}: move refused: --keep-source-vms needs --no-reverse-protection "
+                      "(reverse protection pre-seeds from the source VMs' disks)")
+    if moving and shutdown == "none":
+        raise Refused(f"VPG {vpg}: move refused: a move shuts the source down (graceful or force)")
+    preflight(rt, v, operation, confirm=confirm, check_lock=False)
+    cp = None if moving else rt.journal.checkpoint(vpg, checkpoint)
+    with begin(rt, v, operation, who=who, flow_run_id=flow_run_id, runner=runner, confirm=confirm,
+               params={"checkpoint": "final" if moving else checkpoint, "shutdown": shutdown,
+                       "commit_policy": policy, "commit_after_minutes": after,
+                       "reverse_protection": reverse_protection, "keep_source_vms": keep_source_vms,
+                       "verify_timeout": verify_timeout}) as op:
+        store = rt.store
+        status = "Moving" if moving else "FailingOver"
+        names = [m.name for m in v.vms]
+        try:
+            runner.one("cleanup-leftovers", config, vpg, op)
+            runner.one("pause-replication", config, vpg, op, True)
+            store.set_status(vpg, status, None, detail=f"{operation} {op[:8]} started")
+            outs = runner.each("shutdown-source", [(config, vpg, op, n, shutdown, shutdown_timeout) for n in names],
+                               settle=True)
+            bad = [r for r in outs if isinstance(r, BaseException)]
+            if bad:
+                raise bad[0]
+            if moving:
+                start = store.operation(op).started_at
+                cp_id = runner.one("final-checkpoint", config, vpg, op, f"Move at {start.isoformat()}")["id"]
+            else:
+                cp_id = cp.id
+            results = _recover(rt, config, v, op, operation, cp_id, runner, verify_timeout, sleep)
+            failed = [r for r in results.values() if isinstance(r, BaseException)]
+            if failed:
+                raise failed[0]
+            rto = _record_rto(store, op)
+            store.set_status(vpg, status, "MovingBeforeCommit" if moving else "FailingOverBeforeCommit",
+                             detail=f"{operation} {op[:8]}: awaiting commit or rollback")
+            plan = get_plan(rt, op)
+            when = {"commit": f"; commits at the policy's timeout ({after:g} min)",
+                    "rollback": f"; rolls back at the policy's timeout ({after:g} min)"}.get(policy, "")
+            store.raise_alert(vpg, "AWAITING_COMMIT", "warning",
+                              f"VPG {vpg}: {operation} to checkpoint {plan.checkpoint_id} awaiting commit or "
+                              f"rollback{when}", data={"operation": op})
+            store.finish_operation(op, "succeeded", rto_seconds=round(rto, 3),
+                                   **_cp_fields(rt, vpg, store.operation(op), plan))
+        except BaseException as exc:
+            cleanup = _cleanup_runner(runner, exc)
+            errs = _undo_live(rt, v, op, op, cleanup)
+            _restore_status(store, vpg, store.operation(op))
+            result = "cancelled" if not isinstance(exc, Exception) else "failed"
+            text = str(exc) or type(exc).__name__
+            if errs:
+                text += f"; rollback incomplete: {errs[0]}"
+            store.finish_operation(op, result, error=text,
+                                   **_cp_fields(rt, vpg, store.operation(op), find_plan(rt, op)))
+            store.unlock(vpg, op)
+            steps.forget(op)
+            raise
+    summary = operation_summary(store, op)
+    if not moving:
+        if policy == "none":
+            line = f"VPG {vpg}: failover awaiting commit: run 'vmrep commit {vpg}' or 'vmrep rollback {vpg}'"
+        else:
+            at = (utcnow().timestamp() + after * 60.0)
+            line = (f"VPG {vpg}: failover awaiting commit; the commit policy will {policy} at "
+                    f"{datetime.fromtimestamp(at, timezone.utc):%Y-%m-%d %H:%M:%S} UTC unless someone commits "
+                    f"or rolls back first")
+        log.info("%s", line)
+        if notify is not None:
+            notify(line)
+    if moving:
+        summary["commit"] = commit(config, vpg, reverse_protection=reverse_protection,
+                                   remove_source=not keep_source_vms, who=who, flow_run_id=flow_run_id,
+                                   runner=runner)
+    elif policy in ("commit", "rollback"):
+        summary["commit"] = _apply_policy(config, vpg, op, policy, after, who=who, flow_run_id=flow_run_id,
+                                          runner=runner, sleep=sleep)
+    return summary
+
+
+def _apply_policy(config: str, vpg: str, op: str, policy: str, after_minutes: float, *, who: str | None,
+                  flow_run_id: str | None, runner: Any, sleep: Callable[[float], None]) -> dict[str, Any] | None:
+    """Wait for the commit policy's timeout (unless someone commits or rolls back by hand)."""
+    rt = get_runtime(config)
+    deadline = time.monotonic() + after_minutes * 60.0
+    while True:
+        if rt.store.runtime(vpg).lock_holder != op:
+            return {"by_hand": True}
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sleep(min(5.0, left))
+    if policy == "commit":
+        return commit(config, vpg, who=who or "commit policy", flow_run_id=flow_run_id, runner=runner)
+    return rollback(config, vpg, who=who or "commit policy", flow_run_id=flow_run_id, runner=runner)
+
+
+def commit(config: str, vpg: str, *, reverse_protection: bool = False, remove_source: bool | None = None,
+           who: str | None = None, flow_run_id: str | None = None, runner: Any = None) -> dict[str, Any]:
+    """Commit the failover or move awaiting commit: the recovered VMs stay. With reverse
+    protection the source VMs are removed (their disks stay as pre-seed) and a reverse
+    VPG is created and synced; without it the VPG is left NeedsConfiguration."""
+    rt = get_runtime(config)
+    v = rt.config.vpg(vpg)
+    store = rt.store
+    runner = runner or DirectRunner()
+    live = pending_live_operation(rt, v, runner=runner)
+    if live is None:
+        raise Refused(f"VPG {vpg}: commit refused: no failover or move is awaiting commit")
+    if remove_source is None:
+        remove_source = reverse_protection
+    if reverse_protection and not remove_source:
+        raise Refused(f"VPG {vpg}: commit refused: reverse protection removes the source VMs "
+                      "(their disks pre-seed the reverse VPG)")
+    moving = live.kind == "move"
+    names = [m.name for m in v.vms]
+    with holding_vpg(store, vpg, "commit", who=who, flow_run_id=flow_run_id, take_from=(live.id, live.kind),
+                     params={"live_operation": live.id, "reverse_protection": reverse_protection,
+                             "remove_source": remove_source, "process": process_identity()},
+                     refusal=lambda _: f"VPG {vpg}: commit refused: another commit or rollback is running") as op:
+        store.set_status(vpg, "Moving" if moving else "FailingOver", None if moving else "FailingOverCommitting",
+                         detail=f"commit {op[:8]}")
+        try:
+            plan = get_plan(rt, live.id)
+            runner.each("mark-committed", [(config, vpg, op, n, live.id) for n in names])
+            if remove_source:
+                runner.each("remove-source-vm", [(config, vpg, op, n, live.id) for n in names])
+            _clear(store, vpg, {"AWAITING_COMMIT"})
+        except BaseException:
+            # the operation is ended and the lock handed back to the live operation by holding_vpg
+            store.set_status(vpg, "Moving" if moving else "FailingOver",
+                             "MovingBeforeCommit" if moving else "FailingOverBeforeCommit",
+                             detail=f"commit {op[:8]} failed: run it again")
+            raise
+        reverse: dict[str, Any] | None = None
+        reverse_error: BaseException | None = None
+        if reverse_protection:
+            try:
+                reverse = reverse_protect(rt, v, plan, op, runner=runner, who=who, flow_run_id=flow_run_id)
+            except Exception as exc:  # noqa: BLE001 - the commit stands; reported below
+                reverse_error = exc
+        if reverse is not None:
+            store.set_status(vpg, "Recovered", None, detail=f"committed; protected back by VPG {reverse['vpg']}")
+        else:
+            store.set_status(vpg, "Recovered", "NeedsConfiguration", detail="committed; not protected")
+        notes = f"reverse protection: VPG {reverse['vpg']}" if reverse else None
+        store.finish_operation(op, "succeeded", notes=notes,
+                               error=f"reverse protection failed: {reverse_error}" if reverse_error else None)
+    steps.forget(live.id)
+    out = operation_summary(store, op)
+    out["reverse_protection"] = reverse
+    if reverse_error is not None:
+        raise VmrepError(f"VPG {vpg}: committed, but reverse protection failed: {reverse_error}") from reverse_error
+    return out
+
+
+def reverse_protect(rt: Runtime, vpg: VPG, plan: Any, commit_op: str, *, runner: Any, who: str | None,
+                    flow_run_id: str | None) -> dict[str, Any]:
+    """Protect the committed VMs back to the original site, pre-seeded from the original disks."""
+    from vmrep.recovery.reverse import (
+        reverse_definition,
+        reverse_target,
+        save_generated,
+    )
+    from vmrep.replication import engine
+
+    store = rt.store
+    config = str(rt.config.source)
+    name, generate = reverse_target(rt.config, vpg)
+    if generate:
+        target = save_generated(rt.config, reverse_definition(vpg, plan, name), reverse_of=vpg.name,
+                                operation_id=commit_op)
+    else:
+        target = rt.config.vpg(name)
+    preseed = {m.source: dict((m.source_info or {}).get("disks") or {}) for m in plan.vms}
+    with holding_vpg(store, target.name, "reverse_protect", who=who, flow_run_id=flow_run_id,
+                     params={"reverse_of": vpg.name, "commit_operation": commit_op, "preseed": preseed,
+                             "process": process_identity()},
+                     refusal=lambda held: f"VPG {target.name}: reverse protection refused: "
+                                          f"{_describe_holder(store, held)}") as op:
+        try:
+            store.update_runtime(target.name, initial_sync_done=False, paused=False)
+            store.set_status(target.name, "Initializing", "InitialSync", detail=f"reverse protection of {vpg.name}")
+            engine.close_writer(rt, target.name, commit=False)
+            results = runner.each("reverse-sync", [(config, target.name, op, m.name, preseed.get(m.name, {}))
+                                                   for m in target.vms])
+            cp = runner.one("reverse-checkpoint", config, target.name, op, vpg.name)
+        except BaseException as exc:
+            # the operation is ended and the VPG released by holding_vpg
+            engine.close_writer(rt, target.name, commit=False)
+            store.set_status(target.name, "Initializing", "InitialSync",
+                             detail=f"reverse protection failed: {exc}; run 'vmrep sync {target.name}'")
+            raise
+        store.update_runtime(target.name, initial_sync_done=True)
+        store.set_status(target.name, "MeetingSLA", "DeltaSync", detail="reverse protection synced")
+        stored = sum(r["bytes_stored"] for r in results)
+        read = sum(r["bytes_read"] for r in results)
+        store.finish_operation(op, "succeeded", checkpoint_id=cp["id"],
+                               notes=f"pre-seeded; {stored} bytes stored of {read} read")
+    return {"vpg": target.name, "operation_id": op, "checkpoint": cp["id"], "bytes_read": read,
+            "bytes_stored": stored, "generated": generate}
+
+
+def rollback(config: str, vpg: str, *, who: str | None = None, flow_run_id: str | None = None,
+             runner: Any = None) -> dict[str, Any]:
+    """Roll back the failover or move awaiting commit: recovered VMs removed, source VMs
+    powered back on where the recovery powered them off, journal untouched."""
+    rt = get_runtime(config)
+    v = rt.config.vpg(vpg)
+    store = rt.store
+    runner = runner or DirectRunner()
+    live = pending_live_operation(rt, v, runner=runner)
+    if live is None:
+        raise Refused(f"VPG {vpg}: rollback refused: no failover or move is awaiting commit")
+    moving = live.kind == "move"
+    with holding_vpg(store, vpg, "rollback", who=who, flow_run_id=flow_run_id, take_from=(live.id, live.kind),
+                     params={"live_operation": live.id, "process": process_identity()},
+                     refusal=lambda _: f"VPG {vpg}: rollback refused: another commit or rollback is running") as op:
+        store.set_status(vpg, "Moving" if moving else "FailingOver", None if moving else "FailingOverRollingBack",
+                         detail=f"rollback {op[:8]}")
+        try:
+            errs = _undo_live(rt, v, live.id, op, runner)
+            if errs:
+                raise errs[0]
+        except BaseException as exc:
+            # the operation is ended and the lock handed back to the live operation by holding_vpg
+            store.raise_alert(vpg, "ROLLBACK_FAILED", "error", f"VPG {vpg}: rollback failed: {exc}")
+            raise
+        _restore_status(store, vpg, live)
+        _clear(store, vpg, {"ROLLBACK_FAILED"})
+        store.finish_operation(op, "succeeded")
+    steps.forget(live.id)
+    return operation_summary(store, op)
+
+
+def run_move(config: str, vpg: str, *, confirm: str | None, shutdown: str = "graceful",
+             reverse_protection: bool = True, keep_source_vms: bool = False, who: str | None = None,
+             flow_run_id: str | None = None, runner: Any = None, verify_timeout: float = 600.0,
+             shutdown_timeout: float = 300.0, sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+    """Move: graceful (or forced) shutdown, final checkpoint, failover to it, commit,
+    reverse protection by default."""
+    return run_failover(config, vpg, confirm=confirm, shutdown=shutdown, who=who, flow_run_id=flow_run_id,
+                        runner=runner, verify_timeout=verify_timeout, shutdown_timeout=shutdown_timeout,
+                        operation="move", reverse_protection=reverse_protection,
+                        keep_source_vms=keep_source_vms, sleep=sleep)
