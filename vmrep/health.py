@@ -345,7 +345,8 @@ def evaluate(cfg: "VPG", f: Facts) -> Evaluation:
             alert("TEST_OVERDUE", f"DR test overdue since {due:%Y-%m-%d} ({last}, every {interval} months)")
     if f.awaiting_commit_since is not None:
         kind = "move" if (f.live_recovery_kind or f.operation_kind) == "move" else "failover"
-        alert("AWAITING_COMMIT", f"{kind} awaiting commit or rollback since {f.awaiting_commit_since:%Y-%m-%d %H:%M} UTC")
+        alert("AWAITING_COMMIT",
+              f"{kind} awaiting commit or rollback since {f.awaiting_commit_since:%Y-%m-%d %H:%M} UTC")
     if f.paused and not gone and live is None:
         # A live failover or move pauses replication as part of the operation; its own
         # AWAITING_COMMIT alert says what to do, a second one would only be noise.

@@ -228,8 +228,8 @@ def failover(
 @app.command()
 def commit(
     vpg: Annotated[str, typer.Argument(help="VPG whose failover or move to commit")],
-    reverse_protection: Annotated[bool, typer.Option("--reverse-protection",
-                                                     help="protect the recovered VMs back to the original site")] = False,
+    reverse_protection: Annotated[bool, typer.Option(
+        "--reverse-protection", help="protect the recovered VMs back to the original site")] = False,
     direct: DirectOpt = False,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
