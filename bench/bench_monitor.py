@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     if a.rtt_ms:
         print(f"with {a.rtt_ms} ms added to every SOAP request")
-    head = f"{'VMs':>6} {'variant':<22} {'SOAP calls':>10} {'wall s':>8} {'naive/this (calls)':>19} {'naive/this (time)':>18}"
+    head = (f"{'VMs':>6} {'variant':<22} {'SOAP calls':>10} {'wall s':>8} "
+            f"{'naive/this (calls)':>19} {'naive/this (time)':>18}")
     print(head)
     print("-" * len(head))
     for r in results.values():
