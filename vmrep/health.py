@@ -313,6 +313,7 @@ def evaluate(cfg: "VPG", f: Facts) -> Evaluation:
     hist_bad = False
     if judge_sla and covered is not None:
         start = f.first_checkpoint_at or f.oldest_checkpoint_at
+        assert start is not None  # covered is set only when oldest_checkpoint_at is
         expected = min(hist_target, max((now - start).total_seconds(), 0.0))
         hist_in_force = expected
         ratio = covered / expected if expected > 0 else 1.0
