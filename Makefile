@@ -45,6 +45,8 @@ build/vcsim-lab: | $(STAMPS)/debian   # Go and govmomi's sources come from Debia
 deps: $(STAMPS)/venv build/vcsim-lab
 
 test: deps
+	$(BIN)/ruff check vmrep tasks flows reports deployments lab tests bench
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -ra
 
 demo: deps

@@ -169,10 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     if a.rtt_ms:
         print(f"with {a.rtt_ms} ms added to every SOAP request")
-    head = f"{'VMs':>6} {'variant':<22} {'SOAP calls':>10} {'wall s':>8} {'naive/this (calls)':>19} {'naive/this (time)':>18}"
+    head = (f"{'VMs':>6} {'variant':<22} {'SOAP calls':>10} {'wall s':>8} "
+            f"{'naive/this (calls)':>19} {'naive/this (time)':>18}")
     print(head)
     print("-" * len(head))
-    for size, r in results.items():
+    for r in results.values():
         naive = r.get("naive")
         for key, label in (("inventory", "vmrep inventory read"), ("monitor_pass", "vmrep monitor pass"),
                            ("naive", "naive per-attribute")):

@@ -243,7 +243,8 @@ def main() -> int:
             r.read.append(read)
         if stored >= 0:
             r.stored.append(stored)
-        print(f"  {scn:>8} {tool:<22} {t:7.3f} s  cpu {r.cpu[-1]:6.3f} s  read {human(read):>10}  stored {human(stored):>10}", flush=True)
+        print(f"  {scn:>8} {tool:<22} {t:7.3f} s  cpu {r.cpu[-1]:6.3f} s  "
+              f"read {human(read):>10}  stored {human(stored):>10}", flush=True)
 
     # read limit
     for _ in range(args.repeat):
@@ -270,7 +271,8 @@ def main() -> int:
     if "borg" in peers:
         run(["borg", "init", "--encryption=none", str(borg_repo)], env, on_start=mark, on_end=stop)
         b0 = du(borg_repo)
-        t, _ = run(["borg", "create", "--chunker-params", "fixed,1048576", f"{borg_repo}::c0", str(image)], env, on_start=mark, on_end=stop)
+        t, _ = run(["borg", "create", "--chunker-params", "fixed,1048576", f"{borg_repo}::c0", str(image)], env,
+                   on_start=mark, on_end=stop)
         rec("initial", "borg", t, size, du(borg_repo) - b0)
     if "restic" in peers:
         run(["restic", "init", "--repo", str(restic_repo)], env, on_start=mark, on_end=stop)
@@ -300,7 +302,8 @@ def main() -> int:
                 rec(scn, "borg", t, size, du(borg_repo) - b0)
             if "restic" in peers:
                 r0 = du(restic_repo)
-                t, _ = run(["restic", "backup", "--repo", str(restic_repo), str(image)], env, on_start=mark, on_end=stop)
+                t, _ = run(["restic", "backup", "--repo", str(restic_repo), str(image)], env,
+                           on_start=mark, on_end=stop)
                 rec(scn, "restic", t, size, du(restic_repo) - r0)
             if "rsync" in peers:
                 t, o = run(["rsync", "--no-whole-file", "--inplace", "--ignore-times", "--stats",

@@ -219,7 +219,8 @@ def run(demo: Demo, keep_server: bool) -> int:
             parts = []
             for name in vpgs:
                 s = flow(name, config)
-                parts.append(f"{name}: {s['bytes_read'] / 2**20:.0f} MiB read, {s['bytes_stored'] / 2**20:.1f} MiB stored")
+                parts.append(f"{name}: {s['bytes_read'] / 2**20:.0f} MiB read, "
+                             f"{s['bytes_stored'] / 2**20:.1f} MiB stored")
             return "; ".join(parts)
 
         demo.step("Initial sync (flow per VPG)", initial_sync)

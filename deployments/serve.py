@@ -123,7 +123,8 @@ def specs(config: Any, config_path: str, now: datetime | None = None) -> list[Sp
             "flows.replicate", "replicate", v.name, P.ReplicateParams,
             f"Continuous replication of VPG {v.name} ({v.protected_site} -> {v.recovery_site}): a checkpoint "
             f"every {every:g} s (RPO target {v.rpo_target_seconds:g} s). A run lasts "
-            f"{REPLICATE_RUN_SECONDS // 60} minutes and the next one starts when it ends. Needs the initial sync first.",
+            f"{REPLICATE_RUN_SECONDS // 60} minutes and the next one starts when it ends. "
+            "Needs the initial sync first.",
             # The run stops starting checkpoints `every` before its end: it has ended when the
             # next one is due, so the gap between checkpoints stays ~every + start-up.
             defaults={**base, "vpg": v.name, "for_seconds": REPLICATE_RUN_SECONDS - 5,

@@ -72,7 +72,8 @@ class Guest:
         if r.status_code == 404:
             raise NotFound(f"VM {self.vm!r} not found at {self.url}")
         body = self._check(r, "listing disks").json()
-        return [GuestDisk(d["index"], d["key"], d["label"], d["file"], d["capacity"], d["bus"], d["unit"]) for d in body["disks"] or []]
+        return [GuestDisk(d["index"], d["key"], d["label"], d["file"], d["capacity"], d["bus"], d["unit"])
+                for d in body["disks"] or []]
 
     def write(self, disk: int, offset: int, data: bytes) -> int:
         r = self.http.post(f"{self.url}/guest/write", params={"vm": self.vm, "disk": disk, "offset": offset},

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
-import click
 import pytest
 import typer
 import yaml

@@ -115,7 +115,7 @@ def interrupt(lab, setup: dict[str, Any], args: list[str], sig: int,
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
-            raise AssertionError(f"still running 60 s after the signal: {err[-2000:]}")
+            raise AssertionError(f"still running 60 s after the signal: {err[-2000:]}") from None
         return time.monotonic() - t0, proc.returncode, out, err, children
     finally:
         if proc.poll() is None:

@@ -70,7 +70,8 @@ def test_schemas_have_a_form_for_people(built, config_path):
 
 
 GOOD = [("dr-test/dr-test", {"vpg": "erp", "keep_minutes": 5}), ("compliance-report/monthly", {"period": "2025-10"}),
-        ("monitor/every-minute", {"vpgs": ["erp", "crm"]}), ("notify/notify", {"vpg": "a-vpg-removed-since", "alert_id": 3})]
+        ("monitor/every-minute", {"vpgs": ["erp", "crm"]}),
+        ("notify/notify", {"vpg": "a-vpg-removed-since", "alert_id": 3})]
 BAD = [("dr-test/dr-test", {"vpg": "erpp"}), ("dr-test/dr-test", {"vpg": "erp", "keep_minutes": -1}),
        ("compliance-report/monthly", {"period": "last month"}),
        ("failover/live-failover", {"vpg": "erp", "shutdown": "now"}),

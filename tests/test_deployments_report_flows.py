@@ -66,7 +66,8 @@ def test_a_failed_email_is_visible_and_does_not_fail_the_test_run(prefect_harnes
         assert "ConnectionRefusedError" in res["email"]["error"]
         assert (out / f"dr-test-erp-{ids['erp_test']}.html").exists()  # the report stays on disk
         with get_client(sync_client=True) as client:
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
             by_name = {r.name.rsplit("-", 1)[0]: r for r in runs}
             assert by_name["write-report"].state.is_completed()
             assert by_name["email-report"].state.is_failed()  # red in the UI

@@ -255,7 +255,8 @@ def test_a_crashed_test_is_cleaned_up_by_the_next_operation(erp) -> None:  # typ
     assert crashed.result == "cancelled" and "interrupted" in crashed.error
     tr = next(t for t in rt.store.test_results("erp") if t.operation_id == op.id)
     assert tr.success is False and tr.cleanup_ok is True
-    assert f"Tested at {crashed.started_at.isoformat()} (cancelled)" in rt.journal.checkpoint("erp", tr.checkpoint_id).tags
+    tags = rt.journal.checkpoint("erp", tr.checkpoint_id).tags
+    assert f"Tested at {crashed.started_at.isoformat()} (cancelled)" in tags
     assert passed_test_clock(rt) == s["started_at"]  # the test that passed after it
 
 

@@ -200,7 +200,7 @@ def test_retention_promotes_drops_and_frees_space(tmp_path):
     assert res.promoted == [c.id for c in cps[:5]] and res.dropped_by_limit == []
     assert res.base == cps[5].id and not res.hard_limit_hit and not res.gc_deferred
     assert [c.id for c in j.checkpoints("g")] == [c.id for c in cps[5:]]
-    for c, img in zip(cps[5:], images[5:]):
+    for c, img in zip(cps[5:], images[5:], strict=True):
         assert disk_bytes(j, "g", c.id, "vm", "d") == img
     assert res.gc.packs_deleted == 5
     assert pack_bytes(tmp_path / "j") < used * 0.6
@@ -215,7 +215,7 @@ def test_retention_promotes_drops_and_frees_space(tmp_path):
     vdir = tmp_path / "j" / "vpgs" / "g"
     assert [p.name for p in (vdir / "base").iterdir()] == [f"{cps[7].id}.base"]
     assert sorted(p.name for p in (vdir / "checkpoints").iterdir()) == [f"{cps[8].id}.ckpt"]
-    for c, img in zip(cps[7:], images[7:]):
+    for c, img in zip(cps[7:], images[7:], strict=True):
         assert disk_bytes(j, "g", c.id, "vm", "d") == img
     fresh = Journal.open(tmp_path / "j", block_size=BS)
     assert [c.id for c in fresh.checkpoints("g")] == [c.id for c in cps[7:]]
@@ -271,7 +271,7 @@ def test_hard_limit_drops_oldest_until_under(tmp_path):
     assert res.promoted == [] and res.dropped_by_limit == [c.id for c in cps[:4]]
     assert [c.id for c in j.checkpoints("g")] == [c.id for c in cps[4:]]
     assert j.usage("g").total_bytes <= 2.5 * per_cp
-    for c, img in zip(cps[4:], images[4:]):
+    for c, img in zip(cps[4:], images[4:], strict=True):
         assert disk_bytes(j, "g", c.id, "vm", "d") == img
     res = j.apply_retention("g", T0 - timedelta(days=1), hard_limit_bytes=per_cp // 2)
     assert res.hard_limit_hit and res.over_limit  # the newest is kept even over the limit
@@ -662,11 +662,12 @@ def test_many_threads_store_identical_blocks_into_many_new_disks(tmp_path):
         disks = [(f"vm{k}", f"d{round_}") for k in range(12)]
         plan = [(vm, d, i, pool[(i + k) % 3]) for k, (vm, d) in enumerate(disks) for i in range(64)]
         start = threading.Barrier(16)
+        seen = threading.local()  # one per round: each worker thread waits once on this round's barrier
 
-        def put(p, _seen=threading.local()):
+        def put(p, _seen=seen, _start=start):
             if not getattr(_seen, "waited", False):
                 _seen.waited = True
-                start.wait(10)
+                _start.wait(10)
             return w.put_block(p[0], p[1], p[2], p[3])
 
         with j.begin("g") as w:

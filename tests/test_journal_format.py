@@ -131,11 +131,11 @@ def test_an_independent_reader_rebuilds_every_disk(fixture_root):
         assert codec in (0, 1) and len(data) == rlen and blake3.blake3(data).digest() == bid
         return data
 
-    for path, cp in zip(files, EXPECTED["checkpoints"]):
+    for path, cp in zip(files, EXPECTED["checkpoints"], strict=True):
         header, maps = read_ckpt(path)
         assert header["checkpoint"]["id"] == cp["id"] == path.name[:-5]
         new = {}
-        for d, ents in zip(header["disks"], maps):
+        for d, ents in zip(header["disks"], maps, strict=True):
             key = (d["vm"], d["disk"])
             n = -(-d["size"] // bs)
             ids = [zero] * n if d["reset"] or key not in state else (state[key][1] + [zero] * n)[:n]

@@ -343,7 +343,7 @@ def test_dropped_sessions_must_log_in_again(lab, si):
     with pytest.raises(vim.fault.NotAuthenticated):
         props(si, vm, "name")
     with pytest.raises(vim.fault.NotAuthenticated):
-        vm.name
+        _ = vm.name  # the property read is what must raise
     assert c.sessionManager.currentSession is None
     c.sessionManager.Login("lab", "lab")
     assert props(si, vm, "name") == {"name": "DC0_H0_VM0"}

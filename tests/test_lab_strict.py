@@ -258,7 +258,8 @@ def changed(si: Any, vm: Any, snap: Any, key: int, change_id: str, start: int = 
     return vm.QueryChangedDiskAreas(snapshot=snap, deviceKey=key, startOffset=start, changeId=change_id)
 
 
-def all_areas(si: Any, vm: Any, snap: Any, key: int, change_id: str, capacity: int) -> tuple[list[tuple[int, int]], int]:
+def all_areas(si: Any, vm: Any, snap: Any, key: int, change_id: str,
+              capacity: int) -> tuple[list[tuple[int, int]], int]:
     """Every area, following the answers' pagination as a backup tool must; and the calls made."""
     out, start, calls = [], 0, 0
     while start < capacity:

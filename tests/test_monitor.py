@@ -38,7 +38,8 @@ def test_rpo_alerts_raise_and_clear_at_the_right_samples(fresh_lab) -> None:  # 
     assert seen == [
         ("MeetingSLA", [], []),
         ("RpoNotMeetingSLA", ["RPO_OVER_TARGET"], [("raised", "RPO_OVER_TARGET")]),
-        ("RpoNotMeetingSLA", ["RPO_OVER_2X_TARGET"], [("cleared", "RPO_OVER_TARGET"), ("raised", "RPO_OVER_2X_TARGET")]),
+        ("RpoNotMeetingSLA", ["RPO_OVER_2X_TARGET"],
+         [("cleared", "RPO_OVER_TARGET"), ("raised", "RPO_OVER_2X_TARGET")]),
         ("MeetingSLA", [], [("cleared", "RPO_OVER_2X_TARGET")]),
     ]
     samples = rt.store.frame("samples")
@@ -50,7 +51,8 @@ def test_deleted_vm_and_new_multi_writer_disk_are_noticed(fresh_lab) -> None:  #
     sync(rt, "erp")
     with connect(rt.config.sites["siteA"]) as c:
         inv = Inventory(c)
-        run_task(c, "VM erp-web", inv.vm("erp-web").ref.PowerOffVM_Task) if inv.vm("erp-web").power_state == "poweredOn" else None
+        if inv.vm("erp-web").power_state == "poweredOn":
+            run_task(c, "VM erp-web", inv.vm("erp-web").ref.PowerOffVM_Task)
         run_task(c, "VM erp-web", inv.vm("erp-web").ref.Destroy_Task)
         app = inv.vm("erp-app")
         devices = retrieve_one(c, app.ref, ["config.hardware.device"]).get("config.hardware.device")

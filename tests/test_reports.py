@@ -197,7 +197,8 @@ def test_failed_test_report_says_why(db, hr_dr, hr_dom):
     reasons = [li.text for li in hr_dom.find_all("li", data_field="reason")]
     assert "the test operation failed" in reasons
     assert "data verification failed (hr-app)" in reasons
-    assert f"RTO {fmt_duration(op['rto_seconds'])} exceeds the target {fmt_duration(op['rto_target_seconds'])}" in reasons
+    assert (f"RTO {fmt_duration(op['rto_seconds'])} exceeds the target "
+            f"{fmt_duration(op['rto_target_seconds'])}") in reasons
     assert hr_dom.value("verification_ok") == "false"
     vm = hr_dom.find("table", id="vms").find(data_vm="hr-app")
     assert vm.find(data_field="verification").attrs["data-value"] == "failed"

@@ -174,7 +174,8 @@ def populate(store: StateStore) -> dict:
     # ---- hr: a failed DR test in October (verification failed on hr-app), and a move
     t3 = datetime(2025, 10, 8, 8, 0, tzinfo=UTC)
     op = store.start_operation("hr", "test", "dave", started_at=t3)
-    end = _steps(store, op, t3, ["hr-app"], {("hr-app", "verify"): ("failed", "disk 0: 17 blocks differ from the checkpoint", None)})
+    end = _steps(store, op, t3, ["hr-app"],
+                 {("hr-app", "verify"): ("failed", "disk 0: 17 blocks differ from the checkpoint", None)})
     store.finish_operation(op, "failed", error="verification failed for 1 VM", ended_at=end,
                            checkpoint_id="cp-0300", checkpoint_time=t3 - timedelta(seconds=700),
                            checkpoint_age_seconds=700.0, rto_seconds=1500.0, rto_target_seconds=900.0)

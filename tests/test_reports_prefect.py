@@ -66,7 +66,8 @@ def test_secret_block_and_email_credentials_block(prefect_harness, sqlite_store,
     Secret(value="1234").save("vmrep-test-numeric", overwrite=True)
     assert resolve_secret("prefect_secret:vmrep-test-secret") == "s3cret from a block"
     assert resolve_secret({"prefect_secret": "vmrep-test-numeric"}) == "1234"
-    with pytest.raises(SecretError, match=r"notifications.password \(prefect_secret:vmrep-missing\): no Prefect Secret block"):
+    with pytest.raises(SecretError,
+                       match=r"notifications.password \(prefect_secret:vmrep-missing\): no Prefect Secret block"):
         resolve_secret("prefect_secret:vmrep-missing", "notifications.password")
 
     # the mail relay named by an EmailServerCredentials block

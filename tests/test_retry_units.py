@@ -45,7 +45,7 @@ def test_streaming_puts_leave_other_threads_their_retries(lab) -> None:  # type:
                 errors.append(exc)
 
         writers = [threading.Thread(target=put, args=(i,)) for i in (0, 1)]
-        for w, s in zip(writers, started):
+        for w, s in zip(writers, started, strict=True):
             w.start()
             assert s.wait(10)
         # Both streams are in flight: a read that needs three attempts.

@@ -313,6 +313,7 @@ def evaluate(cfg: "VPG", f: Facts) -> Evaluation:
     hist_bad = False
     if judge_sla and covered is not None:
         start = f.first_checkpoint_at or f.oldest_checkpoint_at
+        assert start is not None  # covered is set only when oldest_checkpoint_at is
         expected = min(hist_target, max((now - start).total_seconds(), 0.0))
         hist_in_force = expected
         ratio = covered / expected if expected > 0 else 1.0
@@ -345,7 +346,8 @@ def evaluate(cfg: "VPG", f: Facts) -> Evaluation:
             alert("TEST_OVERDUE", f"DR test overdue since {due:%Y-%m-%d} ({last}, every {interval} months)")
     if f.awaiting_commit_since is not None:
         kind = "move" if (f.live_recovery_kind or f.operation_kind) == "move" else "failover"
-        alert("AWAITING_COMMIT", f"{kind} awaiting commit or rollback since {f.awaiting_commit_since:%Y-%m-%d %H:%M} UTC")
+        alert("AWAITING_COMMIT",
+              f"{kind} awaiting commit or rollback since {f.awaiting_commit_since:%Y-%m-%d %H:%M} UTC")
     if f.paused and not gone and live is None:
         # A live failover or move pauses replication as part of the operation; its own
         # AWAITING_COMMIT alert says what to do, a second one would only be noise.

@@ -69,7 +69,7 @@ def _error_code(exc: BaseException) -> int:
         from typer._click.exceptions import ClickException as TyperClickException
     except ImportError:  # pragma: no cover - older typer uses click itself
         TyperClickException = ()  # type: ignore[assignment,misc]
-    if TyperClickException and isinstance(exc, TyperClickException):
+    if isinstance(exc, TyperClickException):  # an empty tuple (older typer) matches nothing
         return _usage_error(exc)
     raise exc
 

@@ -18,7 +18,9 @@ app.add_typer(lab_app, name="lab")
 
 @lab_app.command("up")
 def lab_up(
-    config: Annotated[Path, typer.Option("--config", "-c", help="where to write the lab's vmrep.yaml")] = Path("vmrep.yaml"),
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="where to write the lab's vmrep.yaml")
+    ] = Path("vmrep.yaml"),
     boot_delay: Annotated[str, typer.Option(help="how long a simulated guest takes to boot")] = "1s",
 ) -> None:
     """Start a protected and a recovery site, seed VMs with real disk bytes and power them on,

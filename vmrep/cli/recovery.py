@@ -209,7 +209,7 @@ def failover(
     rt.journal.checkpoint(vpg, checkpoint)
     # Only the recovery site: a failover is for when the protected site may be gone.
     reach_sites(rt, v.recovery_site)
-    kw = dict(checkpoint=checkpoint, shutdown=shutdown.value if shutdown else None,
+    kw: dict[str, Any] = dict(checkpoint=checkpoint, shutdown=shutdown.value if shutdown else None,
               commit_policy=commit_policy.value if commit_policy else None, commit_after_minutes=commit_after,
               verify_timeout=verify_timeout)
     if direct:
@@ -228,8 +228,8 @@ def failover(
 @app.command()
 def commit(
     vpg: Annotated[str, typer.Argument(help="VPG whose failover or move to commit")],
-    reverse_protection: Annotated[bool, typer.Option("--reverse-protection",
-                                                     help="protect the recovered VMs back to the original site")] = False,
+    reverse_protection: Annotated[bool, typer.Option(
+        "--reverse-protection", help="protect the recovered VMs back to the original site")] = False,
     direct: DirectOpt = False,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
@@ -296,8 +296,9 @@ def move(
         raise VmrepError(f"VPG {vpg}: move refused: --keep-source-vms needs --no-reverse-protection "
                          "(reverse protection pre-seeds from the source VMs' disks)")
     reach_sites(rt, v.protected_site, v.recovery_site)  # a planned move needs both
-    kw = dict(shutdown=shutdown.value, reverse_protection=reverse_protection, keep_source_vms=keep_source_vms,
-              verify_timeout=verify_timeout)
+    kw: dict[str, Any] = dict(shutdown=shutdown.value, reverse_protection=reverse_protection,
+                              keep_source_vms=keep_source_vms,
+                              verify_timeout=verify_timeout)
     if direct:
         summary = ops.run_move(path, vpg, confirm=confirm, who=who(), **kw)
     else:

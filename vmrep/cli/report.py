@@ -133,7 +133,9 @@ def report_dr_test(
 def report_compliance(
     since: Annotated[str, typer.Option(help="start: a duration back from now (30d, 12h), a date "
                                             "(2025-10-01), previous-month, this-month or YYYY-MM")] = "30d",
-    until: Annotated[str | None, typer.Option(help="end (exclusive): a date or a duration back from now; default now")] = None,
+    until: Annotated[
+        str | None, typer.Option(help="end (exclusive): a date or a duration back from now; default now")
+    ] = None,
     vpg: Annotated[list[str] | None, typer.Option("--vpg", help="only this VPG (repeatable); default all")] = None,
     out: OutOpt = None,
     email: EmailOpt = False,

@@ -160,6 +160,7 @@ class Chains:
         base = bases[base_seq] if bases else None
         cand = [base_seq] if base else []
         cand += [s for s in starts if s in deltas or (base and s == base_seq)]
+        start: int | None  # None: no checkpoint yet (Chain.start_seq)
         if cand:
             start = max(cand)
         else:

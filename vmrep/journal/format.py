@@ -214,7 +214,7 @@ class CkptFile:
 def encode_ckpt(header: dict[str, Any], maps: list[np.ndarray]) -> bytes:
     """`header["disks"]` lists the disks; `maps[i]` are the entries of disk i."""
     assert len(maps) == len(header["disks"])
-    for d, m in zip(header["disks"], maps):
+    for d, m in zip(header["disks"], maps, strict=True):
         d["entries"] = int(len(m))
     hb = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     parts = [CKPT_MAGIC, U32.pack(len(hb)), hb]

@@ -259,7 +259,7 @@ def check_test_networks(vpg: VPG, nic_counts: dict[str, int] | None = None) -> N
         count = (nic_counts or {}).get(spec.name, 1)
         live = networks_for(vpg, spec.name, naming.KIND_LIVE, count)
         test = networks_for(vpg, spec.name, naming.KIND_TEST, count)
-        for i, ((lnet, _), (tnet, _)) in enumerate(zip(live, test)):
+        for i, ((lnet, _), (tnet, _)) in enumerate(zip(live, test, strict=True)):
             if not tnet:
                 raise Refused(f"VPG {vpg.name}: test refused: VM {spec.name} NIC {i + 1} has no test network "
                               "(set recovery.test_network or the NIC's test_network)")

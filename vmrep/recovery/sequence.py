@@ -54,4 +54,4 @@ def _recover(rt: Runtime, config: str, vpg: VPG, op: str, operation: str, checkp
     if vpg.post_recovery_script is not None:
         runner.one("run-script", config, vpg.name, op, "post")
     results = runner.each("verify", calls(verify_timeout), settle=True)
-    return dict(zip(names, results))
+    return dict(zip(names, results, strict=True))

@@ -138,8 +138,9 @@ def _finish_test(rt: Runtime, vpg: VPG, op_id: str, *, success: bool | None, not
             problems.append(str(exc))
         try:
             left = leftovers(rt, vpg, op_id)
-        except Exception as exc:  # noqa: BLE001
-            left, _ = [], problems.append(f"cannot check for leftovers: {exc}")
+        except Exception as exc:  # noqa: BLE001 - recorded, the test result is still written
+            left = []
+            problems.append(f"cannot check for leftovers: {exc}")
         if left:
             problems.append(f"left at site {vpg.recovery_site}: {', '.join(left)}")
     except BaseException as exc:  # a cancel during clean-up: the next run finishes it

@@ -170,7 +170,9 @@ def _chunks(blocks: list[int] | range, per_chunk: int) -> list[tuple[int, int]]:
         for first in range(blocks.start, blocks.stop, per_chunk):
             out.append((first, min(per_chunk, blocks.stop - first)))
         return out
-    start = prev = None
+    # prev is read only once start is set, and both are set together
+    start: int | None = None
+    prev = 0
     for b in blocks:
         if start is not None and b == prev + 1 and b - start < per_chunk:
             prev = b
@@ -262,10 +264,11 @@ def sync_disk(
                         progress(length)
                     continue
                 mapped = mapper(off, length) if mapper else None
+                data: bytes | bytearray | None
                 if mapped is not None:
                     data = None
                     mv = memoryview(mapped)
-                elif buf is not None:
+                elif buf is not None and readinto is not None:  # buf exists only when readinto does
                     data = buf
                     readinto(off, memoryview(buf)[:length])
                     mv = memoryview(buf)
@@ -275,6 +278,7 @@ def sync_disk(
                         data = bytes(data) + bytes(length - len(data))
                     mv = memoryview(data)
                 local.bytes_read += length
+                block: memoryview | None = None  # dropped in finally so that mv can be released
                 try:
                     for k in range(count):
                         i = first + k

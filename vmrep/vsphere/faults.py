@@ -45,7 +45,8 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, requests.exceptions.SSLError):
         # requests wraps both a refused certificate (final) and a connection cut during
         # TLS (SSLEOFError: worth a retry) in the same class; only the text tells them apart.
-        return "CERTIFICATE_VERIFY_FAILED" not in str(exc) and "pinned thumbprint" not in str(exc)  # a certificate that does not verify will not verify on retry either
+        # a certificate that does not verify will not verify on retry either
+        return "CERTIFICATE_VERIFY_FAILED" not in str(exc) and "pinned thumbprint" not in str(exc)
     if isinstance(exc, _TRANSIENT_FAULTS):
         return True
     if isinstance(exc, requests.HTTPError) and exc.response is not None:
