@@ -109,7 +109,7 @@ def build_dr_test_report(
     steps = steps.copy()
     steps["vm_label"] = steps["vm"].map(lambda v: VPG_LEVEL if missing(v) or v == "" else str(v))
     # In words for the reader; the steps CSV keeps the recorded detail whole (JSON).
-    steps["detail_text"] = [describe(str(st), d) for st, d in zip(steps["step"], steps["detail"])]
+    steps["detail_text"] = [describe(str(st), d) for st, d in zip(steps["step"], steps["detail"], strict=True)]
     steps["error"] = steps["error"].map(lambda e: None if missing(e) or e == "" else str(e))
     vm_labels = list(dict.fromkeys(steps["vm_label"]))
     if VPG_LEVEL in vm_labels:  # VPG-wide steps first

@@ -7,6 +7,8 @@ secrets are only ever references (environment variable or Prefect Secret block).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import re
 from enum import Enum
 from pathlib import Path
@@ -336,7 +338,7 @@ class Config(Strict):
         return self.resolve(self.journal.path)
 
 
-def _loc(err: dict[str, Any], data: Any) -> str:
+def _loc(err: Mapping[str, Any], data: Any) -> str:
     """Turn a pydantic error location into a path a user recognises (VPG/VM names, not indexes)."""
     parts: list[str] = []
     node = data

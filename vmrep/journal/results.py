@@ -164,7 +164,9 @@ class BlockMap(Sequence):
     @property
     def nonzero_mask(self) -> np.ndarray:
         if self._nz is None:
-            self._nz = self._ids.any(axis=1) if len(self._ids) else np.zeros(0, bool)
+            nz = np.asarray(self._ids.any(axis=1)) if len(self._ids) else np.zeros(0, bool)
+            self._nz = nz
+            return nz
         return self._nz
 
     def nonzero_indexes(self) -> np.ndarray:

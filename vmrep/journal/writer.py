@@ -137,7 +137,8 @@ class CheckpointWriter:
             return 0
         stored = 0
         try:
-            blob, codec = encode_blob(data, self.target.compression_level)
+            blob, codec = encode_blob(memoryview(data) if isinstance(data, bytearray) else data,
+                                      self.target.compression_level)
             full = None
             with self._lock:
                 if self._pack is None:

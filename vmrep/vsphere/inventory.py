@@ -111,7 +111,7 @@ def parse_devices(devices: Iterable[Any], networks: dict[str, str] | None = None
     for d in devices:
         label = d.deviceInfo.label if d.deviceInfo else str(d.key)
         if isinstance(d, vim.vm.device.VirtualDisk):
-            ctrl = controllers.get(d.controllerKey)
+            ctrl = controllers.get(d.controllerKey) if d.controllerKey is not None else None
             backing = d.backing
             rdm = isinstance(backing, vim.vm.device.VirtualDisk.RawDiskMappingVer1BackingInfo)
             sharing = getattr(backing, "sharing", None)
@@ -119,7 +119,8 @@ def parse_devices(devices: Iterable[Any], networks: dict[str, str] | None = None
                 ctrl.sharedBus not in (None, "noSharing")
             capacity = d.capacityInBytes or (d.capacityInKB or 0) * 1024
             disks.append(DiskInfo(
-                key=d.key, label=label, controller_key=d.controllerKey,
+                # a VirtualDisk always sits on a controller; the stubs make the key Optional
+                key=d.key, label=label, controller_key=d.controllerKey,  # type: ignore[arg-type]
                 bus=ctrl.busNumber if ctrl is not None else None, unit=d.unitNumber,
                 capacity=int(capacity), file=getattr(backing, "fileName", "") or "",
                 rdm=rdm, multi_writer=sharing == "sharingMultiWriter", shared_bus=shared_bus,
