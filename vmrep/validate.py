@@ -105,7 +105,7 @@ def _check_recovery_names(vpg: VPG, inv: Inventory) -> list[Problem]:
     return problems
 
 
-def vm_tags(inv: Inventory, vms: list, config: Config) -> dict[str, set[str]]:  # type: ignore[type-arg]
+def vm_tags(inv: Inventory, vms: list, config: Config) -> dict[str, set[str]]:  # type: ignore[type-arg]  # config VMs or VMInfo
     """Tags of the VMs when a tag marks domain controllers; a site without the vAPI
     endpoint (a bare ESXi) has no tags, and the other markers still apply."""
     if not config.domain_controller_marker.tag or not vms:

@@ -18,12 +18,12 @@ from vmrep.errors import VmrepError
 
 # The command is part of the control plane: it reads prefect_secret: references (site
 # passwords, the SMTP password) through the resolver the tasks package registers.
-import tasks  # noqa: F401,E402
+import tasks  # noqa: F401,E402  # after the env defaults; registers the secret resolver
 
 # Importing the command modules registers their commands.
-from vmrep.cli import lab as _lab  # noqa: F401,E402
-from vmrep.cli import config as _config  # noqa: F401,E402
-from vmrep.cli import server as _server  # noqa: F401,E402
+from vmrep.cli import lab as _lab  # noqa: F401,E402  # registers its commands
+from vmrep.cli import config as _config  # noqa: F401,E402  # registers its commands
+from vmrep.cli import server as _server  # noqa: F401,E402  # registers its commands
 
 for _optional in ("replication", "recovery", "monitor", "report", "journal", "exporter"):
     try:
@@ -68,7 +68,7 @@ def _error_code(exc: BaseException) -> int:
     try:  # typer >= 0.2x raises its own vendored click's exceptions
         from typer._click.exceptions import ClickException as TyperClickException
     except ImportError:  # pragma: no cover - older typer uses click itself
-        TyperClickException = ()  # type: ignore[assignment,misc]
+        TyperClickException = ()  # type: ignore[assignment,misc]  # an empty tuple: isinstance is False
     if isinstance(exc, TyperClickException):  # an empty tuple (older typer) matches nothing
         return _usage_error(exc)
     raise exc
@@ -81,7 +81,7 @@ def _usage_error(exc: Exception) -> int:
 
     line = usage_error_line(exc)
     if line is None:
-        exc.show()  # type: ignore[attr-defined]
+        exc.show()  # type: ignore[attr-defined]  # click's and typer's exceptions both have it
     else:
         console_err.print(f"error: {line}", markup=False, highlight=False)
     return int(getattr(exc, "exit_code", 2))

@@ -50,7 +50,7 @@ def _undo_live(rt: Runtime, vpg: VPG, live_op: str, record_op: str, runner: Any)
                                     settle=True) if isinstance(r, BaseException)]
     try:
         runner.one("remove-disks", config, vpg.name, record_op, live_op)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - collected: the undo goes on, errors reported together
         errs.append(exc)
     errs += [r for r in runner.each("power-on-source", [(config, vpg.name, record_op, n, live_op) for n in names],
                                     settle=True) if isinstance(r, BaseException)]
@@ -62,7 +62,7 @@ def _undo_live(rt: Runtime, vpg: VPG, live_op: str, record_op: str, runner: Any)
     if was is not None:
         try:
             runner.one("pause-replication", config, vpg.name, record_op, was)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - collected: the undo goes on, errors reported together
             errs.append(exc)
     _clear(store, vpg.name, {"AWAITING_COMMIT"})
     return errs

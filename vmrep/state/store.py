@@ -166,7 +166,7 @@ def _check(value: str, allowed: Iterable[str], what: str) -> None:
 
 
 def _columns(model: type, fields: dict[str, Any], what: str) -> None:
-    unknown = set(fields) - set(model.__table__.columns.keys())  # type: ignore[attr-defined]
+    unknown = set(fields) - set(model.__table__.columns.keys())  # type: ignore[attr-defined]  # declarative
     if unknown:
         raise TypeError(f"{what}: unknown field(s) {', '.join(sorted(unknown))}")
 
@@ -228,7 +228,7 @@ class StateStore:
         if s.get(VpgRuntime, vpg) is not None:
             return
         now = at or utcnow()
-        if s.bind.dialect.name == "postgresql":  # type: ignore[union-attr]
+        if s.bind.dialect.name == "postgresql":  # type: ignore[union-attr]  # sessions are bound
             from sqlalchemy.dialects.postgresql import insert
         else:
             from sqlalchemy.dialects.sqlite import insert

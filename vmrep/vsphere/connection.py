@@ -88,7 +88,7 @@ class PinnedContext(ssl.SSLContext):
         ctx.pin = thumbprint
         return ctx
 
-    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]  # same call, pin checked
         import hashlib
 
         sock = super().wrap_socket(*args, **kwargs)
@@ -238,7 +238,7 @@ class Client:
             self.stats.relogins += 1
             # Log in as a new client: a server that still knows the old cookie would
             # refuse a second login on the same session.
-            self.si._stub.cookie = ""  # noqa: SLF001
+            self.si._stub.cookie = ""  # noqa: SLF001  # pyvmomi has no public way to drop it
             try:
                 self.content.sessionManager.Login(self.site.user, self._password)
             except vim.fault.InvalidLogin:

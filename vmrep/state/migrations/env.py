@@ -15,7 +15,7 @@ from vmrep.state.models import Base
 target_metadata = Base.metadata
 
 
-def _run(connection) -> None:  # noqa: ANN001
+def _run(connection) -> None:  # noqa: ANN001  # Alembic hands in a Connection
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
