@@ -44,6 +44,7 @@ log = logging.getLogger("vmrep.deployments")
 
 TAGS = ["vmrep"]
 REPLICATE_RUN_SECONDS = 300  # one replicate run per 5 minutes, back to back
+REPO = Path(__file__).resolve().parents[1]  # the code the workers run (see code_dir())
 MONITOR_SECONDS = 60
 COMPLIANCE_CRON = "0 6 1 * *"  # 06:00 UTC on the 1st: the previous month's report
 DR_TEST_HOUR = 2  # scheduled DR tests start at 02:00 UTC (one hour later per further VPG)
@@ -62,6 +63,7 @@ class Spec:
     schedules: list[Any] = field(default_factory=list)
     concurrency: Any = None
     tags: list[str] = field(default_factory=list)
+    site: str | None = None  # its work pool is vmrep-<site> (deployments/pools.py)
 
     def load_flow(self) -> Any:
         return getattr(importlib.import_module(self.module), self.flow_attr)
@@ -105,6 +107,57 @@ def schedule_text(spec: Spec) -> str:
 
 
 # --------------------------------------------------------------------------------------
+# Sites and pools
+
+# UI entries that serve VPGs of several sites -> whose pool runs the work. Each has one
+# per-site deployment `<flow>/<site>` on that site's pool; the UI entry's run hands over
+# to it (flows/_common.hand_off), so a deployment has exactly one pool.
+DISPATCHED = {
+    "initial-sync": "protected",
+    "dr-test": "recovery", "dr-test-start": "recovery", "dr-test-stop": "recovery",
+    "live-failover": "recovery", "planned-move": "recovery", "commit": "recovery", "rollback": "recovery",
+}
+
+
+def sites_of(config: Any, role: str) -> list[str]:
+    """The sites some VPG has as its `role` ("protected" or "recovery"), in config order."""
+    out: list[str] = []
+    for v in config.vpgs:
+        site = v.protected_site if role == "protected" else v.recovery_site
+        if site not in out:
+            out.append(site)
+    return out
+
+
+def home_site(config: Any) -> str:
+    """The pool of what serves every VPG at once (monitor, reports, the UI entries that
+    hand over): the recovery site most VPGs recover to (first in config order on a tie);
+    without VPGs the first site."""
+    rec = [v.recovery_site for v in config.vpgs]
+    if not rec:
+        return next(iter(config.sites))
+    return max(dict.fromkeys(rec), key=rec.count)
+
+
+def code_dir() -> Path:
+    """Where the workers find the code: this checkout (VMREP_CODE_DIR to name another path,
+    e.g. where a second machine has the same checkout)."""
+    return Path(os.environ.get("VMREP_CODE_DIR") or REPO).resolve()
+
+
+def per_site(spec: Spec, sites: list[str]) -> list[Spec]:
+    """The per-site deployments `<flow>/<site>` a UI entry hands over to: same flow and
+    form, no schedules (the UI entry keeps them), each on its site's pool."""
+    out = []
+    for site in sites:
+        out.append(dataclasses.replace(
+            spec, name=site, site=site, schedules=[], tags=[*spec.tags, f"site:{site}"],
+            description=f"{spec.description} -- On the pool of site {site}: the '{spec.name}' entry hands "
+                        f"the VPGs of {site} over to this deployment."))
+    return out
+
+
+# --------------------------------------------------------------------------------------
 # The catalogue
 
 
@@ -131,20 +184,21 @@ def specs(config: Any, config_path: str, now: datetime | None = None) -> list[Sp
                       "interval_seconds": every},
             schedules=[Interval(timedelta(seconds=REPLICATE_RUN_SECONDS), slug=f"replicate-{v.name}",
                                 anchor_date=datetime(2020, 1, 1, tzinfo=timezone.utc))],
-            concurrency=one_enqueue, tags=["replication", f"vpg:{v.name}"]))
+            concurrency=one_enqueue, tags=["replication", f"vpg:{v.name}"], site=v.protected_site))
+    home = home_site(config)
 
     out.append(Spec(
         "flows.monitor", "monitor", "every-minute", P.MonitorParams,
         "Every minute: judge every VPG (RPO against target, journal history, tests due, configuration), "
         "raise and clear alerts, and emit them as events: the 'vmrep alert email' automation emails them.",
         defaults=dict(base), schedules=[Interval(timedelta(seconds=MONITOR_SECONDS), slug="monitor")],
-        concurrency=one_cancel, tags=["monitoring"]))
+        concurrency=one_cancel, tags=["monitoring"], site=home))
 
     out.append(Spec(
         "flows.initial_sync", "initial_sync", "initial-sync", P.InitialSyncParams,
         "Initial sync of a VPG: validate it, copy every disk into the journal (resumes where a broken run "
         "stopped), take the first checkpoint. Run once per new VPG, before replication or any test.",
-        defaults=dict(base), tags=["replication"]))
+        defaults=dict(base), tags=["replication"], site=home))
 
     out.append(Spec(
         "flows.reports", "compliance_report", "monthly", P.ComplianceParams,
@@ -152,21 +206,25 @@ def specs(config: Any, config_path: str, now: datetime | None = None) -> list[Sp
         "Scheduled on the 1st of each month for the previous month; run it by hand for any period. "
         "Written to disk, shown in Artifacts, emailed.",
         defaults={**base, "period": "previous-month"},
-        schedules=[Cron(COMPLIANCE_CRON, timezone="UTC", slug="compliance-monthly")], tags=["reports"]))
+        schedules=[Cron(COMPLIANCE_CRON, timezone="UTC", slug="compliance-monthly")], tags=["reports"],
+        site=home))
 
     out.append(Spec(
         "flows.reports", "dr_test_report_flow", "dr-test-report", P.DrTestReportParams,
         "Issue the report of a DR test again (the latest, or one by operation id): HTML + CSV on disk, "
         "Prefect artifacts, email. Every DR test sends its report by itself; this is for a re-send.",
-        defaults=dict(base), tags=["reports"]))
+        defaults=dict(base), tags=["reports"], site=home))
 
     out.append(Spec(
         "flows.reports", "notify", "notify", P.NotifyParams,
         "Email a VPG's owners about an event. Run by the 'vmrep alert email' automation when the monitor "
         "raises an alert (Prefect's open-source server has no SMTP notification block).",
-        defaults=dict(base), tags=["notifications"]))
+        defaults=dict(base), tags=["notifications"], site=home))
 
     out += recovery_specs(config, base, now)
+    for spec in list(out):
+        if spec.name in DISPATCHED:
+            out += per_site(spec, sites_of(config, DISPATCHED[spec.name]))
     return out
 
 
@@ -210,7 +268,7 @@ def recovery_specs(config: Any, base: dict[str, Any], now: datetime | None = Non
                     schedules.append(RRule(dr_test_rrule(int(v.test_interval_months), i, now), timezone="UTC",
                                            parameters={"vpg": v.name}, slug=f"dr-test-{v.name}"))
         out.append(Spec(module, attr, name, model, description, defaults=dict(base), schedules=schedules,
-                        tags=["recovery"]))
+                        tags=["recovery"], site=home_site(config)))
     return out
 
 
@@ -229,9 +287,15 @@ def check_model(flow: Any, model: type[BaseModel]) -> None:
 
 
 def build(spec: Spec, vpgs: list[str], *, schedules_active: bool = True) -> Any:
-    """A RunnerDeployment of the spec, its parameter schema from the pydantic model."""
+    """A RunnerDeployment of the spec on its site's work pool, its parameter schema from
+    the pydantic model. Code storage: the checkout on this machine (code_dir()); a worker's
+    flow run starts in that directory (a `set_working_directory` pull step) and imports
+    the flow by module path, so no image and no push."""
     from prefect.deployments.runner import EntrypointType
+    from prefect.runner.storage import LocalStorage
     from prefect.utilities.callables import ParameterSchema
+
+    from deployments.pools import pool_name
 
     flow = spec.load_flow()
     check_model(flow, spec.model)
@@ -246,7 +310,10 @@ def build(spec: Spec, vpgs: list[str], *, schedules_active: bool = True) -> Any:
         paused=False,
         enforce_parameter_schema=True,
         entrypoint_type=EntrypointType.MODULE_PATH,  # flows/reports.py must not shadow the reports package
+        work_pool_name=pool_name(spec.site) if spec.site else None,
     )
+    if spec.site:
+        dep.storage = LocalStorage(str(code_dir()))
     dep._parameter_openapi_schema = ParameterSchema(**P.parameter_schema(spec.model, vpgs))
     return dep
 
@@ -294,7 +361,8 @@ def summary_table(built: list[Spec]) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deployments.serve",
-                                 description="Serve every vmrep deployment (starts a local Prefect server if "
+                                 description="Register every vmrep deployment on its site's work pool and run one "
+                                             "process worker per pool (starts a local Prefect server if "
                                              "PREFECT_API_URL is not set).")
     ap.add_argument("--config", "-c", default=os.environ.get("VMREP_CONFIG", "vmrep.yaml"),
                     help="vmrep.yaml (default: $VMREP_CONFIG or ./vmrep.yaml)")
@@ -302,6 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-automations", action="store_true", help="do not create the alert email automation")
     ap.add_argument("--no-schedules", action="store_true",
                     help="register the schedules switched off (only UI/API/automation runs)")
+    ap.add_argument("--no-workers", action="store_true",
+                    help="register pools, limits and deployments, then exit: workers run elsewhere "
+                         "(prefect worker start --pool vmrep-<site>)")
+    ap.add_argument("--database-url", default=None,
+                    help="the local server's database (default $PREFECT_SERVER_DATABASE_CONNECTION_URL, else "
+                         "SQLite), e.g. postgresql+asyncpg://user@host/prefect")
     a = ap.parse_args(argv)
 
     for k, v in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1")):
@@ -318,12 +392,13 @@ def main(argv: list[str] | None = None) -> int:
     srv = None
     if not os.environ.get("PREFECT_API_URL"):
         os.environ.setdefault("PREFECT_HOME", str(srvmod.default_home()))
-        print("starting a local Prefect server (SQLite) ...", flush=True)
-        srv = srvmod.start(port=a.port)
+        print("starting a local Prefect server ...", flush=True)
+        srv = srvmod.start(port=a.port, database_url=a.database_url)
         os.environ["PREFECT_API_URL"] = srv.api_url
         os.environ.setdefault("PREFECT_UI_URL", srv.ui_url)
     try:
-        return _serve(config_path, srv, automations=not a.no_automations, schedules=not a.no_schedules)
+        return _serve(config_path, srv, automations=not a.no_automations, schedules=not a.no_schedules,
+                      workers=not a.no_workers)
     except KeyboardInterrupt:
         return 130
     finally:
@@ -332,14 +407,21 @@ def main(argv: list[str] | None = None) -> int:
             print("Prefect server stopped.", flush=True)
 
 
-def _serve(config_path: Path, srv: Any, *, automations: bool, schedules: bool = True) -> int:
-    from prefect import serve
+def _serve(config_path: Path, srv: Any, *, automations: bool, schedules: bool = True, workers: bool = True) -> int:
+    import signal
+    import time
+
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from rich.console import Console
+
+    from deployments import pools
 
     console = Console()
     api_url = os.environ["PREFECT_API_URL"]
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        made = pools.ensure_for_path(api_url, config_path)
+        console.print(f"work pools: {', '.join(made['pools'])}; vCenter limits: {', '.join(made['limits'])}",
+                      markup=False)
         deps, built = build_deployments(config_path, schedules_active=schedules)
         for d in deps:
             d.apply()  # registered now, so the automation can name the notify deployment
@@ -355,9 +437,33 @@ def _serve(config_path: Path, srv: Any, *, automations: bool, schedules: bool = 
         ui = srv.ui_url if srv is not None else api_url.removesuffix("/api")
         console.print(f"Prefect UI: {ui}  (Deployments -> dr-test/dr-test -> Run -> Custom run -> choose the VPG)",
                       markup=False)
-        console.print(f"config: {config_path}; Ctrl-C stops serving" + (" and the server" if srv else ""),
-                      markup=False)
-        serve(*deps, print_starting_message=False)
+        if not workers:
+            console.print("registered; start a worker per pool: prefect worker start --pool <pool> --type process",
+                          markup=False)
+            return 0
+        log_dir = Path(os.environ.get("PREFECT_HOME") or (srv.home if srv else ".")).resolve() / "workers"
+        started: list[pools.Worker] = []
+
+        def stop(*_: Any) -> None:
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, stop)
+        try:
+            for pool in made["pools"]:
+                started.append(pools.start_worker(pool, api_url=api_url, log_dir=log_dir, cwd=code_dir()))
+                console.print(f"worker of {pool}: pid {started[-1].pid}, log {started[-1].log_path}", markup=False)
+            console.print(f"config: {config_path}; Ctrl-C stops the workers" + (" and the server" if srv else ""),
+                          markup=False)
+            while True:  # the workers run the flows; a worker that dies is started again
+                time.sleep(2)
+                for i, w in enumerate(started):
+                    if w.proc.poll() is not None:
+                        console.print(f"worker of {w.pool} exited ({w.proc.returncode}); starting it again "
+                                      f"(log {w.log_path})", markup=False)
+                        started[i] = pools.start_worker(w.pool, api_url=api_url, log_dir=log_dir, cwd=code_dir())
+        finally:
+            for w in started:
+                pools.stop_worker(w)
     return 0
 
 

@@ -168,11 +168,15 @@ def _wait_healthy(srv: Server, deadline: float, proc: subprocess.Popen[bytes] | 
 
 
 def start(home: Path | None = None, *, port: int | None = None, host: str = "127.0.0.1",
-          timeout: float | None = None, reuse: bool = True) -> Server:
+          timeout: float | None = None, reuse: bool = True, database_url: str | None = None) -> Server:
     """Start `prefect server start` on `host:port` with PREFECT_HOME=`home`; wait until
     /api/health answers (`timeout`: default start_timeout()). `port` None: 4200 if free,
     else any free port. With `reuse`, a server of ours already running from the same home
-    is returned as is (after waiting for it to become healthy, if it is still starting)."""
+    is returned as is (after waiting for it to become healthy, if it is still starting).
+
+    `database_url` (default: PREFECT_SERVER_DATABASE_CONNECTION_URL of the environment):
+    the server's database, e.g. `postgresql+asyncpg://user@host:5432/prefect`; none: SQLite
+    under `home`. PostgreSQL is what many workers need (SQLite serialises every write)."""
     home = (home or default_home()).resolve()
     home.mkdir(parents=True, exist_ok=True)
     timeout = start_timeout() if timeout is None else timeout
@@ -183,10 +187,22 @@ def start(home: Path | None = None, *, port: int | None = None, host: str = "127
                 return old
             stop(old)
         _state_file(home).unlink(missing_ok=True)
-        return _spawn(home, port, host, timeout)
+        return _spawn(home, port, host, timeout, database_url or os.environ.get(DB_URL_ENV) or None)
 
 
-def _spawn(home: Path, port: int | None, host: str, timeout: float) -> Server:
+DB_URL_ENV = "PREFECT_SERVER_DATABASE_CONNECTION_URL"
+
+
+def prefect_database_url(sqlalchemy_url: str) -> str:
+    """The Prefect server's form of a PostgreSQL URL: its async driver is asyncpg
+    (`postgresql+psycopg://...` as vmrep's state uses becomes `postgresql+asyncpg://...`)."""
+    scheme, sep, rest = sqlalchemy_url.partition("://")
+    if sep and scheme.split("+")[0] in ("postgresql", "postgres"):
+        return f"postgresql+asyncpg://{rest}"
+    return sqlalchemy_url
+
+
+def _spawn(home: Path, port: int | None, host: str, timeout: float, database_url: str | None = None) -> Server:
     if not port:  # None or 0: the usual port when free, else any
         port = DEFAULT_PORT if port_free(DEFAULT_PORT, host) else free_port(host)
     elif not port_free(port, host):
@@ -202,6 +218,8 @@ def _spawn(home: Path, port: int | None, host: str, timeout: float) -> Server:
         # The UI must call the API where it really is (not on its default 4200).
         "PREFECT_UI_API_URL": f"http://{host}:{port}/api",
     })
+    if database_url:
+        env[DB_URL_ENV] = prefect_database_url(database_url)
     args = [*_prefect_cmd(), "server", "start", "--host", host, "--port", str(port), "--analytics-off"]
     with open(log_path, "ab") as log:
         # Its own session: a Ctrl-C in the terminal of the command that started it does

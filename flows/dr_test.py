@@ -12,7 +12,7 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._common import flow_run_id
+from flows._common import flow_run_id, hand_off
 from flows.reports import dr_test_report
 from tasks.recovery import PrefectRunner
 from vmrep.recovery import operations as ops
@@ -39,6 +39,8 @@ def _raise_if_failed(summary: dict[str, Any]) -> dict[str, Any]:
 def dr_test(vpg: str, config: str = "vmrep.yaml", checkpoint: str = "latest", keep_minutes: float = 0.0,
             notes: str | None = None, who: str | None = None, verify_timeout: float = 600.0) -> dict[str, Any]:
     """Test failover of a VPG into its test network: start, verify, keep, stop."""
+    if (handed := hand_off(config, vpg, "recovery")) is not None:  # on the recovery site's pool
+        return handed
     summary: dict[str, Any] = {}
     try:
         summary = ops.run_test(config, vpg, checkpoint=checkpoint, keep_minutes=keep_minutes, notes=notes,
@@ -56,6 +58,8 @@ def dr_test(vpg: str, config: str = "vmrep.yaml", checkpoint: str = "latest", ke
 def dr_test_start(vpg: str, config: str = "vmrep.yaml", checkpoint: str = "latest", notes: str | None = None,
                   who: str | None = None, verify_timeout: float = 600.0) -> dict[str, Any]:
     """Start a test and leave it running (stop it with dr-test-stop)."""
+    if (handed := hand_off(config, vpg, "recovery")) is not None:  # on the recovery site's pool
+        return handed
     return ops.run_test(config, vpg, checkpoint=checkpoint, notes=notes, who=started_by(who, fallback="prefect"),
                         flow_run_id=flow_run_id(), runner=PrefectRunner(), stop=False,
                         verify_timeout=verify_timeout)
@@ -65,6 +69,8 @@ def dr_test_start(vpg: str, config: str = "vmrep.yaml", checkpoint: str = "lates
 def dr_test_stop(vpg: str, success: bool, config: str = "vmrep.yaml", notes: str | None = None,
                  who: str | None = None) -> dict[str, Any]:
     """Stop the VPG's running test: record success and notes, remove test VMs and scratch copies."""
+    if (handed := hand_off(config, vpg, "recovery")) is not None:  # on the recovery site's pool
+        return handed
     summary: dict[str, Any] = {}
     try:
         summary = ops.stop_test(config, vpg, success=success, notes=notes, who=started_by(who, fallback="prefect"),

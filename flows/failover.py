@@ -13,7 +13,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._common import flow_run_id
+from flows._common import flow_run_id, hand_off
 from flows.dr_test import interrupted
 from tasks.recovery import PrefectRunner
 from vmrep.recovery import operations as ops
@@ -27,6 +27,8 @@ def failover(vpg: str, confirm: str, config: str = "vmrep.yaml", checkpoint: str
              commit_after_minutes: float | None = None, who: str | None = None,
              verify_timeout: float = 600.0, shutdown_timeout: float = 300.0) -> dict[str, Any]:
     """Live failover of a VPG (confirm: the VPG's name again)."""
+    if (handed := hand_off(config, vpg, "recovery")) is not None:  # on the recovery site's pool
+        return handed
     logger = get_run_logger()
     return ops.run_failover(config, vpg, confirm=confirm, checkpoint=checkpoint, shutdown=shutdown,
                             commit_policy=commit_policy, commit_after_minutes=commit_after_minutes,
@@ -40,6 +42,8 @@ def failover(vpg: str, confirm: str, config: str = "vmrep.yaml", checkpoint: str
 def commit(vpg: str, config: str = "vmrep.yaml", reverse_protection: bool = False,
            who: str | None = None) -> dict[str, Any]:
     """Commit the failover awaiting commit; with reverse protection, protect back."""
+    if (handed := hand_off(config, vpg, "recovery")) is not None:  # on the recovery site's pool
+        return handed
     return ops.commit(config, vpg, reverse_protection=reverse_protection, who=started_by(who, fallback="prefect"),
                       flow_run_id=flow_run_id(), runner=PrefectRunner())
 
@@ -48,5 +52,7 @@ def commit(vpg: str, config: str = "vmrep.yaml", reverse_protection: bool = Fals
       on_cancellation=[interrupted], on_crashed=[interrupted])
 def rollback(vpg: str, config: str = "vmrep.yaml", who: str | None = None) -> dict[str, Any]:
     """Roll back the failover awaiting commit: recovered VMs removed, source back as it was."""
+    if (handed := hand_off(config, vpg, "recovery")) is not None:  # on the recovery site's pool
+        return handed
     return ops.rollback(config, vpg, who=started_by(who, fallback="prefect"), flow_run_id=flow_run_id(),
                         runner=PrefectRunner())

@@ -10,7 +10,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._common import flow_run_id, started_by
+from flows._common import flow_run_id, hand_off, started_by
 from tasks.replication import PrefectRunner
 from vmrep.replication import engine
 from vmrep.runtime import get_runtime
@@ -19,6 +19,8 @@ from vmrep.runtime import get_runtime
 @flow(name="initial-sync", task_runner=ThreadPoolTaskRunner(max_workers=4))
 def initial_sync(vpg: str, config: str = "vmrep.yaml", who: str | None = None) -> dict[str, Any]:
     """Copy every disk of the VPG into the journal and take its first checkpoint."""
+    if (handed := hand_off(config, vpg, "protected")) is not None:  # on the protected site's pool
+        return handed
     rt = get_runtime(config)
     r = engine.initial_sync(rt, rt.config.vpg(vpg), runner=PrefectRunner(), who=started_by(who),
                             flow_run_id=flow_run_id())

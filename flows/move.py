@@ -9,7 +9,7 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._common import flow_run_id
+from flows._common import flow_run_id, hand_off
 from flows.dr_test import interrupted
 from tasks.recovery import PrefectRunner
 from vmrep.recovery import operations as ops
@@ -22,6 +22,8 @@ def move(vpg: str, confirm: str, config: str = "vmrep.yaml", shutdown: str = "gr
          reverse_protection: bool = True, keep_source_vms: bool = False, who: str | None = None,
          verify_timeout: float = 600.0, shutdown_timeout: float = 300.0) -> dict[str, Any]:
     """Planned move of a VPG to its recovery site (confirm: the VPG's name again)."""
+    if (handed := hand_off(config, vpg, "recovery")) is not None:  # on the recovery site's pool
+        return handed
     return ops.run_move(config, vpg, confirm=confirm, shutdown=shutdown, reverse_protection=reverse_protection,
                         keep_source_vms=keep_source_vms, who=started_by(who, fallback="prefect"),
                         flow_run_id=flow_run_id(), runner=PrefectRunner(), verify_timeout=verify_timeout,

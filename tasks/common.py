@@ -4,7 +4,10 @@ runner that lets an engine sequence submit its steps as task runs."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+import logging
+import time
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Mapping
 
 from prefect.cache_policies import NO_CACHE
 
@@ -36,6 +39,42 @@ def step_options(*, retries: int = 3, timeout: float | None = None, **extra: Any
     )
     opts.update(extra)
     return opts
+
+
+def vcenter_limit_name(site: str) -> str:
+    """The Prefect global concurrency limit of a site's vCenter (created by whatever
+    starts a server: deployments/pools.py)."""
+    return f"vcenter-{site}"
+
+
+@contextmanager
+def vcenter_slot(site: str) -> Iterator[None]:
+    """Hold one slot of the site's vCenter limit for a vCenter-heavy step (snapshot create
+    and remove), so many VPGs never overload one vCenter. Strict: a limit that does not
+    exist is an error, not a free pass (it would silently let every VPG through). Waits
+    as long as it takes: a slot is held for seconds, and a step that waits is still due.
+
+    The held interval is logged (`vcenter slot <name> held <t0> <t1>`, monotonic-free
+    epoch seconds): tests read it back from the API to measure overlap."""
+    from prefect.concurrency.sync import concurrency
+
+    name = vcenter_limit_name(site)
+    with concurrency(name, occupy=1, strict=True):
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            _run_log().info("vcenter slot %s held %.6f %.6f", name, t0, time.time())
+
+
+def _run_log() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:  # called outside a task run
+        return logging.getLogger("vmrep.tasks")
 
 
 def wait_all(futures: Iterable[Any]) -> list[Any]:

@@ -14,9 +14,14 @@ from typing import Any
 
 from prefect import task
 
-from tasks.common import PrefectStepRunner, step_options
+from tasks.common import PrefectStepRunner, step_options, vcenter_slot
 from vmrep.replication import steps as s
+from vmrep.runtime import get_runtime
 from vmrep.vsphere.inventory import DiskInfo, VMInfo
+
+
+def _protected_site(config: str, vpg: str) -> str:
+    return get_runtime(config).config.vpg(vpg).protected_site
 
 
 @task(name="read-vpg-inventory", **step_options())
@@ -26,12 +31,15 @@ def read_vpg_inventory(config: str, vpg: str) -> dict[str, VMInfo]:
 
 @task(name="consistency-point", **step_options())
 def consistency_point(config: str, vpg: str, vms: dict[str, VMInfo]) -> datetime:
-    return s.consistency_point(config, vpg, vms)
+    # Snapshots are created at the protected site: one slot of its vCenter's limit.
+    with vcenter_slot(_protected_site(config, vpg)):
+        return s.consistency_point(config, vpg, vms)
 
 
 @task(name="release-consistency-points", **step_options())
 def release_consistency_points(config: str, vpg: str) -> int:
-    return s.release_consistency_points(config, vpg)
+    with vcenter_slot(_protected_site(config, vpg)):
+        return s.release_consistency_points(config, vpg)
 
 
 @task(name="transfer-vm", **step_options())

@@ -35,6 +35,7 @@ from typing import Iterator
 import pytest
 
 PG_PACKAGE = "postgresql-15"
+LAB_SITES = ("siteA", "siteB")  # the sites `vmrep lab up` configures (lab/manage.py)
 
 
 def _pg_bindir() -> Path | None:
@@ -247,6 +248,13 @@ def prefect_harness(request: pytest.FixtureRequest) -> Iterator[str]:
         harness.__enter__()
         url = PREFECT_API_URL.value()
         config._vmrep_prefect_api_url = url  # type: ignore[attr-defined]
+        # Whatever starts a server creates the vCenter limits the tasks hold strictly
+        # (deployments/pools.py): here those of the lab's two sites.
+        from deployments.pools import ensure_limits
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            ensure_limits(client, {site: 4 for site in LAB_SITES})
 
         def stop() -> None:
             try:

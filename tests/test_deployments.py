@@ -46,11 +46,19 @@ def test_every_flow_is_deployed(built):
         "compliance-report/monthly", "dr-test-report/dr-test-report", "notify/notify", "dr-test/dr-test",
         "dr-test-start/dr-test-start", "dr-test-stop/dr-test-stop", "failover/live-failover",
         "move/planned-move", "commit/commit", "rollback/rollback",
+        # the per-site deployments the UI entries hand over to (one work pool each)
+        "initial-sync/a", "dr-test/b", "dr-test-start/b", "dr-test-stop/b", "failover/b", "move/b", "commit/b",
+        "rollback/b",
     }
     for d in deps.values():
         # module entry points: flows/reports.py must not be imported as a top-level `reports`
         assert d.entrypoint.startswith("flows.") and ":" not in d.entrypoint
         assert d.enforce_parameter_schema and d.description and "vmrep" in d.tags
+    # exactly one pool each: replication on the protected site's, the rest on the recovery site's
+    assert deps["replicate/erp"].work_pool_name == "vmrep-a" and deps["initial-sync/a"].work_pool_name == "vmrep-a"
+    for name in ("dr-test/b", "failover/b", "monitor/every-minute", "dr-test/dr-test", "compliance-report/monthly"):
+        assert deps[name].work_pool_name == "vmrep-b", name
+    assert not deps["dr-test/b"].schedules and len(deps["dr-test/dr-test"].schedules) == 2
 
 
 def test_schemas_have_a_form_for_people(built, config_path):
@@ -85,6 +93,9 @@ def test_the_server_refuses_bad_parameters(prefect_harness, config_path):
     from prefect.client.orchestration import get_client
     from prefect.exceptions import PrefectHTTPStatusError
 
+    from deployments import pools
+
+    pools.ensure_for_path(prefect_harness, config_path)  # the sites' pools, as `make server` makes them
     deps, _ = serve.build_deployments(config_path, strict=True, schedules_active=False)
     by_name = {f"{d.flow_name}/{d.name}": d for d in deps}
     ids = {name: by_name[name].apply() for name in {n for n, _ in GOOD + BAD}}

@@ -103,6 +103,9 @@ class Site(Strict):
     connect_timeout_seconds: float = Field(default=10.0, gt=0)
     # Lab only: the simulator's fault-injection control endpoint.
     lab_control_url: str | None = None
+    # Slots of the site's Prefect global concurrency limit `vcenter-<site>`: at most this
+    # many vCenter-heavy steps (snapshot create/remove) of all VPGs at once on this vCenter.
+    vcenter_slots: int = Field(default=4, ge=1, description="concurrent vCenter-heavy steps on this site")
 
     _secret = field_validator("password", mode="before")(_secret_ref)
 

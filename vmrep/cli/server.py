@@ -13,6 +13,10 @@ commands find it running and use it. It runs until `vmrep server stop`.
 
 PREFECT_API_URL set (in the environment or Prefect's profile) wins: nothing is started.
 VMREP_LOCAL_SERVER=off keeps Prefect's ephemeral mode (one server per command).
+
+Before a flow runs, the config's sites get their work pools and their vCenter limits
+(`vcenter-<site>`, deployments/pools.py) on whichever server it runs against: the tasks
+hold those limits strictly, and whatever starts a server creates them.
 """
 
 from __future__ import annotations
@@ -98,10 +102,35 @@ def flow_api() -> Iterator[str | None]:
             os.environ["PREFECT_API_URL"] = before
 
 
+def ensure_site_objects(api_url: str | None, config_path: str | None) -> None:
+    """The sites' work pools and vCenter concurrency limits (`vcenter-<site>`, strict in
+    the tasks) on the server this process's flows use: created here, as every starter of
+    a server does (deployments/pools.py). Idempotent, a few API calls."""
+    from pathlib import Path
+
+    from deployments import pools
+
+    path = Path(config_path or os.environ.get("VMREP_CONFIG") or "vmrep.yaml")
+    if path.exists():
+        pools.ensure_for_path(api_url, path)
+
+
+def _config_arg(flow: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    import inspect
+
+    try:
+        bound = inspect.signature(flow.fn).bind_partial(*args, **kwargs)
+    except (TypeError, AttributeError):
+        return None
+    value = bound.arguments.get("config")
+    return str(value) if value else None
+
+
 def run_flow(flow: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a flow in this process against the local server (see the module's docstring).
     Its refusals are checked by the caller before, so a bad input never waits for a server."""
-    with flow_api():
+    with flow_api() as url:
+        ensure_site_objects(url, _config_arg(flow, args, kwargs))
         return flow(*args, **kwargs)
 
 
@@ -143,6 +172,7 @@ def server_status(json_out: JsonOpt = False) -> None:
 def server_start(json_out: JsonOpt = False) -> None:
     """Start the local Prefect server now (or find it running)."""
     srv = ensure_server()
+    ensure_site_objects(srv.api_url, None)  # pools and vCenter limits of $VMREP_CONFIG or ./vmrep.yaml
     if json_out:
         print_json(_status())
     else:
