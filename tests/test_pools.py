@@ -1,0 +1,214 @@
+"""Work pools per site, for real: a Prefect server on PostgreSQL (vmrep's own state in
+another database of the same PostgreSQL server), `python -m deployments.serve` creating
+the pools `vmrep-siteA` and `vmrep-siteB`, the vCenter limits and the deployments, and
+running one process worker per pool; every one of these is a process of its own.
+
+- A replication run executes on vmrep-siteA (the protected site's pool); a DR test started
+  from the UI entry `dr-test/dr-test` is handed over to `dr-test/siteB` and executes on
+  vmrep-siteB: read back from the API.
+- With `vcenter_slots: 1` at siteA and every CreateSnapshot delayed 1.5 s by the lab, two
+  VPGs replicating at once never hold siteA's vCenter slot together: the overlap of the
+  held intervals the snapshot steps log is 0, while their runs did interleave.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from deployments import server as srvmod
+
+REPO = Path(__file__).resolve().parents[1]
+HELD = re.compile(r"vcenter slot (\S+) held ([0-9.]+) ([0-9.]+)")
+
+pytestmark = [pytest.mark.postgres, pytest.mark.timeout(1500)]
+
+
+def wait_for(what: str, fn: Any, timeout: float, every: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+@pytest.fixture(scope="module")
+def stack(lab, pg_server, tmp_path_factory):  # type: ignore[no-untyped-def]
+    tmp = tmp_path_factory.mktemp("pools")
+    tag = uuid.uuid4().hex[:8]
+    prefect_db = pg_server.create_database(f"prefect_{tag}")
+    state_db = pg_server.create_database(f"vmrep_{tag}")
+    cfg = yaml.safe_load(lab.config_path.read_text())
+    cfg["database_url"] = state_db  # vmrep's state: another database of the same server
+    cfg["journal"]["path"] = str(tmp / "journal")
+    cfg["sites"]["siteA"]["vcenter_slots"] = 1
+    config = tmp / "vmrep.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    srv = proc = None
+    log = open(tmp / "serve.log", "wb")
+    try:
+        srv = srvmod.start(tmp / "prefect", port=srvmod.free_port(), database_url=prefect_db)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update(srv.env())
+        env.update(PREFECT_HOME=str(tmp / "prefect-client"), PREFECT_LOGGING_LEVEL="INFO",
+                   PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_WORKER_PREFETCH_SECONDS="5",
+                   VMREP_REPORTS_DIR=str(tmp / "reports"), VMREP_HOME=str(tmp / "home"))
+        proc = subprocess.Popen([sys.executable, "-m", "deployments.serve", "--config", str(config),
+                                 "--no-schedules", "--no-automations"],
+                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        yield {"srv": srv, "proc": proc, "config": config, "log": tmp / "serve.log", "lab": lab,
+               "workers": tmp / "prefect-client" / "workers"}
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)  # serve stops its workers (and their runs)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+        if srv is not None:
+            srvmod.stop(srv)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def api(stack):  # type: ignore[no-untyped-def]
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: stack["srv"].api_url}), get_client(sync_client=True) as c:
+        yield c
+
+
+def _tail(stack: dict[str, Any]) -> str:
+    out = stack["log"].read_text(errors="replace")[-2000:]
+    for p in sorted(Path(stack["workers"]).glob("*.log")):
+        out += f"\n--- {p.name}\n" + p.read_text(errors="replace")[-2500:]
+    return out
+
+
+def _deployment(api: Any, stack: dict[str, Any], name: str) -> Any:
+    def read() -> Any:
+        try:
+            return api.read_deployment_by_name(name)
+        except Exception:  # noqa: BLE001 - not registered yet
+            assert stack["proc"].poll() is None, f"serve exited:\n{_tail(stack)}"
+            return None
+
+    return wait_for(name, read, 240)
+
+
+def _start(api: Any, stack: dict[str, Any], name: str, parameters: dict[str, Any]) -> Any:
+    return api.create_flow_run_from_deployment(_deployment(api, stack, name).id, parameters=parameters)
+
+
+def _finish(api: Any, stack: dict[str, Any], fr: Any, timeout: float) -> Any:
+    final = wait_for(f"{fr.name}", lambda: (r := api.read_flow_run(fr.id)).state.is_final() and r, timeout, 1.0)
+    assert final.state.is_completed(), f"{fr.name}: {final.state.type} {final.state.message}\n{_tail(stack)}"
+    return final
+
+
+def _child(api: Any, parent: Any) -> Any:
+    """The run a UI entry handed over to (a subflow of it)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    [child] = api.read_flow_runs(flow_run_filter=FlowRunFilter(
+        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])))
+    return child
+
+
+def test_runs_execute_on_the_pool_of_their_site(stack, api) -> None:  # type: ignore[no-untyped-def]
+    # The server is on PostgreSQL: its database holds Prefect's tables.
+    import psycopg
+
+    for name in ("vmrep-siteA", "vmrep-siteB"):
+        pool = wait_for(name, lambda n=name: _pool(api, n), 240)
+        assert pool.type == "process"
+    wait_for("one worker per pool", lambda: all(
+        len([w for w in api.read_workers_for_work_pool(p) if str(w.status).upper().endswith("ONLINE")]) == 1
+        for p in ("vmrep-siteA", "vmrep-siteB")), 180, 1.0)
+
+    sync = _finish(api, stack, _start(api, stack, "initial-sync/initial-sync", {"vpg": "erp"}), 600)
+    child = _child(api, sync)
+    assert (child.work_pool_name, sync.work_pool_name) == ("vmrep-siteA", "vmrep-siteB")  # home: siteB
+    assert child.state.is_completed()
+
+    rep = _finish(api, stack, _start(api, stack, "replicate/erp", {"vpg": "erp", "cycles": 2,
+                                                                  "interval_seconds": 1}), 600)
+    assert rep.work_pool_name == "vmrep-siteA"
+
+    dr = _finish(api, stack, _start(api, stack, "dr-test/dr-test", {"vpg": "erp", "notes": "pools test"}), 900)
+    test = _child(api, dr)
+    assert test.work_pool_name == "vmrep-siteB" and test.state.is_completed()
+    assert api.read_deployment(test.deployment_id).name == "siteB"
+    # Each ran in a process a worker started, not in the serving process.
+    pids = {r.infrastructure_pid for r in (child, rep, test)}
+    assert None not in pids and len(pids) == 3
+
+    cfg = yaml.safe_load(stack["config"].read_text())
+    db = cfg["database_url"].replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(db) as conn:  # vmrep's state went to its own database on the same server
+        ops = conn.execute("select kind from operations where vpg = 'erp'").fetchall()
+        assert {"initial_sync", "test"} <= {k for (k,) in ops}
+        prefect_db = db.rsplit("/", 1)[0] + "/" + db.rsplit("/", 1)[1].replace("vmrep_", "prefect_")
+    with psycopg.connect(prefect_db) as conn:
+        n = conn.execute("select count(*) from flow_run").fetchone()
+        assert n is not None and n[0] >= 5
+
+
+def _pool(api: Any, name: str) -> Any:
+    try:
+        return api.read_work_pool(name)
+    except Exception:  # noqa: BLE001 - not created yet
+        return None
+
+
+def test_one_vcenter_slot_serialises_two_vpgs_snapshot_steps(stack, api) -> None:  # type: ignore[no-untyped-def]
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    limit = wait_for("the limit", lambda: api.read_global_concurrency_limit_by_name("vcenter-siteA"), 240)
+    assert limit.limit == 1 and limit.active
+    assert api.read_global_concurrency_limit_by_name("vcenter-siteB").limit == 4  # the default
+    _finish(api, stack, _start(api, stack, "initial-sync/initial-sync", {"vpg": "files"}), 600)
+    try:
+        _finish(api, stack, _start(api, stack, "initial-sync/initial-sync", {"vpg": "erp"}), 600)
+    except AssertionError:  # erp is synced already when the other test ran first
+        pass
+
+    ctl = stack["lab"].control("siteA")
+    ctl.fault("CreateSnapshot_Task", "delay", count=0, delay_ms=1500)  # a slow vCenter: long slots
+    try:
+        runs = [_start(api, stack, f"replicate/{v}", {"vpg": v, "cycles": 3, "interval_seconds": 1})
+                for v in ("erp", "files")]
+        done = [_finish(api, stack, r, 900) for r in runs]
+    finally:
+        ctl.clear_faults()
+
+    held: dict[str, list[tuple[float, float]]] = {}
+    for r in done:
+        def read(r: Any = r) -> list[tuple[float, float]]:
+            logs = api.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id])))
+            return [(float(m[2]), float(m[3])) for lg in logs if (m := HELD.search(lg.message))
+                    and m[1] == "vcenter-siteA"]
+        # 3 cycles: a clean-up, a consistency point and a release each
+        held[str(r.id)] = wait_for("the slot logs", lambda read=read: len(x := read()) >= 9 and x, 60, 1.0)
+    a, b = held.values()
+    assert max(t1 - t0 for t0, t1 in a + b) >= 1.4  # the consistency points waited for the slow vCenter
+    # The two runs used the vCenter interleaved in time (else this would prove nothing) ...
+    assert min(max(t1 for _, t1 in a), max(t1 for _, t1 in b)) > max(min(t0 for t0, _ in a), min(t0 for t0, _ in b))
+    # ... and never held its one slot together.
+    overlap = sum(max(0.0, min(a1, b1) - max(a0, b0)) for a0, a1 in a for b0, b1 in b)
+    assert overlap == 0.0, f"overlap {overlap:.3f}s"
