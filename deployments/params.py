@@ -59,11 +59,13 @@ class InitialSyncParams(VpgChoice):
 
 class ReplicateParams(VpgChoice):
     """Continuous replication of one VPG for a bounded time; the schedule starts the next
-    run right after, so checkpoints keep coming back to back."""
+    run while this one still cycles and it takes over between two checkpoints, so
+    checkpoints keep coming back to back."""
 
     for_seconds: float | None = Field(
         default=None, gt=0, le=24 * 3600, title="Run for (seconds)",
-        description="How long this run keeps taking checkpoints before it ends and the next run takes over.")
+        description="The longest this run keeps taking checkpoints; a later run of the deployment takes over "
+                    "sooner.")
     interval_seconds: float = Field(
         default=10.0, ge=1, le=3600, title="Seconds between checkpoints",
         description="A new checkpoint is started this often (keep it well under the VPG's RPO target).")

@@ -12,7 +12,7 @@ Deployments (flow/deployment), for the VPGs of the config:
 
 | deployment | when | what |
 |---|---|---|
-| replicate/<vpg> | back to back: a run every few minutes, each replicating until the next is due; one at a time, a late one starts as soon as the previous ends | continuous replication |
+| replicate/<vpg> | a run every 5 minutes; the next starts while the last still cycles and takes over between two checkpoints (two runs may be active, one writes) | continuous replication |
 | monitor/every-minute | every minute | RPO, history, tests due, alerts (as events) |
 | dr-test/dr-test | per VPG on its test_interval_months (1st of the month, 02:00 UTC), and from the UI | test failover + report email |
 | compliance-report/monthly | 06:00 UTC on the 1st, for the previous month | compliance report + email |
@@ -44,6 +44,9 @@ log = logging.getLogger("vmrep.deployments")
 
 TAGS = ["vmrep"]
 REPLICATE_RUN_SECONDS = 300  # one replicate run per 5 minutes, back to back
+# How long a replicate run may go on past its successor's due time before it ends on its
+# own (a successor normally takes over within its start-up time, see flows/replicate.py).
+REPLICATE_OVERLAP_SECONDS = 120
 REPO = Path(__file__).resolve().parents[1]  # the code the workers run (see code_dir())
 MONITOR_SECONDS = 60
 COMPLIANCE_CRON = "0 6 1 * *"  # 06:00 UTC on the 1st: the previous month's report
@@ -165,7 +168,9 @@ def specs(config: Any, config_path: str, now: datetime | None = None) -> list[Sp
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.schedules import Cron, Interval
 
-    one_enqueue = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
+    # Two replicate runs at once: the next starts while the last still cycles and takes
+    # over from it (flows/replicate.HandOff), so a flow's start-up is not an RPO gap.
+    two_enqueue = ConcurrencyLimitConfig(limit=2, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
     one_cancel = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
     base = {"config": config_path}
     out: list[Spec] = []
@@ -176,15 +181,15 @@ def specs(config: Any, config_path: str, now: datetime | None = None) -> list[Sp
             "flows.replicate", "replicate", v.name, P.ReplicateParams,
             f"Continuous replication of VPG {v.name} ({v.protected_site} -> {v.recovery_site}): a checkpoint "
             f"every {every:g} s (RPO target {v.rpo_target_seconds:g} s). A run lasts "
-            f"{REPLICATE_RUN_SECONDS // 60} minutes and the next one starts when it ends. "
-            "Needs the initial sync first.",
-            # The run stops starting checkpoints `every` before its end: it has ended when the
-            # next one is due, so the gap between checkpoints stays ~every + start-up.
-            defaults={**base, "vpg": v.name, "for_seconds": REPLICATE_RUN_SECONDS - 5,
+            f"{REPLICATE_RUN_SECONDS // 60} minutes: the next one starts while it runs and takes over "
+            "between two checkpoints (no gap). Needs the initial sync first.",
+            # A run ends when its successor has started (normally seconds after the next is
+            # due); for_seconds only bounds a run whose successor never comes.
+            defaults={**base, "vpg": v.name, "for_seconds": REPLICATE_RUN_SECONDS + REPLICATE_OVERLAP_SECONDS,
                       "interval_seconds": every},
             schedules=[Interval(timedelta(seconds=REPLICATE_RUN_SECONDS), slug=f"replicate-{v.name}",
                                 anchor_date=datetime(2020, 1, 1, tzinfo=timezone.utc))],
-            concurrency=one_enqueue, tags=["replication", f"vpg:{v.name}"], site=v.protected_site))
+            concurrency=two_enqueue, tags=["replication", f"vpg:{v.name}"], site=v.protected_site))
     home = home_site(config)
 
     out.append(Spec(

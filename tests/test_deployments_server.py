@@ -132,6 +132,14 @@ def test_dr_test_from_the_api_emails_its_report_and_publishes_artifacts(stack):
         assert any(n and n.endswith("-steps.csv") for n in names)
         assert "e2e-tester" in msg.get_body(("plain",)).get_content()
 
+        # The UI entry handed the test over to dr-test/siteB, on the recovery site's pool: its
+        # run (a subflow of the entry's) did the test and published the artifacts.
+        from prefect.client.schemas.filters import FlowRunFilterParentFlowRunId
+
+        [fr] = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[fr.id])))
+        assert fr.work_pool_name == "vmrep-siteB" and client.read_deployment(fr.deployment_id).name == "siteB"
+
         # The artifacts of that flow run: table, link to the HTML on disk, summary, email outcome.
         arts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])),
                                      artifact_filter=ArtifactFilter())
