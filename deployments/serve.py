@@ -1,12 +1,16 @@
-"""Every vmrep flow as a Prefect deployment, served from this process: `make server`.
+"""Every vmrep flow as a Prefect deployment on its site's work pool, and one process worker
+per pool on this machine: `make server`.
 
-    python -m deployments.serve [--config vmrep.yaml] [--port 4200]
+    python -m deployments.serve [--config vmrep.yaml] [--port 4200] [--no-workers] [--database-url URL]
 
-Without PREFECT_API_URL it first starts a local Prefect server (SQLite, loopback, under
-$VMREP_HOME/prefect; see deployments/server.py) and stops it again on exit. Then it
-registers the deployments below, creates the alert automation (deployments/automations.py)
-and serves: runs triggered from the UI, by a schedule or by an automation execute here,
-each in a process of its own.
+Without PREFECT_API_URL it first starts a local Prefect server (SQLite under
+$VMREP_HOME/prefect, or the database of PREFECT_SERVER_DATABASE_CONNECTION_URL /
+--database-url; loopback; see deployments/server.py) and stops it again on exit. Then it
+creates the work pools `vmrep-<site>` and the vCenter limits `vcenter-<site>`
+(deployments/pools.py), registers the deployments below (each on exactly one pool: see
+specs()), creates the alert automation and starts `prefect worker start --pool
+vmrep-<site>` for every site: runs triggered from the UI, by a schedule or by an
+automation execute in a process that their pool's worker starts.
 
 Deployments (flow/deployment), for the VPGs of the config:
 
@@ -17,6 +21,7 @@ Deployments (flow/deployment), for the VPGs of the config:
 | dr-test/dr-test | per VPG on its test_interval_months (1st of the month, 02:00 UTC), and from the UI | test failover + report email |
 | compliance-report/monthly | 06:00 UTC on the 1st, for the previous month | compliance report + email |
 | initial-sync, failover, move, commit, rollback, dr-test-report, notify | from the UI (or the automation) | |
+| <flow>/<site> (dr-test/siteB, initial-sync/siteA, ...) | by the UI entry of the flow | the same on that site's pool |
 
 The parameters of each are pydantic models (deployments/params.py): the UI shows them as
 a form with a drop-down of the configured VPGs, and the server refuses invalid ones.

@@ -234,6 +234,11 @@ class _OpenCheckpoint:
 # process, which is why the flows run their tasks in threads (ThreadPoolTaskRunner)
 # and never hand them to other workers. A step that finds no open checkpoint of its
 # cycle fails with one line saying so.
+# This registry works only because all of a cycle's tasks run in its flow run's process.
+# Work pools keep that true: a process worker starts each flow run as one process, whose
+# tasks run in its threads; Prefect never sends a task run to another worker or machine.
+# Whoever changes the task runner (Dask, Ray, a task worker) must move the open
+# checkpoint out of process memory first.
 _writers: dict[tuple[int, str], _OpenCheckpoint] = {}
 _writers_lock = threading.Lock()
 
