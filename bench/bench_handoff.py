@@ -103,8 +103,8 @@ def bench(handoffs: int = 20, period: float = 30.0, interval: float = 5.0,
 
     base = Path(tempfile.mkdtemp(prefix="vmrep-handoff-"))
     config = base / "vmrep.yaml"
-    lab = manage.up(base=base / "lab", config_path=config, boot_delay="200ms",
-                    database_url=f"sqlite:///{base / 'state.db'}")
+    manage.up(base=base / "lab", config_path=config, boot_delay="200ms",
+              database_url=f"sqlite:///{base / 'state.db'}")
     srv = proc = None
     results = []
     try:
