@@ -15,16 +15,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any, Callable
 
-from vmrep.errors import JournalError, NotFound, VmrepError
+from vmrep.errors import JournalLocked, NotFound, VmrepError
 from vmrep.recovery import naming
 from vmrep.recovery import vms as vmops
 from vmrep.recovery.disks import compare_disk, write_disk
 from vmrep.recovery.plan import Plan, build_plan
 from vmrep.recovery.scripts import run_script
 from vmrep.runtime import get_runtime
+from vmrep.stamps import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,6 @@ class VerificationFailed(VmrepError):
     def __init__(self, message: str, *, detail: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.detail = detail or {}
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 _memo_lock = threading.Lock()
@@ -208,9 +205,9 @@ def final_checkpoint(config: str, vpg: str, op_id: str, tag: str) -> dict[str, A
             try:
                 r = engine.run_cycle(rt, v, tag=tag)
                 break
-            except JournalError as exc:
+            except JournalLocked:
                 # a replication cycle still writing: wait for it, it ends by itself
-                if "locked by another writer" not in str(exc) or time.monotonic() > deadline:
+                if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
         h.detail.update(checkpoint=r.checkpoint_id, blocks_changed=r.blocks_changed)

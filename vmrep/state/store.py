@@ -60,6 +60,7 @@ from vmrep.state.models import (
     VpgRuntime,
     utcnow,
 )
+from vmrep.status import Status
 
 if TYPE_CHECKING:
     import pandas
@@ -232,7 +233,7 @@ class StateStore:
             from sqlalchemy.dialects.postgresql import insert
         else:
             from sqlalchemy.dialects.sqlite import insert
-        row = dict(vpg=vpg, status="Initializing", paused=False, initial_sync_done=False)
+        row = dict(vpg=vpg, status=Status.INITIALIZING, paused=False, initial_sync_done=False)
         created = s.execute(
             insert(VpgRuntime)
             .values(**row, created_at=now, updated_at=now)
@@ -240,7 +241,7 @@ class StateStore:
             .returning(VpgRuntime.vpg)
         ).first()
         if created is not None:  # we made it (not a concurrent creator)
-            s.add(StatusHistory(vpg=vpg, at=now, status="Initializing", detail="VPG created"))
+            s.add(StatusHistory(vpg=vpg, at=now, status=Status.INITIALIZING, detail="VPG created"))
 
     def runtime(self, vpg: str) -> VpgRuntime:
         """The VPG's runtime row, created (status Initializing) on first use."""
