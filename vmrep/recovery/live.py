@@ -169,7 +169,7 @@ def run_failover(config: str, vpg: str, *, confirm: str | None, checkpoint: str 
             store.finish_operation(op, result, error=text,
                                    **_cp_fields(rt, vpg, store.operation(op), find_plan(rt, op)))
             store.unlock(vpg, op)
-            steps.forget(op)
+            steps.forget(rt, op)
             raise
     summary = operation_summary(store, op)
     if not moving:
@@ -262,7 +262,7 @@ def commit(config: str, vpg: str, *, reverse_protection: bool = False, remove_so
         notes = f"reverse protection: VPG {reverse['vpg']}" if reverse else None
         store.finish_operation(op, "succeeded", notes=notes,
                                error=f"reverse protection failed: {reverse_error}" if reverse_error else None)
-    steps.forget(live.id)
+    steps.forget(rt, live.id)
     out = operation_summary(store, op)
     out["reverse_protection"] = reverse
     if reverse_error is not None:
@@ -347,7 +347,7 @@ def rollback(config: str, vpg: str, *, who: str | None = None, flow_run_id: str 
         _restore_status(store, vpg, live)
         _clear(store, vpg, {"ROLLBACK_FAILED"})
         store.finish_operation(op, "succeeded")
-    steps.forget(live.id)
+    steps.forget(rt, live.id)
     return operation_summary(store, op)
 
 
