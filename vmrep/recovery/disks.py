@@ -346,5 +346,3 @@ def compare_disk(journal: Any, ds: DatastoreAccess, vpg: str, checkpoint_id: str
     return res
 
 
-def datastore_of(path: str) -> str:
-    return parse_ds_path(path)[0]
