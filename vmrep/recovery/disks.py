@@ -29,7 +29,7 @@ import blake3
 import numpy as np
 
 from vmrep.errors import JournalError, NotFound
-from vmrep.vsphere.datastore import DatastoreAccess, parse_ds_path
+from vmrep.vsphere.datastore import DatastoreAccess
 
 CHUNK_BLOCKS = 8  # blocks per read or write unit
 MARKER = "# vmrep checkpoint "
