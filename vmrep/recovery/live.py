@@ -91,6 +91,15 @@ def pending_live_operation(rt: Runtime, vpg: VPG, *, runner: Any = None) -> Any 
     return None
 
 
+def awaiting_commit(rt: Runtime, vpg: VPG, what: str, *, runner: Any = None) -> Any:
+    """The failover or move awaiting commit, or Refused naming `what` (commit, rollback):
+    the one check the CLI makes before starting a flow and the engine makes again."""
+    live = pending_live_operation(rt, vpg, runner=runner)
+    if live is None:
+        raise Refused(f"VPG {vpg.name}: {what} refused: no failover or move is awaiting commit")
+    return live
+
+
 def run_failover(config: str, vpg: str, *, confirm: str | None, checkpoint: str = "latest",
                  shutdown: str | None = None, commit_policy: str | None = None,
                  commit_after_minutes: float | None = None, who: str | None = None,
@@ -219,9 +228,7 @@ def commit(config: str, vpg: str, *, reverse_protection: bool = False, remove_so
     v = rt.config.vpg(vpg)
     store = rt.store
     runner = runner or DirectRunner()
-    live = pending_live_operation(rt, v, runner=runner)
-    if live is None:
-        raise Refused(f"VPG {vpg}: commit refused: no failover or move is awaiting commit")
+    live = awaiting_commit(rt, v, "commit", runner=runner)
     if remove_source is None:
         remove_source = reverse_protection
     if reverse_protection and not remove_source:
@@ -326,9 +333,7 @@ def rollback(config: str, vpg: str, *, who: str | None = None, flow_run_id: str 
     v = rt.config.vpg(vpg)
     store = rt.store
     runner = runner or DirectRunner()
-    live = pending_live_operation(rt, v, runner=runner)
-    if live is None:
-        raise Refused(f"VPG {vpg}: rollback refused: no failover or move is awaiting commit")
+    live = awaiting_commit(rt, v, "rollback", runner=runner)
     moving = live.kind == "move"
     with holding_vpg(store, vpg, "rollback", who=who, flow_run_id=flow_run_id, take_from=(live.id, live.kind),
                      params={"live_operation": live.id, "process": process_identity()},
