@@ -6,7 +6,7 @@ error, detail; per VM where it is per VM) and finds what an earlier try of it cr
 instead of creating it twice. `tasks/recovery.py` wraps each in a Prefect task;
 `sequence.DirectRunner` calls them without Prefect.
 
-One module of ~530 lines because it is the step table (`STEPS`) and one short function
+One module of ~510 lines because it is the step table (`STEPS`) and one short function
 per key, named as its key; splitting it would put the table away from its steps.
 """
 
