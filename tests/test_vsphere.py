@@ -165,6 +165,8 @@ def test_task_waits_through_wait_for_updates_not_polling(lab) -> None:  # type: 
         assert calls.get("DestroyPropertyCollector") == 1  # the wait's own collector, removed after
         tree = retrieve_one(c, vm.ref, ["snapshot"]).get("snapshot")
         assert [s._moId for s in vmops.find_snapshots(tree, "vmrep-test-wait")] == [snap._moId]
+        vmops.revert_to_snapshot(c, vm.name, snap)
+        assert retrieve_one(c, vm.ref, ["snapshot"]).get("snapshot").currentSnapshot._moId == snap._moId
         vmops.remove_snapshot(c, vm.name, snap, "remove test snapshot")
         tree = retrieve_one(c, vm.ref, ["snapshot"]).get("snapshot")
         assert vmops.find_snapshots(tree, "vmrep-test-wait") == []
