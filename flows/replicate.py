@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.replication import PrefectRunner
-from vmrep.replication import engine
+from vmrep.replication import engine, steps
 from vmrep.runtime import get_runtime
 
 
@@ -103,6 +103,13 @@ def replicate(vpg: str, config: str = "vmrep.yaml", cycles: int | None = None,
     log = get_run_logger()
     handoff = HandOff.of_this_run()
     if handoff is not None:
+        # Warm up while the previous run still cycles: the vSphere login and the collector's
+        # container views, so the first cycle after the take-over is as quick as any other.
+        # A read only (no task run: nothing is written), and a failure here is the cycle's.
+        try:
+            steps.read_vpg_inventory(config, vpg)
+        except Exception as exc:  # noqa: BLE001 - the first cycle reports it, with its retries
+            log.warning("VPG %s: warm-up read failed (%s); the first cycle will try again", vpg, exc)
         waited = handoff.wait_for_earlier_runs(timeout=max(60.0, 6 * interval_seconds))
         log.info("VPG %s: took over replication after %.2fs of waiting for the previous run", vpg, waited)
     start = time.monotonic()
