@@ -161,13 +161,43 @@ class VMTransfer:
         return sum(s.seconds for s in self.disks.values())
 
 
+# The journal service clients of this process, per Runtime and recovery site.
+_remotes: dict[tuple[int, str], Any] = {}
+_remotes_lock = threading.Lock()
+
+
+def journal_for(rt: Runtime, vpg: str) -> Any:
+    """The journal a VPG's replication writes to: the recovery site's journal service
+    when that site has one and the VPG crosses sites (the WAN is crossed only through
+    it), else the journal directory (local replication, the demo)."""
+    if not is_remote(rt, vpg):
+        return rt.journal
+    from vmrep.journal.remote import RemoteJournal
+
+    site = rt.config.site(rt.config.vpg(vpg).recovery_site)
+    assert site.journal_service is not None  # is_remote said so
+    key = (id(rt), site.name)
+    with _remotes_lock:
+        j = _remotes.get(key)
+        if j is None:
+            j = _remotes[key] = RemoteJournal(site.journal_service, where=f"sites.{site.name}.journal_service")
+        return j
+
+
+def is_remote(rt: Runtime, vpg: str) -> bool:
+    """Whether the VPG's journal is reached through its recovery site's journal service."""
+    v = rt.config.vpg(vpg)
+    return v.protected_site != v.recovery_site and rt.config.site(v.recovery_site).journal_service is not None
+
+
 def previous_map(rt: Runtime, vpg: str, previous: str | None, vm: str, disk: DiskInfo) -> Any:
     if previous is None:
         return None
-    disks = rt.journal.disks(vpg, previous)
+    j = journal_for(rt, vpg)
+    disks = j.disks(vpg, previous)
     if disks.get((vm, disk.id)) != disk.capacity:
         return None  # new or resized disk: full scan (dedup still avoids storing known blocks)
-    return rt.journal.block_map(vpg, previous, vm, disk.id)
+    return j.block_map(vpg, previous, vm, disk.id)
 
 
 def transfer_disk(rt: Runtime, vpg: VPG, vm: VMInfo, disk: DiskInfo, writer: Any, previous: str | None, *,
@@ -252,7 +282,13 @@ def open_writer(rt: Runtime, vpg: str, cycle: str | None = None) -> Any:
             raise JournalLocked(f"VPG {vpg}: locked by another writer in this process "
                                f"(cycle {e.cycle} is open)")
         if e is None:
-            e = _writers[key] = _OpenCheckpoint(rt.journal.begin(vpg), cycle)
+            j = journal_for(rt, vpg)
+            if not is_remote(rt, vpg):
+                w = j.begin(vpg)
+            else:  # compressed at the sender when the VPG says so (docs/journal-service.md)
+                w = j.begin(vpg, compress=rt.config.vpg(vpg).wan_compression,
+                            compression_level=max(1, rt.config.journal.compression_level))
+            e = _writers[key] = _OpenCheckpoint(w, cycle)
         return e.writer
 
 
@@ -284,7 +320,7 @@ def discard_writer(rt: Runtime, vpg: str, cycle: str | None = None) -> None:
 
 def published_checkpoint(rt: Runtime, vpg: str, cycle: str) -> Any | None:
     """The checkpoint that cycle `cycle` published, if it did."""
-    for cp in reversed(rt.journal.checkpoints(vpg)):
+    for cp in reversed(journal_for(rt, vpg).checkpoints(vpg)):
         if cp.meta.get("cycle") == cycle:
             return cp
     return None
@@ -318,11 +354,17 @@ def commit_checkpoint(rt: Runtime, vpg: str, cycle: str, *, at: datetime | None,
 
 
 def latest_checkpoint_id(rt: Runtime, vpg: str) -> str | None:
-    cps = rt.journal.checkpoints(vpg)
+    cps = journal_for(rt, vpg).checkpoints(vpg)
     return cps[-1].id if cps else None
 
 
 def apply_retention(rt: Runtime, vpg: VPG, now: datetime | None = None) -> Any:
+    if is_remote(rt, vpg.name):
+        # The recovery site's service applies retention after each commit: the protected
+        # site's credential may not shorten history.
+        from vmrep.journal.results import RetentionResult
+
+        return RetentionResult(vpg.name, None)
     now = now or utcnow()
     limit = vpg.hard_limit_bytes or None
     result = rt.journal.apply_retention(vpg.name, now - timedelta(seconds=vpg.history_seconds), limit)
