@@ -52,10 +52,17 @@ def serve(
     """Serve this site's journal over HTTPS to the protected sites (append-only for their
     writer credentials; see docs/journal-service.md). Runs until interrupted."""
     import logging
+    import signal
 
+    from vmrep.cli import signals
     from vmrep.journal.service import serve as run
 
     cfg = config_from(config)
+    # A service: SIGTERM/Ctrl-C is how it ends (exit 0). uvicorn takes the signals while
+    # it runs and raises them again after its shutdown: nothing is left to do by then.
+    signals.stop_ends_successfully()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     console_err.print(f"journal service for {cfg.journal_path}", markup=False, highlight=False)
     run(cfg, host=host, port=port)

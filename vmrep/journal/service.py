@@ -441,9 +441,13 @@ def serve(cfg: Config, *, host: str | None = None, port: int | None = None) -> N
     j = cfg.journal
     journal = Journal.open(cfg.journal_path, block_size=j.block_size, compression_level=j.compression_level)
     svc = JournalService(cfg, journal, settings)
+    # A bounded graceful shutdown: a protected site's idle keep-alive connection must
+    # not hold SIGTERM up (open checkpoints are aborted below either way).
+    server = uvicorn.Server(uvicorn.Config(build_app(svc), host=host, port=port, ssl_certfile=str(settings.cert_file),
+                                           ssl_keyfile=str(settings.key_file), log_level="info", access_log=False,
+                                           timeout_graceful_shutdown=5))
     try:
-        uvicorn.run(build_app(svc), host=host, port=port, ssl_certfile=str(settings.cert_file),
-                    ssl_keyfile=str(settings.key_file), log_level="info", access_log=False)
+        server.run()
     finally:
         svc.close()
         journal.close()

@@ -1,0 +1,208 @@
+"""The journal service (`vmrep journal serve`), a real server process over HTTPS on the
+lab's certificate: replication through it ends with data exact; the protected site's
+writer credential is refused everything destructive (403, one line, logged), and
+afterwards verify passes and every checkpoint rebuilds as before."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+
+from vmrep.errors import JournalError, Refused
+from vmrep.journal import Journal
+from vmrep.journal.remote import RemoteJournal, encode_batch
+from vmrep.config import JournalServiceClient
+from vmrep.replication import engine
+from vmrep.runtime import forget_runtime, get_runtime
+from vmrep.vsphere.datastore import LocalDatastore
+
+VMREP = str(Path(sys.executable).with_name("vmrep"))
+
+
+class Service:
+    def __init__(self, lab: Any, tmp: Path) -> None:
+        self.lab = lab
+        data = yaml.safe_load(lab.config_path.read_text())
+        # The recovery site's config (the lab's has journal.service), with a VPG of
+        # another protected site, which siteA's writer must not reach.
+        server = yaml.safe_load(lab.config_path.read_text())
+        server["vpgs"].append({"name": "other-site", "protected_site": "siteB", "recovery_site": "siteA",
+                               "recovery": {"host": "DC0_H0", "datastore": "LocalDS_1"},
+                               "vms": [{"name": "elsewhere-01"}]})
+        self.server_config = tmp / "siteB.yaml"
+        self.server_config.write_text(yaml.safe_dump(server, sort_keys=False))
+        sd = lab.lab.dir / "journal-service"
+        client = yaml.safe_load((sd / "client.yaml").read_text())["journal_service"]
+        data["sites"]["siteB"]["journal_service"] = client
+        self.client_config = tmp / "siteA.yaml"  # the protected site's workers'
+        self.client_config.write_text(yaml.safe_dump(data, sort_keys=False))
+        self.url = client["url"]
+        self.ca = client["tls"]["ca_file"]
+        self.writer_token = (sd / "siteA-writer.token").read_text().strip()
+        self.admin_token = (sd / "siteB-admin.token").read_text().strip()
+        self.thumbprint = (sd / "thumbprint").read_text().strip()
+        self.log = tmp / "service.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([VMREP, "journal", "serve", "--config", str(self.server_config)],
+                                         stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(self.url + "/v1/whoami", verify=self.ca, timeout=2,
+                             headers={"Authorization": f"Bearer {self.admin_token}"}).raise_for_status()
+                return
+            except requests.RequestException:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"journal service did not start:\n{self.log.read_text()}") from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+
+    def call(self, method: str, path: str, token: str, **kw: Any) -> requests.Response:
+        return requests.request(method, self.url + path, verify=self.ca, timeout=30,
+                                headers={"Authorization": f"Bearer {token}"}, **kw)
+
+
+@pytest.fixture(scope="module")
+def service(lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    svc = Service(lab, tmp_path_factory.mktemp("jservice"))
+    svc.start()
+    try:
+        yield svc
+    finally:
+        svc.stop()
+        forget_runtime(svc.client_config)
+
+
+def flat_files(rt: Any, vpg: str) -> dict[tuple[str, str], Path]:
+    v = rt.config.vpg(vpg)
+    local = LocalDatastore(rt.config.site(v.protected_site).datastore_mounts)
+    return {(name, d.id): local.local(d.flat) for name, vm in engine.vpg_vms(rt, v).items() for d in vm.disks}
+
+
+def test_replication_through_the_service_is_exact(lab: Any, service: Service, tmp_path: Path) -> None:
+    rt = get_runtime(service.client_config)
+    assert engine.is_remote(rt, "erp") and not engine.is_remote(rt, "files")
+    files = flat_files(rt, "erp")
+    first = engine.initial_sync(rt, rt.config.vpg("erp"))
+    saved = {first.checkpoint_id: {k: p.read_bytes() for k, p in files.items()}}
+    remote = engine.journal_for(rt, "erp")
+    sent0 = remote.bytes_sent
+    rng = random.Random(12)
+    keys = sorted(files)
+    for _ in range(2):
+        for vm, disk in keys[:2]:
+            size = files[(vm, disk)].stat().st_size
+            lab.guest_write(vm, disk, rng.randrange(size - 65536), rng.randbytes(65536))
+        r = engine.run_cycle(rt, rt.config.vpg("erp"))
+        saved[r.checkpoint_id] = {k: p.read_bytes() for k, p in files.items()}
+    # Two 64 KiB writes per cycle: about two 1 MiB blocks per cycle crossed, not the disks.
+    assert 0 < remote.bytes_sent - sent0 < 2 * 4 * (1 << 20) + (1 << 20)
+    # The protected site never opened the journal directory.
+    assert rt._journal is None  # noqa: SLF001
+    with Journal.open(lab.config.journal_path, create=False, recover=False) as j:
+        cps = [c.id for c in j.checkpoints("erp")]
+        assert set(saved) <= set(cps)
+        for cp, disks in saved.items():
+            for (vm, disk), data in disks.items():
+                j.restore_disk("erp", cp, vm, disk, tmp_path / "x.img")
+                assert (tmp_path / "x.img").read_bytes() == data, (cp, vm, disk)
+        assert j.checkpoints("erp")[-1].meta.get("bytes_sent", 0) > 0
+
+
+def _rebuilt(journal_path: Path, tmp: Path) -> dict[tuple[str, str, str], bytes]:
+    out = {}
+    with Journal.open(journal_path, create=False, recover=False) as j:
+        for cp in j.checkpoints("erp"):
+            for (vm, disk) in j.disks("erp", cp.id):
+                j.restore_disk("erp", cp.id, vm, disk, tmp / "r.img")
+                out[(cp.id, vm, disk)] = (tmp / "r.img").read_bytes()
+    return out
+
+
+def test_writer_credential_is_append_only(lab: Any, service: Service, tmp_path: Path) -> None:
+    rt = get_runtime(service.client_config)
+    if not rt.store.runtime("erp").initial_sync_done:
+        engine.initial_sync(rt, rt.config.vpg("erp"))
+    before = _rebuilt(lab.config.journal_path, tmp_path)
+    cps = [k[0] for k in before]
+    packs = sorted((lab.config.journal_path / "packs").iterdir())
+    w = service.writer_token
+    destructive = [
+        ("DELETE", f"/v1/packs/{packs[0].stem}", {}),
+        ("DELETE", f"/v1/vpgs/erp/checkpoints/{cps[0]}", {}),
+        ("PUT", f"/v1/vpgs/erp/checkpoints/{cps[0]}", {"json": {"tags": []}}),
+        ("POST", "/v1/vpgs/erp/retention", {"json": {"keep_since": "2100-01-01T00:00:00+00:00"}}),
+        ("POST", "/v1/gc", {}),
+        ("POST", "/v1/vpgs/erp/verify", {}),
+        ("DELETE", "/v1/vpgs/erp", {}),
+        # another site's VPG: read, open a checkpoint of, ask for its blocks
+        ("GET", "/v1/vpgs/other-site/checkpoints", {}),
+        ("POST", "/v1/vpgs/other-site/writers", {}),
+        ("POST", "/v1/vpgs/other-site/missing", {"json": {"ids": []}}),
+        ("GET", "/v1/vpgs/nosuch/checkpoints", {}),
+    ]
+    for method, path, kw in destructive:
+        r = service.call(method, path, w, **kw)
+        assert r.status_code == 403, (method, path, r.status_code, r.text)
+        msg = r.json()["error"]
+        assert "siteA-writer" in msg and "\n" not in msg, msg
+    assert "protected at site siteB" in service.call("GET", "/v1/vpgs/other-site/checkpoints", w).json()["error"]
+    # Unknown credential and no credential: 403 as well.
+    assert service.call("GET", "/v1/vpgs/erp/checkpoints", "wrong").status_code == 403
+    assert requests.get(service.url + "/v1/whoami", verify=service.ca, timeout=10).status_code == 403
+    # A block whose content does not match its id is refused whole (400), nothing stored.
+    sid = service.call("POST", "/v1/vpgs/erp/writers", w).json()["session"]
+    body = encode_batch([["size", "erp-db", "scsi0:0", 1 << 20]],
+                        [({"vm": "erp-db", "disk": "scsi0:0", "index": 0, "id": "ab" * 32, "codec": 0,
+                           "rlen": 4096, "len": 4096}, os.urandom(4096))])
+    r = service.call("POST", f"/v1/writers/{sid}/batch", w, data=body)
+    assert r.status_code == 400 and "does not match its blake3 id" in r.json()["error"]
+    assert service.call("POST", f"/v1/writers/{sid}/abort", w).status_code == 200
+    # Refusals are logged by the service.
+    assert "refused DELETE /v1/packs/" in service.log.read_text()
+    # Afterwards: verify passes (at the recovery site, on the journal directory) and every
+    # checkpoint rebuilds as before.
+    v = subprocess.run([VMREP, "verify", "erp", "--config", str(service.server_config)],
+                       capture_output=True, text=True, timeout=300)
+    assert v.returncode == 0, v.stdout + v.stderr
+    assert _rebuilt(lab.config.journal_path, tmp_path) == before
+    # The admin credential may run what the writer may not.
+    r = service.call("POST", "/v1/vpgs/erp/verify", service.admin_token)
+    assert r.status_code == 200 and r.json()["mismatches"] == []
+
+
+def test_client_tls_pin_and_refusal_messages(service: Service) -> None:
+    good = JournalServiceClient.model_validate(
+        {"url": service.url, "credential": {"env": "VMREP_T_JS"}, "tls": {"thumbprint": service.thumbprint}})
+    os.environ["VMREP_T_JS"] = service.writer_token
+    try:
+        rj = RemoteJournal(good)
+        assert rj.block_size == 1 << 20
+        with pytest.raises(Refused, match="siteA-writer"):
+            rj.request("POST", "/gc")
+        bad = JournalServiceClient.model_validate(
+            {"url": service.url, "credential": {"env": "VMREP_T_JS"}, "tls": {"thumbprint": "00" * 32}})
+        with pytest.raises(JournalError, match="TLS verification failed"):
+            RemoteJournal(bad).checkpoints("erp")
+        none = JournalServiceClient.model_validate({"url": service.url, "credential": {"env": "VMREP_T_JS"}})
+        with pytest.raises(JournalError, match="TLS verification failed"):
+            RemoteJournal(none).checkpoints("erp")
+    finally:
+        del os.environ["VMREP_T_JS"]
