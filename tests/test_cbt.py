@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from pyVmomi import vim
 
@@ -306,3 +305,39 @@ def test_every_checkpoint_holds_a_prefix_of_the_guest_writes(fresh_lab, tmp_path
         assert n0 - n1 in (0, 1), (cp, seen)
         prefixes.append(n0 + n1)
     assert prefixes == sorted(prefixes) and prefixes[-1] > prefixes[0] and prefixes[-1] <= len(written)
+
+
+def test_a_guest_writing_during_a_dr_test_does_not_change_what_is_recovered(fresh_lab) -> None:  # type: ignore[no-untyped-def]
+    """The test recovers the checkpoint taken before it, block for block (the test's own
+    verification compares every block of the test VM's disks with it), while the
+    protected VM's guest keeps writing."""
+    from vmrep.recovery import operations as ops
+
+    rt = fresh_lab.runtime()
+    cfg = str(fresh_lab.config_path)
+    sync(rt)
+    rt.store.set_status(VPG, "MeetingSLA", None)
+    cp = cycle(rt).checkpoint_id
+    fresh_lab.control("siteA").boot_delay(100)
+    stop = threading.Event()
+    writes: list[int] = []
+
+    def guest() -> None:
+        from conftest import LabControl
+
+        c = LabControl(fresh_lab.control("siteA").url)
+        rng = random.Random(7)
+        while not stop.is_set():
+            c.guest_write(VM, 0, rng.randrange(0, 20 * MiB), rng.randbytes(65536))
+            writes.append(1)
+
+    t = threading.Thread(target=guest, daemon=True)
+    t.start()
+    try:
+        s = ops.run_test(cfg, VPG, verify_timeout=20)
+    finally:
+        stop.set()
+        t.join()
+    assert len(writes) > 10 and s["checkpoint_id"] == cp
+    ver = s["verification"][VM]
+    assert ver["ok"] and all(d["ok"] and d["mismatch_count"] == 0 for d in ver["disks"])
