@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _peers import drop_tree, du, ensure_peers, peer_env, run  # noqa: E402
 
 from vmrep.journal import Journal  # noqa: E402
-from vmrep.replication.blocks import LocalFileSource, sync_disk  # noqa: E402
+from vmrep.replication.blocks import LocalFileSource, resident_fraction, sync_disk  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -136,6 +136,42 @@ def scatter_small_writes(path: Path, size: int, count: int, rng: random.Random) 
     return out
 
 
+def meminfo_mib() -> tuple[int, int]:
+    """(Dirty, Writeback) of the whole machine, MiB: pages other writers leave to flush."""
+    d: dict[str, int] = {}
+    for line in open("/proc/meminfo"):
+        k, v = line.split(":", 1)
+        d[k] = int(v.split()[0]) // 1024
+    return d.get("Dirty", -1), d.get("Writeback", -1)
+
+
+def cached_share(path: Path) -> float:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return resident_fraction(fd, 0, os.fstat(fd).st_size) or 0.0
+    finally:
+        os.close(fd)
+
+
+def set_regime(image: Path, regime: str) -> str:
+    """Put the image in the page-cache regime asked for (untimed) and say what it is.
+
+    hot: read once (every page cached, as right after the guest wrote it); cold: dirty
+    pages written out, then the image's pages dropped (POSIX_FADV_DONTNEED: this file
+    only, nobody else's cache), as for a disk not read since the host booted."""
+    os.sync()
+    if regime == "cold":
+        fd = os.open(image, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    else:
+        subprocess.run(f"cat '{image}' > /dev/null", shell=True, check=True)
+    dirty, wb = meminfo_mib()
+    return f"{regime}: {cached_share(image):.0%} of the image in the page cache, dirty {dirty} MiB, writeback {wb} MiB"
+
+
 class VmrepPeer:
     """A journal kept across cycles, as the replication service keeps one."""
 
@@ -158,6 +194,7 @@ class VmrepPeer:
             w.commit()
         dt = time.perf_counter() - t0
         stop()
+        self.reads = dict(src.reads)
         return dt, st.bytes_read, du(self.root) - before
 
 
@@ -211,6 +248,8 @@ def main() -> int:
     ap.add_argument("--block-size", default="1M")
     ap.add_argument("--block-sizes", default=None, help="sweep vmrep alone over these block sizes")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--regimes", default="hot,cold",
+                    help="page-cache regimes of the initial copy: hot (image cached), cold (dropped)")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     work = out / "work"
@@ -256,32 +295,43 @@ def main() -> int:
         stop()
         rec("read", "cat image > /dev/null", dt, size, 0)
 
-    # initial copies
-    scan = VmrepPeer(work / "vmrep-scan", bs, cbt=False)
-    cbt = VmrepPeer(work / "vmrep-cbt", bs, cbt=True)
-    for p in (scan, cbt):
-        t, rd, st = p.cycle(image, None)
-        rec("initial", "vmrep", t, rd, st)
-    extra = VmrepPeer(work / "vmrep-extra", bs, cbt=False)  # a third sample of the initial copy
-    t, rd, st = extra.cycle(image, None)
-    rec("initial", "vmrep", t, rd, st)
-    extra.j.close()
-    drop_tree(extra.root)
+    # initial copies, in each page-cache regime asked for: the same copy costs 2-6x the
+    # CPU when the image is not in the page cache (faulting it in page by page through
+    # mmap, or for borg reading it through the cache); each line says which regime it ran in
     borg_repo, restic_repo, rsync_copy = work / "borg", work / "restic", work / "rsync-copy.img"
-    if "borg" in peers:
-        run(["borg", "init", "--encryption=none", str(borg_repo)], env, on_start=mark, on_end=stop)
-        b0 = du(borg_repo)
-        t, _ = run(["borg", "create", "--chunker-params", "fixed,1048576", f"{borg_repo}::c0", str(image)], env,
-                   on_start=mark, on_end=stop)
-        rec("initial", "borg", t, size, du(borg_repo) - b0)
+    regimes = [r for r in args.regimes.split(",") if r]
+    keep: list[VmrepPeer] = []
+    for regime in regimes:
+        scn = f"initial {regime}"
+        for k in range(3):
+            p = VmrepPeer(work / f"vmrep-{regime}-{k}", bs, cbt=False)
+            print(f"  {set_regime(image, regime)}", flush=True)
+            t, rd, st = p.cycle(image, None)
+            rec(scn, "vmrep", t, rd, st, note=f"{regime}; chunks {p.reads}")
+            if len(keep) < 2:
+                keep.append(p)  # the journals the incremental cycles go on with
+            else:
+                p.j.close()
+                drop_tree(p.root)
+        if "borg" in peers:
+            drop_tree(borg_repo)
+            run(["borg", "init", "--encryption=none", str(borg_repo)], env, on_start=mark, on_end=stop)
+            b0 = du(borg_repo)
+            print(f"  {set_regime(image, regime)}", flush=True)
+            t, _ = run(["borg", "create", "--chunker-params", "fixed,1048576", f"{borg_repo}::c0", str(image)],
+                       env, on_start=mark, on_end=stop)
+            rec(scn, "borg", t, size, du(borg_repo) - b0, note=regime)
+    scan, cbt = keep
+    cbt.cbt = True
+    set_regime(image, "hot")  # the rest as before: everything in the page cache
     if "restic" in peers:
         run(["restic", "init", "--repo", str(restic_repo)], env, on_start=mark, on_end=stop)
         r0 = du(restic_repo)
         t, _ = run(["restic", "backup", "--repo", str(restic_repo), str(image)], env, on_start=mark, on_end=stop)
-        rec("initial", "restic", t, size, du(restic_repo) - r0)
+        rec("initial hot", "restic", t, size, du(restic_repo) - r0)
     if "rsync" in peers:
         t, _ = run(["rsync", "--inplace", str(image), str(rsync_copy)], env, on_start=mark, on_end=stop)
-        rec("initial", "rsync", t, size, size)
+        rec("initial hot", "rsync", t, size, size)
 
     # incremental cycles
     rng = random.Random(42)
@@ -339,8 +389,8 @@ def main() -> int:
     cbt.j.close()
 
     # table
-    ref = {"initial": "vmrep", "+1 %": "vmrep hash scan", "+10 %": "vmrep hash scan",
-           "restore": "vmrep restore_disk", "read": "cat image > /dev/null"}
+    ref = {**{f"initial {r}": "vmrep" for r in regimes}, "initial hot": "vmrep", "+1 %": "vmrep hash scan",
+           "+10 %": "vmrep hash scan", "restore": "vmrep restore_disk", "read": "cat image > /dev/null"}
     lines = [
         f"image {human(size)} (half random, half zeros), block size {human(bs)}, {os.cpu_count()} CPUs, "
         f"medians of {args.repeat}",
