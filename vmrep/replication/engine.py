@@ -309,8 +309,10 @@ def transfer_disk(rt: Runtime, vpg: VPG, vm: VMInfo, disk: DiskInfo, writer: Any
         sync_disk(writer, vm.name, disk.id, preseed, previous=None, threads=threads)
     plan = plan_disk(rt, vpg, vm, disk, previous, snapshot, new_ids or {}, prev_ids or {}, preseeded=seeded)
     if plan.fallback is not None:
-        log.warning("VPG %s: VM %s disk %s: %s by hash scan: %s", vpg.name, vm.name, disk.id,
-                    "full copy" if plan.method == "full" else "changes found", plan.fallback)
+        # a warning unless the VPG asked for it (change_tracking: off): then every cycle scans
+        level = logging.INFO if vpg.change_tracking == "off" else logging.WARNING
+        log.log(level, "VPG %s: VM %s disk %s: %s by hash scan: %s", vpg.name, vm.name, disk.id,
+                "full copy" if plan.method == "full" else "changes found", plan.fallback)
         mark_delta_sync(rt, vpg.name, f"VM {vm.name} disk {disk.id}: hash scan ({plan.fallback})")
     src = VMDiskSource(rt.datastores(vpg.protected_site), disk)
     st = sync_disk(writer, vm.name, disk.id, src, previous=plan.previous, changed_ranges=plan.ranges,
