@@ -22,6 +22,7 @@ The wire format of a batch (POST /v1/writers/<sid>/batch) is one frame:
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import struct
@@ -43,6 +44,17 @@ from vmrep.secrets import resolve_secret
 log = logging.getLogger(__name__)
 
 API = "/v1"
+
+# A changed block crosses as its changed extents (codec DELTA) when they are at most this
+# share of it; above, the whole block costs about the same and needs no base.
+DELTA_MAX_SHARE = 0.75
+CODEC_REF = -1  # no payload: the service has the block
+CODEC_DELTA = -2  # payload: the changed extents, to lay over the base block at the service
+
+
+class DeltaMismatch(JournalError):
+    """The service rebuilt a block from the previous block and the extents sent, and it did
+    not match the block's id (CBT missed a change): the whole block must be sent."""
 
 
 # ---- wire format (shared with service.py) -------------------------------------------------
@@ -150,6 +162,8 @@ class RemoteJournal:
                 raise Refused(text)
             if r.status_code == 409:
                 raise JournalLocked(text)
+            if r.status_code == 422:
+                raise DeltaMismatch(text)
             raise JournalError(text)
         if expect == "bytes":
             return r
@@ -208,6 +222,11 @@ class RemoteWriter:
         self._present: set[bytes] = set()  # ids the service said it has (or we sent)
         self.bytes_sent = 0  # block batch bodies sent for this checkpoint
         self.added_bytes = 0
+        self._sent: dict[tuple[str, str], int] = {}
+        # per disk: CBT's changed areas (sorted starts, areas) and the previous block map
+        self._hints: dict[tuple[str, str], tuple[list[int], list[tuple[int, int]], Any]] = {}
+        self.deltas = 0  # blocks sent as extents
+        self.delta_fallbacks = 0  # of those, rebuilt wrong at the service and sent whole
         self._closed = False
 
     def __enter__(self) -> "RemoteWriter":
@@ -225,6 +244,44 @@ class RemoteWriter:
         with self._lock:
             self._ops.append(op)
 
+    def hint_extents(self, vm: str, disk: str, ranges: list[tuple[int, int]], previous: Any) -> None:
+        """CBT's changed areas of a disk since `previous` (its block map): a changed block
+        whose areas cover little of it crosses as those areas only, rebuilt at the service
+        on the previous block and verified by the block's id."""
+        if previous is None:
+            return
+        areas = sorted((int(o), int(n)) for o, n in ranges if n > 0)
+        with self._lock:
+            self._hints[(vm, disk)] = ([o for o, _ in areas], areas, previous)
+
+    def sent_for(self, vm: str, disk: str) -> int:
+        """Bytes of the batches that carried this disk's blocks (what crossed the WAN)."""
+        with self._lock:
+            return self._sent.get((vm, disk), 0)
+
+    def _extents(self, vm: str, disk: str, index: int, rlen: int) -> tuple[bytes | None, list[list[int]]] | None:
+        """(base id or None for a zero block, extents relative to the block) from the hint."""
+        with self._lock:
+            h = self._hints.get((vm, disk))
+        if h is None:
+            return None
+        starts, areas, prev = h
+        lo, hi = index * self.block_size, index * self.block_size + rlen
+        out: list[list[int]] = []
+        k = max(0, bisect.bisect_right(starts, lo) - 1)
+        while k < len(areas) and areas[k][0] < hi:
+            a, n = areas[k]
+            s, e = max(a, lo), min(a + n, hi)
+            if s < e:
+                if out and out[-1][0] + out[-1][1] == s - lo:
+                    out[-1][1] += e - s
+                else:
+                    out.append([s - lo, e - s])
+            k += 1
+        if not out:
+            return None
+        return prev.get(index), out
+
     def _send(self, blocks: list[tuple[dict[str, Any], bytes | memoryview]]) -> dict[str, Any]:
         # One batch at a time: ops queued before a block reach the service before it.
         with self._send_lock:
@@ -240,6 +297,9 @@ class RemoteWriter:
             with self._lock:
                 self.bytes_sent += len(body)
                 self.journal.bytes_sent += len(body)
+                if blocks:
+                    key = (blocks[0][0]["vm"], blocks[0][0]["disk"])
+                    self._sent[key] = self._sent.get(key, 0) + len(body)
             return dict(res)
 
     # ---- the CheckpointWriter interface --------------------------------------------------------
@@ -288,14 +348,34 @@ class RemoteWriter:
         with self._lock:
             known = bid in self._present
         if not known and self.journal.missing(self.vpg, [bid]):
-            blob, codec = encode_blob(memoryview(data) if isinstance(data, bytearray) else data, self._level)
+            view = memoryview(data)
+            ext = self._extents(vm, disk, index, len(data))
+            if ext is not None and sum(n for _, n in ext[1]) <= DELTA_MAX_SHARE * len(data):
+                base, extents = ext
+                raw = b"".join(bytes(view[o:o + n]) for o, n in extents)
+                eblob, ecodec = encode_blob(raw, self._level)
+                try:
+                    self._send([({**ref, "codec": CODEC_DELTA, "rlen": len(data), "len": len(eblob),
+                                  "base": base.hex() if base else "", "extents": extents,
+                                  "ecodec": ecodec, "elen": len(raw)}, eblob)])
+                except DeltaMismatch as exc:
+                    log.warning("VPG %s: %s/%s block %d: %s; sending it whole", self.vpg, vm, disk, index, exc)
+                    with self._lock:
+                        self.delta_fallbacks += 1
+                else:
+                    with self._lock:
+                        self._present.add(bid)
+                        self.added_bytes += len(eblob)
+                        self.deltas += 1
+                    return len(eblob)
+            blob, codec = encode_blob(view, self._level)
             self._send([({**ref, "codec": codec, "rlen": len(data), "len": len(blob)}, blob)])
             with self._lock:
                 self._present.add(bid)
                 self.added_bytes += len(blob)
             return len(blob)
         # known: only the reference goes (the service checks it has the block)
-        self._send([({**ref, "codec": -1, "rlen": len(data), "len": 0}, b"")])
+        self._send([({**ref, "codec": CODEC_REF, "rlen": len(data), "len": 0}, b"")])
         with self._lock:
             self._present.add(bid)
         return 0

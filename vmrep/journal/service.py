@@ -43,7 +43,7 @@ from vmrep.errors import JournalError, JournalLocked, NotFound, VmrepError
 from vmrep.journal import format as fmt
 from vmrep.journal.codec import decode_blob
 from vmrep.journal.journal import Journal
-from vmrep.journal.remote import decode_batch, info_to_json
+from vmrep.journal.remote import CODEC_DELTA, CODEC_REF, decode_batch, info_to_json
 from vmrep.journal.results import is_zero
 from vmrep.journal.writer import CheckpointWriter
 from vmrep.secrets import resolve_secret
@@ -59,6 +59,10 @@ class Denied(Exception):
 
 class BadRequest(Exception):
     """HTTP 400 with this one line."""
+
+
+class Unrebuilt(Exception):
+    """HTTP 422: a block sent as extents did not rebuild to its id (the client sends it whole)."""
 
 
 @dataclass
@@ -173,7 +177,10 @@ class JournalService:
             where = f"block {index} of {vm}/{disk}"
             if len(bid) != fmt.ID_LEN or index < 0 or not 0 < rlen <= bs:
                 raise BadRequest(f"{where}: bad id, index or length")
-            if codec == -1:  # a reference to a block the service has
+            if codec == CODEC_DELTA:
+                checked.append((vm, disk, index, bid, self._rebuild(w, where, h, payload, bid, rlen)))
+                continue
+            if codec == CODEC_REF:  # a reference to a block the service has
                 if not (w.has(bid) or self.journal.store.has(bid)):
                     raise BadRequest(f"{where}: block {bid.hex()[:16]}… is not at the service; send its content")
                 checked.append((vm, disk, index, bid, None))
@@ -206,6 +213,39 @@ class JournalService:
             else:
                 stored += w.put_hashed(vm, disk, index, bid, content)
         return {"stored": stored, "blocks": len(checked), "ops": len(ops)}
+
+    def _rebuild(self, w: CheckpointWriter, where: str, h: dict[str, Any], payload: memoryview,
+                 bid: bytes, rlen: int) -> bytes:
+        """A block sent as its changed extents: laid over the base block (the previous
+        checkpoint's, or zeros), then checked against its id like any block."""
+        try:
+            base_hex, extents = str(h.get("base", "")), [(int(o), int(n)) for o, n in h["extents"]]
+            ecodec, elen = int(h["ecodec"]), int(h["elen"])
+            base = bytes.fromhex(base_hex) if base_hex else None
+        except (KeyError, TypeError, ValueError):
+            raise BadRequest(f"{where}: extents block lacks base, extents, ecodec or elen") from None
+        if any(o < 0 or n <= 0 or o + n > rlen for o, n in extents) or sum(n for _, n in extents) != elen \
+                or (base is not None and len(base) != fmt.ID_LEN):
+            raise BadRequest(f"{where}: extents outside the block or not of the payload's length")
+        try:
+            raw = decode_blob(bytes(payload), ecodec, elen)
+        except Exception as exc:  # noqa: BLE001 - zstd's errors name nothing of ours
+            raise BadRequest(f"{where}: cannot decode ({exc})") from None
+        if len(raw) != elen:
+            raise BadRequest(f"{where}: extents payload of {len(raw)} bytes, header says {elen}")
+        buf = bytearray(rlen)
+        if base is not None:
+            if not w.has(base):
+                raise Unrebuilt(f"{where}: base block {base.hex()[:16]}… is not at the service")
+            old = self.journal.store.read(base)
+            buf[: min(rlen, len(old))] = old[:rlen]
+        pos = 0
+        for o, n in extents:
+            buf[o : o + n] = raw[pos : pos + n]
+            pos += n
+        if blake3.blake3(buf).digest() != bid:
+            raise Unrebuilt(f"{where}: the previous block with the extents sent does not match its id")
+        return bytes(buf)
 
     def commit(self, sid: str, o: _Open, body: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
@@ -270,6 +310,8 @@ def build_app(svc: JournalService) -> Starlette:
                 return _error(403, str(exc))
             except BadRequest as exc:
                 return _error(400, str(exc))
+            except Unrebuilt as exc:
+                return _error(422, str(exc))
             except NotFound as exc:
                 return _error(404, str(exc))
             except JournalLocked as exc:

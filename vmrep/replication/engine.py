@@ -237,7 +237,7 @@ def previous_change_ids(rt: Runtime, vpg: str, previous: str | None) -> dict[tup
     written before change tracking: the reader rule of docs/journal-format.md)."""
     if previous is None:
         return {}
-    meta = rt.journal.checkpoint(vpg, previous).meta
+    meta = journal_for(rt, vpg).checkpoint(vpg, previous).meta
     return {(d["vm"], d["disk"]): d.get("change_id") for d in meta.get("disks") or []
             if isinstance(d, dict) and "vm" in d and "disk" in d}
 
@@ -345,8 +345,16 @@ def transfer_disk(rt: Runtime, vpg: VPG, vm: VMInfo, disk: DiskInfo, writer: Any
                 "full copy" if plan.method == "full" else "changes found", plan.fallback)
         mark_delta_sync(rt, vpg.name, f"VM {vm.name} disk {disk.id}: hash scan ({plan.fallback})")
     src = VMDiskSource(rt.datastores(vpg.protected_site), disk)
+    hint = getattr(writer, "hint_extents", None)
+    if hint is not None and plan.method == "cbt" and plan.ranges is not None:
+        # Through the journal service: a changed block may cross as its changed extents
+        # only, rebuilt at the recovery site on the previous block (docs/journal-service.md).
+        hint(vm.name, disk.id, plan.ranges, plan.previous)
     st = sync_disk(writer, vm.name, disk.id, src, previous=plan.previous, changed_ranges=plan.ranges,
                    threads=threads, progress=progress or progress_hook())
+    sent_for = getattr(writer, "sent_for", None)
+    if sent_for is not None:
+        st.bytes_sent = sent_for(vm.name, disk.id)
     st.method, st.change_id, st.fallback = plan.method, plan.change_id, plan.fallback
     st.bytes_changed = plan.bytes_changed if plan.bytes_changed is not None else \
         min(st.blocks_changed * writer.block_size, disk.capacity)
@@ -372,13 +380,14 @@ def verify_against_source(rt: Runtime, vpg: VPG, vms: dict[str, VMInfo], checkpo
     store = rt.store
     op = store.start_operation(vpg.name, "replicate", params={"verify_against_source": True,
                                                               "checkpoint": checkpoint_id})
-    bs = rt.journal.block_size
+    j = journal_for(rt, vpg.name)
+    bs = j.block_size
     rows: list[dict[str, Any]] = []
     try:
         ds = rt.datastores(vpg.protected_site)
         for name, vm in vms.items():
             for disk in vm.disks:
-                ids = rt.journal.block_map(vpg.name, checkpoint_id, name, disk.id)
+                ids = j.block_map(vpg.name, checkpoint_id, name, disk.id)
                 check = verify_disk(VMDiskSource(ds, disk), ids, bs)
                 bad = check.differing
                 rows.append({"vm": name, "disk": disk.id, "bytes_read": check.bytes_read, "blocks": check.blocks,
@@ -429,10 +438,12 @@ def transfer_vm(rt: Runtime, vpg: VPG, vm: VMInfo, writer: Any, previous: str | 
 
 def checkpoint_meta(transfers: dict[str, VMTransfer]) -> dict[str, Any]:
     """The per-checkpoint transfer record (docs/journal-format.md, "Checkpoint meta"):
-    totals and one row per disk with its method and change id. Until replication has a
-    WAN link of its own, bytes_sent is what was stored."""
+    totals and one row per disk with its method and change id. bytes_sent: what crossed
+    the WAN to the recovery site's journal service (block batches), or, where the journal
+    is written directly (no WAN link of its own), what was stored."""
     disks = [{"vm": vm, "disk": d, "method": s.method, "bytes_read": s.bytes_read,
-              "bytes_changed": s.bytes_changed, "bytes_sent": s.bytes_stored, "change_id": s.change_id,
+              "bytes_changed": s.bytes_changed,
+              "bytes_sent": s.bytes_stored if s.bytes_sent is None else s.bytes_sent, "change_id": s.change_id,
               **({"fallback": s.fallback} if s.fallback else {})}
              for vm, t in sorted(transfers.items()) for d, s in sorted(t.disks.items())]
     return {"bytes_read": sum(r["bytes_read"] for r in disks),
