@@ -259,3 +259,48 @@ def test_wan_bytes_sent_per_cycle(lab: Any, service: Service, tmp_path: Path, mo
         for (vm, disk), p in files.items():
             jl.restore_disk("erp", cp, vm, disk, tmp_path / "w.img")
             assert (tmp_path / "w.img").read_bytes() == p.read_bytes(), (vm, disk)
+
+
+def test_extents_that_do_not_rebuild_the_block_fall_back_to_the_whole_block(lab: Any, service: Service) -> None:
+    """CBT missed a change: the block rebuilt from the previous block and the extents sent
+    does not match its id; the service refuses it (422, nothing stored) and the writer
+    sends the whole block instead."""
+    import blake3
+
+    rt = get_runtime(service.client_config)
+    if not rt.store.runtime("erp").initial_sync_done:
+        engine.initial_sync(rt, rt.config.vpg("erp"))
+        rt.store.update_runtime("erp", initial_sync_done=True)
+    rj = engine.journal_for(rt, "erp")
+    last = rj.checkpoints("erp")[-1].id
+    m = rj.block_map("erp", last, "erp-db", "scsi0:0")
+    i = next(k for k in range(len(m)) if m.get(k) is not None)
+    with Journal.open(lab.config.journal_path, create=False, recover=False) as jl:
+        old = jl.read_block(m.get(i))
+    new = bytearray(old)
+    new[0:4096] = os.urandom(4096)  # the change CBT reported
+    new[8192:8200] = b"missed!!"  # and one it did not
+    w = rj.begin("erp")
+    try:
+        w.hint_extents("erp-db", "scsi0:0", [(i * MiB, 4096)], m)
+        sent = w.put_block("erp-db", "scsi0:0", i, bytes(new))
+        assert w.delta_fallbacks == 1 and w.deltas == 0
+        assert sent > 64 * KiB  # the whole (random, incompressible) block went
+        # An honest extent goes as the extent.
+        new2 = bytearray(old)
+        new2[0:4096] = os.urandom(4096)
+        assert w.put_block("erp-db", "scsi0:0", i, bytes(new2)) < 8 * KiB
+        assert w.deltas == 1
+    finally:
+        w.abort()
+    # The service's own check, straight: a wrong rebuild is a 422 naming the block.
+    sid = service.call("POST", "/v1/vpgs/erp/writers", service.writer_token).json()["session"]
+    try:
+        body = encode_batch([], [({"vm": "erp-db", "disk": "scsi0:0", "index": i,
+                                   "id": blake3.blake3(bytes(new)).hexdigest(), "codec": -2, "rlen": len(new),
+                                   "len": 4096, "base": m.get(i).hex(), "extents": [[0, 4096]], "ecodec": 0,
+                                   "elen": 4096}, bytes(new[0:4096]))])
+        r = service.call("POST", f"/v1/writers/{sid}/batch", service.writer_token, data=body)
+        assert r.status_code == 422 and f"block {i} of erp-db/scsi0:0" in r.json()["error"]
+    finally:
+        service.call("POST", f"/v1/writers/{sid}/abort", service.writer_token)
