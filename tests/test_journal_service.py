@@ -27,6 +27,7 @@ from vmrep.runtime import forget_runtime, get_runtime
 from vmrep.vsphere.datastore import LocalDatastore
 
 VMREP = str(Path(sys.executable).with_name("vmrep"))
+SEED_PATH = "[LocalDS_0] seed/erp-web-flat.vmdk"
 
 
 class Service:
@@ -39,6 +40,12 @@ class Service:
         server["vpgs"].append({"name": "other-site", "protected_site": "siteB", "recovery_site": "siteA",
                                "recovery": {"host": "DC0_H0", "datastore": "LocalDS_1"},
                                "vms": [{"name": "elsewhere-01"}]})
+        # A VPG pre-seeded from a copy of erp-web's disk at the recovery site (made by the test).
+        seeded = {"name": "seeded", "protected_site": "siteA", "recovery_site": "siteB",
+                  "recovery": {"host": "DC0_H0", "datastore": "LocalDS_0"},
+                  "vms": [{"name": "erp-web", "preseed": {"scsi0:0": SEED_PATH}}]}
+        server["vpgs"].append(seeded)
+        data["vpgs"].append(seeded)
         self.server_config = tmp / "siteB.yaml"
         self.server_config.write_text(yaml.safe_dump(server, sort_keys=False))
         sd = lab.lab.dir / "journal-service"
@@ -302,5 +309,48 @@ def test_extents_that_do_not_rebuild_the_block_fall_back_to_the_whole_block(lab:
                                    "elen": 4096}, bytes(new[0:4096]))])
         r = service.call("POST", f"/v1/writers/{sid}/batch", service.writer_token, data=body)
         assert r.status_code == 422 and f"block {i} of erp-db/scsi0:0" in r.json()["error"]
+    finally:
+        service.call("POST", f"/v1/writers/{sid}/abort", service.writer_token)
+
+
+def test_preseeded_sync_sends_only_the_differing_blocks(lab: Any, service: Service) -> None:
+    """The pre-seed copy is hashed at the recovery site by the service, the source at the
+    protected site; only the blocks that differ cross, and the checkpoint is the source."""
+    import shutil
+
+    from vmrep.journal.codec import encode_blob
+
+    rt = get_runtime(service.client_config)
+    src = flat_files(rt, "seeded")[("erp-web", "scsi0:0")]
+    mounts = rt.config.site("siteB").datastore_mounts
+    copy = Path(mounts["LocalDS_0"]) / "seed" / "erp-web-flat.vmdk"
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, copy)
+    rng = random.Random(31)
+    size = src.stat().st_size
+    for blk in rng.sample(range(size // MiB), 3):
+        lab.guest_write("erp-web", "scsi0:0", blk * MiB + 8 * KiB, rng.randbytes(16 * KiB))
+    a, b = src.read_bytes(), copy.read_bytes()
+    differing = [i for i in range(-(-size // MiB)) if a[i * MiB:(i + 1) * MiB] != b[i * MiB:(i + 1) * MiB]]
+    assert len(differing) == 3
+    r = engine.initial_sync(rt, rt.config.vpg("seeded"))
+    st = r.vms["erp-web"].disks["scsi0:0"]
+    assert st.blocks_changed == len(differing)
+    payload = sum(len(encode_blob(a[i * MiB:(i + 1) * MiB], 1)[0]) for i in differing)
+    print(f"\npre-seed: {len(differing)} differing blocks, payload {payload}, sent {st.bytes_sent}, "
+          f"disk {size}")
+    # What crossed is those blocks' (compressed) content and a header each, nothing else.
+    assert st.bytes_sent is not None and payload <= st.bytes_sent <= payload + len(differing) * 1024 + 1024
+    with Journal.open(lab.config.journal_path, create=False, recover=False) as jl:
+        out = Path(str(copy) + ".restored")
+        jl.restore_disk("seeded", r.checkpoint_id, "erp-web", "scsi0:0", out)
+        assert out.read_bytes() == a
+    # A writer may not have the service read any other file of the recovery site.
+    sid = service.call("POST", "/v1/vpgs/seeded/writers", service.writer_token).json()["session"]
+    try:
+        rr = service.call("POST", f"/v1/writers/{sid}/preseed", service.writer_token,
+                          json={"vm": "erp-web", "disk": "scsi0:0", "path": "[LocalDS_0] other-flat.vmdk",
+                                "size": size})
+        assert rr.status_code == 403 and "not the pre-seed" in rr.json()["error"]
     finally:
         service.call("POST", f"/v1/writers/{sid}/abort", service.writer_token)

@@ -254,6 +254,21 @@ class RemoteWriter:
         with self._lock:
             self._hints[(vm, disk)] = ([o for o, _ in areas], areas, previous)
 
+    def preseed(self, vm: str, disk: str, path: str, size: int) -> BlockMap:
+        """Have the service hash the pre-seed copy `path` at the recovery site (next to
+        it: no block of it crosses) and put its blocks into this checkpoint; returns its
+        block map, against which the source's blocks are compared here, so that only the
+        blocks that differ are sent."""
+        self._check()
+        with self._lock:
+            pending = bool(self._ops)
+        if pending:
+            self._send([])  # the disk's size reaches the service first
+        r = self.journal.request("POST", f"/writers/{self.sid}/preseed", expect="bytes",
+                                 json_body={"vm": vm, "disk": disk, "path": path, "size": size})
+        ids = np.frombuffer(r.content, dtype=np.uint8).reshape(-1, fmt.ID_LEN)
+        return BlockMap(ids, self.block_size, size)
+
     def sent_for(self, vm: str, disk: str) -> int:
         """Bytes of the batches that carried this disk's blocks (what crossed the WAN)."""
         with self._lock:

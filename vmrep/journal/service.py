@@ -247,6 +247,46 @@ class JournalService:
             raise Unrebuilt(f"{where}: the previous block with the extents sent does not match its id")
         return bytes(buf)
 
+    def preseed(self, who: Caller, o: _Open, body: Any) -> bytes:
+        """Hash a pre-seed copy at this site and put its blocks into the open checkpoint;
+        returns its map (n x 32-byte ids, the zero id for zero blocks). A writer may name
+        only a path the service's config lists as a pre-seed of that VM's disk."""
+        try:
+            vm, disk, path, size = str(body["vm"]), str(body["disk"]), str(body["path"]), int(body["size"])
+        except (KeyError, TypeError, ValueError):
+            raise BadRequest("preseed: give {vm, disk, path, size}") from None
+        v = next((x for x in self.cfg.vpgs if x.name == o.vpg), None)
+        spec = next((x for x in v.vms if x.name == vm), None) if v is not None else None
+        if who.role != "admin" and (spec is None or spec.preseed.get(disk) != path):
+            raise Denied(f"credential {who.name} may not read {path}: not the pre-seed of {vm}/{disk} "
+                         f"in VPG {o.vpg}'s config at the recovery site")
+        if v is None:
+            raise BadRequest(f"preseed: VPG {o.vpg} is not in the service's config")
+        from vmrep.runtime import get_runtime
+
+        ds = get_runtime(self.cfg.source).datastores(v.recovery_site) if self.cfg.source else None
+        if ds is None:
+            raise BadRequest("preseed: the service's config has no file (no datastores to read)")
+        if ds.size(path) != size:
+            raise BadRequest(f"preseed: {path} is not of the disk's size {size}")
+        w = o.writer
+        bs = w.block_size
+        n = -(-size // bs)
+        ids = bytearray(n * fmt.ID_LEN)
+        chunk = 8 * bs
+        for first in range(0, n, 8):
+            off = first * bs
+            data = ds.read(path, off, min(chunk, size - off))
+            for k in range(-(-len(data) // bs)):
+                block = data[k * bs:(k + 1) * bs]
+                if is_zero(block):
+                    continue
+                bid = blake3.blake3(block).digest()
+                w.put_hashed(vm, disk, first + k, bid, block)
+                ids[(first + k) * fmt.ID_LEN:(first + k + 1) * fmt.ID_LEN] = bid
+        log.info("VPG %s: pre-seed %s hashed for %s/%s (%d blocks)", o.vpg, path, vm, disk, n)
+        return bytes(ids)
+
     def commit(self, sid: str, o: _Open, body: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
             self._open.pop(sid, None)
@@ -376,6 +416,15 @@ def build_app(svc: JournalService) -> Starlette:
         body = await request.body()
         return _json(await run_in_threadpool(svc.batch, o, body))
 
+    async def preseed(request: Request, svc: JournalService, who: Caller) -> Response:
+        o = svc.session(who, request.path_params["sid"])
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        ids = await run_in_threadpool(svc.preseed, who, o, body)
+        return Response(ids, media_type="application/octet-stream")
+
     async def commit(request: Request, svc: JournalService, who: Caller) -> Response:
         sid = request.path_params["sid"]
         o = svc.session(who, sid)
@@ -435,6 +484,7 @@ def build_app(svc: JournalService) -> Starlette:
         Route("/v1/vpgs/{vpg}/missing", E(missing), methods=["POST"]),
         Route("/v1/vpgs/{vpg}/writers", E(begin), methods=["POST"]),
         Route("/v1/writers/{sid}/batch", E(batch), methods=["POST"]),
+        Route("/v1/writers/{sid}/preseed", E(preseed), methods=["POST"]),
         Route("/v1/writers/{sid}/commit", E(commit), methods=["POST"]),
         Route("/v1/writers/{sid}/abort", E(abort), methods=["POST"]),
         Route("/v1/vpgs/{vpg}/retention", E(retention), methods=["POST"]),

@@ -335,7 +335,14 @@ def transfer_disk(rt: Runtime, vpg: VPG, vm: VMInfo, disk: DiskInfo, writer: Any
     changed areas; without them the disk is hash-scanned."""
     writer.set_disk_size(vm.name, disk.id, disk.capacity)
     seeded = preseed is not None and preseed.size == disk.capacity and previous is None
-    if seeded:
+    seed_map = None
+    remote_seed = getattr(writer, "preseed", None)
+    if seeded and remote_seed is not None and isinstance(preseed, DatastoreFileSource):
+        # Through the journal service: the copy is hashed next to it at the recovery site
+        # and its blocks stored there; the source is compared with its map here and only
+        # the blocks that differ cross (docs/journal-service.md).
+        seed_map = remote_seed(vm.name, disk.id, preseed.path, preseed.size)
+    elif seeded:
         sync_disk(writer, vm.name, disk.id, preseed, previous=None, threads=threads)
     plan = plan_disk(rt, vpg, vm, disk, previous, snapshot, new_ids or {}, prev_ids or {}, preseeded=seeded)
     if plan.fallback is not None:
@@ -350,7 +357,8 @@ def transfer_disk(rt: Runtime, vpg: VPG, vm: VMInfo, disk: DiskInfo, writer: Any
         # Through the journal service: a changed block may cross as its changed extents
         # only, rebuilt at the recovery site on the previous block (docs/journal-service.md).
         hint(vm.name, disk.id, plan.ranges, plan.previous)
-    st = sync_disk(writer, vm.name, disk.id, src, previous=plan.previous, changed_ranges=plan.ranges,
+    st = sync_disk(writer, vm.name, disk.id, src, previous=plan.previous if seed_map is None else seed_map,
+                   changed_ranges=plan.ranges,
                    threads=threads, progress=progress or progress_hook())
     sent_for = getattr(writer, "sent_for", None)
     if sent_for is not None:
