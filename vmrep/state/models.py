@@ -51,6 +51,7 @@ OPERATION_KINDS = (
     "commit",
     "rollback",
     "reverse_protect",
+    "cleanup",  # a failed test clean-up tried again by the monitor (vmrep.recovery.policy)
 )
 OPERATION_RESULTS = ("running", "succeeded", "failed", "cancelled")
 STEP_RESULTS = ("running", "ok", "failed", "skipped")
