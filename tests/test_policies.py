@@ -74,9 +74,11 @@ def _kill(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
     proc.wait()
 
 
-def _failover_in_a_process_then_kill(erp: Any, policy_name: str, after: float) -> tuple[str, str]:
+def _failover_in_a_process_then_kill(erp: Any, policy_name: str, after: float,
+                                     let_it_return: bool = False) -> tuple[str, str]:
     """`vmrep failover … --commit-policy P --commit-after M` from a process of its own,
-    SIGKILLed as soon as the VPG awaits commit; returns (failover operation id, output)."""
+    SIGKILLed as soon as the VPG awaits commit (or, `let_it_return`, once it has returned
+    by itself: it does not wait for the policy); returns (failover operation id, output)."""
     rt = erp.runtime()
     cfg = str(erp.config_path)
     t0 = utcnow()
@@ -95,6 +97,10 @@ def _failover_in_a_process_then_kill(erp: Any, policy_name: str, after: float) -
             time.sleep(0.05)
         else:
             pytest.fail("the failover did not reach 'awaiting commit'")
+        if let_it_return:
+            out, _ = proc.communicate(timeout=60)
+            assert proc.returncode == 0, out
+            return ops_[0].id, out
     finally:
         _kill(proc)
     return ops_[0].id, proc.stdout.read() if proc.stdout else ""
@@ -280,8 +286,11 @@ def test_a_killed_failovers_commit_policy_commits(erp) -> None:  # type: ignore[
     """Last in the module: the VPG stays committed."""
     rt = erp.runtime()
     cfg = str(erp.config_path)
-    fo, _ = _failover_in_a_process_then_kill(erp, "commit", 0.05)
+    fo, out = _failover_in_a_process_then_kill(erp, "commit", 0.05, let_it_return=True)
     d = rt.store.policy_deadline(fo)
+    assert d.applied_at is None  # the command returned before the deadline: nothing waits for it
+    assert (f"VPG erp: awaiting commit; the commit policy will commit at {d.due_at:%Y-%m-%d %H:%M:%S} UTC "
+            "(applied by the monitor)") in out.replace("\n", " ")
     while utcnow() < d.due_at:
         time.sleep(0.1)
     monitor_pass(cfg)
