@@ -110,6 +110,7 @@ def test_a_killed_failovers_rollback_policy_is_applied_by_one_monitor_pass(erp) 
     rt = erp.runtime()
     cfg = str(erp.config_path)
     before = source_state(rt)
+    start = utcnow()
     fo, _ = _failover_in_a_process_then_kill(erp, "rollback", 0.05)
     d = rt.store.policy_deadline(fo)
     assert (d.policy, d.applied_at) == ("rollback", None)
@@ -133,6 +134,11 @@ def test_a_killed_failovers_rollback_policy_is_applied_by_one_monitor_pass(erp) 
     assert "AWAITING_COMMIT" not in out["erp"]["alerts"]
     assert "AWAITING_COMMIT" not in {a.code for a in rt.store.open_alerts("erp")}
     assert policy.apply_due(cfg) == []  # applied once
+    # the killed process had no Prefect: its AWAITING_COMMIT went out with this monitor pass
+    assert rt.store.pending_events("erp") == []
+    events = [e for e in read_events("vmrep.vpg.erp", start, want=2) if e.occurred >= start]
+    assert {(e.event, e.payload.get("code")) for e in events} >= {("vmrep.alert.raised", "AWAITING_COMMIT"),
+                                                                  ("vmrep.alert.cleared", "AWAITING_COMMIT")}
 
 
 def test_a_dr_test_killed_mid_boot_is_cleaned_up_by_the_next_monitor_pass(erp) -> None:  # type: ignore[no-untyped-def]
