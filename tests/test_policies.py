@@ -136,7 +136,7 @@ def test_a_killed_failovers_rollback_policy_is_applied_by_one_monitor_pass(erp) 
     assert policy.apply_due(cfg) == []  # applied once
     # the killed process had no Prefect: its AWAITING_COMMIT went out with this monitor pass
     assert rt.store.pending_events("erp") == []
-    events = [e for e in read_events("vmrep.vpg.erp", start, want=2) if e.occurred >= start]
+    events = [e for e in read_events("vmrep.vpg.erp", start, want=6) if e.occurred >= start]
     assert {(e.event, e.payload.get("code")) for e in events} >= {("vmrep.alert.raised", "AWAITING_COMMIT"),
                                                                   ("vmrep.alert.cleared", "AWAITING_COMMIT")}
 
