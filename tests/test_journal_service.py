@@ -46,6 +46,12 @@ class Service:
                   "vms": [{"name": "erp-web", "preseed": {"scsi0:0": SEED_PATH}}]}
         server["vpgs"].append(seeded)
         data["vpgs"].append(seeded)
+        # A second writer of siteA: it may not use a checkpoint the first one opened.
+        other_token = tmp / "other-writer.token"
+        other_token.write_text("other-writer-token-" + "x" * 24)
+        server["journal"]["service"]["credentials"].append(
+            {"name": "siteA-writer-2", "role": "writer", "site": "siteA", "token": f"file:{other_token}"})
+        self.other_token = other_token.read_text()
         self.server_config = tmp / "siteB.yaml"
         self.server_config.write_text(yaml.safe_dump(server, sort_keys=False))
         sd = lab.lab.dir / "journal-service"
@@ -181,6 +187,9 @@ def test_writer_credential_is_append_only(lab: Any, service: Service, tmp_path: 
                            "rlen": 4096, "len": 4096}, os.urandom(4096))])
     r = service.call("POST", f"/v1/writers/{sid}/batch", w, data=body)
     assert r.status_code == 400 and "does not match its blake3 id" in r.json()["error"]
+    for action in ("batch", "commit", "abort"):
+        r = service.call("POST", f"/v1/writers/{sid}/{action}", service.other_token, json={})
+        assert r.status_code == 403 and "another credential opened it" in r.json()["error"], r.text
     assert service.call("POST", f"/v1/writers/{sid}/abort", w).status_code == 200
     # Refusals are logged by the service.
     assert "refused DELETE /v1/packs/" in service.log.read_text()
