@@ -388,3 +388,96 @@ def test_wan_compression_off_sends_uncompressed_through_the_service(lab: Any, se
     cfg.vpg("erp").wan_compression = False
     cfg.vpg("files").wan_compression = False  # both sites the same: no WAN link, still inert
     assert [(p.vpg, p.subject) for p in setting_warnings(cfg)] == [("files", "wan_compression")]
+
+
+def test_reverse_protection_through_a_service_sends_only_the_differing_blocks(fresh_lab: Any) -> None:
+    """After a failover to siteB and its commit with reverse protection, the reverse VPG
+    (siteB -> siteA) syncs through siteA's journal service: the original disks at siteA
+    are hashed there, the recovered ones at siteB here, and only the blocks that differ
+    (those the recovered VMs wrote) cross. Counted block by block from the files."""
+    import socket
+
+    from vmrep.journal.codec import encode_blob
+    from vmrep.recovery import operations as ops
+
+    lab = fresh_lab
+    d = lab.lab.dir
+    sd = d / "journal-service"
+    data = yaml.safe_load(lab.config_path.read_text())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tok = sd / "siteB-writer.token"
+    tok.write_text("siteB-writer-" + "y" * 32)
+    # siteA's service (the reverse VPG's recovery site), on the lab's one journal directory,
+    # beside the lab's config so that the generated reverse VPG (vmrep.d/) is part of it
+    server = yaml.safe_load(lab.config_path.read_text())
+    server["journal"]["service"]["listen"] = f"127.0.0.1:{port}"
+    server["journal"]["service"]["credentials"].append(
+        {"name": "siteB-writer", "role": "writer", "site": "siteB", "token": f"file:{tok}"})
+    server_cfg = lab.config_path.with_name("siteA-service.yaml")
+    server_cfg.write_text(yaml.safe_dump(server, sort_keys=False))
+    data["sites"]["siteA"]["journal_service"] = {"url": f"https://127.0.0.1:{port}", "credential": f"file:{tok}",
+                                                 "tls": {"ca_file": str(sd / "ca.pem")}}
+    client_cfg = lab.config_path.with_name("siteB-workers.yaml")
+    client_cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    log = d / "siteA-service.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([VMREP, "journal", "serve", "--config", str(server_cfg)], stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(f"https://127.0.0.1:{port}/v1/whoami", verify=str(sd / "ca.pem"), timeout=2,
+                             headers={"Authorization": f"Bearer {tok.read_text()}"}).raise_for_status()
+                break
+            except requests.RequestException:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+        rt = get_runtime(client_cfg)
+        cfg = str(client_cfg)
+        assert not engine.is_remote(rt, "erp")  # forward: siteB has no service here
+        engine.initial_sync(rt, rt.config.vpg("erp"))
+        rt.store.update_runtime("erp", initial_sync_done=True)
+        lab.control("siteB").boot_delay(100)
+        ops.run_failover(cfg, "erp", confirm="erp", checkpoint="latest-tagged", shutdown="none",
+                         commit_policy="none", verify_timeout=20, notify=lambda _: None)
+        # the recovered VMs write at siteB before the commit: what the reverse sync must send
+        rng = random.Random(5)
+        lab.guest_write("erp-db", "scsi0:0", 2 * MiB + 4 * KiB, rng.randbytes(64 * KiB), site="siteB")
+        lab.guest_write("erp-web", "scsi0:0", 5 * MiB, rng.randbytes(8 * KiB), site="siteB")
+        c = ops.commit(cfg, "erp", reverse_protection=True, who="gina")
+        assert c["result"] == "succeeded", c
+        forget_runtime(client_cfg)
+        rt = get_runtime(client_cfg)
+        rv = rt.config.vpg("erp-reverse")
+        assert engine.is_remote(rt, "erp-reverse")
+        seeds = {(vm.name, disk): path for vm in rv.vms for disk, path in vm.preseed.items()}
+        assert seeds, "the reverse VPG has no pre-seed"
+        recovered = flat_files(rt, "erp-reverse")  # the recovered disks at siteB
+        originals = LocalDatastore(rt.config.site("siteA").datastore_mounts)
+        differing, payload = 0, 0
+        for key, p in recovered.items():
+            a = p.read_bytes()
+            b = originals.local(seeds[key]).read_bytes() if key in seeds else b""
+            for i in range(-(-len(a) // MiB)):
+                blk = a[i * MiB:(i + 1) * MiB]
+                if blk != b[i * MiB:(i + 1) * MiB]:
+                    differing += 1
+                    if blk.strip(b"\0"):
+                        payload += len(encode_blob(blk, 1)[0])
+        with Journal.open(lab.config.journal_path, create=False, recover=False) as jl:
+            cp = jl.checkpoints("erp-reverse")[-1]
+            sent = cp.meta["bytes_sent"]
+            print(f"\nreverse: {differing} differing blocks, payload {payload}, sent {sent}")
+            assert differing == 2
+            assert payload <= sent <= payload + differing * 1024 + 4096
+            for key, p in recovered.items():
+                jl.restore_disk("erp-reverse", cp.id, key[0], key[1], d / "rev.img")
+                assert (d / "rev.img").read_bytes() == p.read_bytes(), key
+        (d / "rev.img").unlink()
+    finally:
+        forget_runtime(client_cfg)
+        proc.terminate()
+        proc.wait(timeout=20)

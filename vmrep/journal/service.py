@@ -91,6 +91,7 @@ class JournalService:
             self._tokens.append((tok.encode(), cred))
         self._open: dict[str, _Open] = {}
         self._lock = threading.Lock()
+        self._reloaded = 0.0
 
     # ---- who and what ----------------------------------------------------------------------
     def caller(self, request: Request) -> Caller:
@@ -103,10 +104,27 @@ class JournalService:
                 return Caller(cred.name, cred.role, cred.site)
         raise Denied("unknown credential")
 
+    def vpg(self, name: str) -> Any:
+        """The VPG's config; the file is read again for a name not known yet (a reverse
+        VPG that a commit generated beside it, vmrep.d/, after the service started)."""
+        v = next((x for x in self.cfg.vpgs if x.name == name), None)
+        if v is None and self.cfg.source is not None and time.monotonic() - self._reloaded > 2.0:
+            from vmrep.config import load_config
+
+            self._reloaded = time.monotonic()
+            try:
+                fresh = load_config(self.cfg.source)
+            except VmrepError as exc:
+                log.warning("re-reading %s failed: %s", self.cfg.source, exc)
+            else:
+                self.cfg = fresh  # VPGs only: credentials and TLS stay those it started with
+                v = next((x for x in self.cfg.vpgs if x.name == name), None)
+        return v
+
     def may_vpg(self, who: Caller, vpg: str) -> None:
         if who.role == "admin":
             return
-        v = next((x for x in self.cfg.vpgs if x.name == vpg), None)
+        v = self.vpg(vpg)
         if v is None:
             raise Denied(f"credential {who.name} (writer for site {who.site}) may not use VPG {vpg}: "
                          "not a VPG of the config")
@@ -255,7 +273,7 @@ class JournalService:
             vm, disk, path, size = str(body["vm"]), str(body["disk"]), str(body["path"]), int(body["size"])
         except (KeyError, TypeError, ValueError):
             raise BadRequest("preseed: give {vm, disk, path, size}") from None
-        v = next((x for x in self.cfg.vpgs if x.name == o.vpg), None)
+        v = self.vpg(o.vpg)
         spec = next((x for x in v.vms if x.name == vm), None) if v is not None else None
         if who.role != "admin" and (spec is None or spec.preseed.get(disk) != path):
             raise Denied(f"credential {who.name} may not read {path}: not the pre-seed of {vm}/{disk} "
@@ -308,7 +326,7 @@ class JournalService:
     def retention_after_commit(self, vpg: str) -> None:
         """The recovery site applies the VPG's retention itself after each commit: the
         protected site can't (its credential may not shorten history)."""
-        v = next((x for x in self.cfg.vpgs if x.name == vpg), None)
+        v = self.vpg(vpg)
         if v is None:
             return
         try:
