@@ -99,13 +99,18 @@ def checkpoints(
     cps = rt.journal.checkpoints(vpg)
     rows = [{"id": c.id, "time": c.time.isoformat(), "tags": list(c.tags), "added_bytes": c.added_bytes,
              "changed_blocks": c.changed_blocks} for c in cps]
+    from vmrep.ransomware.service import annotate, assess_vpg
+
+    rows = annotate(rows, assess_vpg(rt.journal, vpg, cps))  # suspicion, encrypted_share
     if json_out:
         print_json(rows)
         return
     if not rows:
         console.print(f"VPG {vpg}: no checkpoints", markup=False)
     for r in rows:
-        console.print(f"{r['id']}  {r['time']}  {r['added_bytes']:>12} B  {', '.join(r['tags'])}", markup=False)
+        mark = f"  suspicion {r['suspicion']}" if r.get("suspicion", "none") != "none" else ""
+        console.print(f"{r['id']}  {r['time']}  {r['added_bytes']:>12} B  {', '.join(r['tags'])}{mark}",
+                      markup=False)
 
 
 checkpoint_app = typer.Typer(help="Work with one checkpoint.", no_args_is_help=True)
@@ -171,7 +176,7 @@ def restore_disk(
     vpg: Annotated[str, typer.Argument()],
     vm: Annotated[str, typer.Argument()],
     disk: Annotated[str, typer.Argument(help="disk id (scsi0:0), index (0) or label (Hard disk 1)")],
-    checkpoint: Annotated[str, typer.Option(help="id, latest, latest-tagged or a time")] = "latest",
+    checkpoint: Annotated[str, typer.Option(help="id, latest, latest-tagged, latest-clean or a time")] = "latest",
     out: Annotated[Path, typer.Option(help="file to write (sparse where zero)")] = Path("disk.img"),
     config: ConfigOpt = None,
     json_out: JsonOpt = False,

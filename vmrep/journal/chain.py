@@ -290,9 +290,9 @@ class Chains:
             # The newest checkpoint before any suspected encryption (docs/ransomware.md);
             # imported here: the rule reads these infos, the journal does not need it otherwise.
             from vmrep.ransomware.baseline import assess
-            from vmrep.ransomware.dismissals import load_dir
+            from vmrep.ransomware.dismissals import load_dir, load_incidents_dir
 
-            a = assess(infos, load_dir(self.vpg_dir(vpg)))
+            a = assess(infos, load_dir(self.vpg_dir(vpg)), recorded=load_incidents_dir(self.vpg_dir(vpg)))
             if a.last_clean is None:
                 raise JournalError(f"VPG {vpg}: no clean checkpoint kept (ref 'latest-clean'): encryption is "
                                    "suspected since the oldest kept checkpoint")

@@ -52,8 +52,8 @@ class CheckpointInfo:
     added_bytes: int = 0
     changed_blocks: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
-    # Per-disk counts of changed / encrypted-looking bytes (vmrep.ransomware.detect);
-    # empty for checkpoints written before detection existed.
+    # Per-disk counts of changed / encrypted-looking bytes (vmrep.ransomware.detect), kept
+    # in the file as meta["encryption"]; empty for checkpoints written before detection.
     encryption: dict[str, Any] = field(default_factory=dict)
 
 
@@ -67,8 +67,8 @@ def info_from_header(h: dict[str, Any], tags: list[str]) -> CheckpointInfo:
         tags=list(c.get("tags", [])) + [t for t in tags if t not in c.get("tags", [])],
         added_bytes=c.get("added_bytes", 0),
         changed_blocks=c.get("changed_blocks", 0),
-        meta=c.get("meta", {}),
-        encryption=c.get("encryption", {}),
+        meta={k: v for k, v in c.get("meta", {}).items() if k != "encryption"},
+        encryption=c.get("meta", {}).get("encryption", {}),
     )
 
 

@@ -307,11 +307,12 @@ class CheckpointWriter:
                 "seq": self.seq,
                 "time": t.isoformat(),
                 "tags": [tag] if tag else [],
-                "meta": meta or {},
+                # The detector's counts ride in the meta (free-form: readers of this format
+                # version accept it); CheckpointInfo hands them out as `.encryption`.
+                "meta": {**(meta or {}), "encryption": self.stats.to_meta()},
                 "added_bytes": self.added_bytes,
                 "changed_blocks": changed,
                 "parent": self._prev_id,
-                "encryption": self.stats.to_meta(),
             }
             if given is not None:
                 info["time_given"] = given.isoformat()

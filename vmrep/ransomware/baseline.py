@@ -181,14 +181,21 @@ def _level(excess: float, encrypted: int, rule: Rule) -> str:
     return "none"
 
 
-def assess(infos: Sequence[Any], dismissals: Sequence[Dismissal] = (), rule: Rule = Rule()) -> Assessment:
-    """`infos`: the VPG's kept checkpoints, oldest first (`CheckpointInfo`s)."""
+def assess(infos: Sequence[Any], dismissals: Sequence[Dismissal] = (), rule: Rule = Rule(),
+           recorded: Sequence[Incident] = ()) -> Assessment:
+    """`infos`: the VPG's kept checkpoints, oldest first (`CheckpointInfo`s). `recorded`:
+    incidents found before (`dismissals.record_incident`): they stay open even when the
+    history that showed them is gone (a hard limit, a shortened window), until dismissed."""
     states: dict[tuple[str, str], _DiskState] = {}
+    pending = sorted((i for i in recorded
+                      if not any(d.covers(i.vm, i.disk, i.began_seq) for d in dismissals)),
+                     key=lambda i: i.began_seq)
     views: list[CheckpointView] = []
     for info in infos:
         enc = getattr(info, "encryption", None) or {}
         rows = {(d["vm"], d["disk"]): d for d in enc.get("disks", [])}
-        keys = set(rows) | {k for k, s in states.items() if s.incident is not None}
+        keys = set(rows) | {k for k, s in states.items() if s.incident is not None} | \
+            {(i.vm, i.disk) for i in pending if i.began_seq <= info.seq}
         points: list[DiskPoint] = []
         for key in sorted(keys):
             vm, disk = key
@@ -216,6 +223,11 @@ def assess(infos: Sequence[Any], dismissals: Sequence[Dismissal] = (), rule: Rul
             if st.incident is None and at_least(p.level, "medium"):
                 assert share is not None and base is not None
                 st.incident = Incident(vm, disk, info.id, info.seq, info.time, share, base, p.level, share)
+            if st.incident is None and not dismissed:
+                rec = next((i for i in pending if i.vm == vm and i.disk == disk and i.began_seq <= info.seq), None)
+                if rec is not None:  # its evidence was dropped by retention: it stays open
+                    st.incident = Incident(vm, disk, rec.began_checkpoint, rec.began_seq, rec.began_at, rec.share,
+                                           rec.baseline, rec.level, rec.latest_share)
             if st.incident is not None:
                 p.suspect = True
                 st.incident.level = worst((st.incident.level, p.level))

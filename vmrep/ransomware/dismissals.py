@@ -15,7 +15,7 @@ from typing import Any
 
 from vmrep.journal._fs import ensure_dir, publish, rand_hex
 from vmrep.journal.results import parse_time
-from vmrep.ransomware.baseline import Dismissal
+from vmrep.ransomware.baseline import Dismissal, Incident
 
 SUBDIR = "ransomware"
 
@@ -25,7 +25,7 @@ def load_dir(vpg_dir: Path) -> list[Dismissal]:
     if not d.is_dir():
         return []
     out = []
-    for p in sorted(d.glob("*.json")):
+    for p in sorted(d.glob("2*.json")):  # dismissals are named by their time
         try:
             x = json.loads(p.read_text())
             out.append(Dismissal(vm=x["vm"], disk=x.get("disk"), through_seq=int(x["through_seq"]),
@@ -48,3 +48,37 @@ def record(journal: Any, vpg: str, d: Dismissal) -> Path:
     publish(journal.root / "tmp", dest, json.dumps(d.to_json(), indent=1).encode())
     return dest
 
+
+
+def load_incidents_dir(vpg_dir: Path) -> list[Incident]:
+    """Incidents recorded when they were found: they outlive the checkpoints that showed
+    them (retention, a shortened history), so a suspicion is never forgotten silently."""
+    d = vpg_dir / SUBDIR
+    if not d.is_dir():
+        return []
+    out = []
+    for p in sorted(d.glob("incident-*.json")):
+        try:
+            x = json.loads(p.read_text())
+            out.append(Incident(x["vm"], x["disk"], x["began_checkpoint"], int(x["began_seq"]),
+                                parse_time(x["began_at"]), float(x["share"]), float(x["baseline"]), x["level"],
+                                float(x["share"])))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def record_incident(journal: Any, vpg: str, i: Incident) -> bool:
+    """Record an incident once (named by checkpoint and disk); False if it was already."""
+    import hashlib
+
+    vdir = journal.chains.vpg_dir(vpg)
+    key = hashlib.blake2s(f"{i.vm}\0{i.disk}".encode(), digest_size=6).hexdigest()
+    dest = vdir / SUBDIR / f"incident-{i.began_seq:08d}-{key}.json"
+    if dest.exists():
+        return False
+    ensure_dir(vdir / SUBDIR)
+    body = {"vm": i.vm, "disk": i.disk, "began_checkpoint": i.began_checkpoint, "began_seq": i.began_seq,
+            "began_at": i.began_at.isoformat(), "share": i.share, "baseline": i.baseline, "level": i.level}
+    publish(journal.root / "tmp", dest, json.dumps(body, indent=1).encode())
+    return True

@@ -24,7 +24,8 @@ def assess_vpg(journal: Any, vpg: str, infos: list[Any] | None = None) -> Assess
     """The VPG's suspicion over its kept checkpoints, with the dismissals on record."""
     if infos is None:
         infos = journal.checkpoints(vpg)
-    return assess(infos, dismissals.load(journal, vpg))
+    vdir = journal.chains.vpg_dir(vpg)
+    return assess(infos, dismissals.load_dir(vdir), recorded=dismissals.load_incidents_dir(vdir))
 
 
 def suspicions(a: Assessment) -> list[EncryptionSuspicion]:
@@ -38,6 +39,8 @@ def refresh_alerts(store: Any, journal: Any, vpg: str, now: datetime | None = No
                    a: Assessment | None = None) -> list[Transition]:
     """Raise or clear the VPG's ENCRYPTION_SUSPECTED alerts to match the journal."""
     a = a or assess_vpg(journal, vpg)
+    for i in a.incidents:
+        dismissals.record_incident(journal, vpg, i)
     return apply_transitions(store, vpg, encryption_alerts(vpg, suspicions(a)), now or stamps.utcnow(),
                              codes=frozenset({CODE}))
 
@@ -58,6 +61,42 @@ def latest_clean(journal: Any, vpg: str) -> tuple[Any, str]:
     where = ", ".join(f"{i.vm} {i.disk} ({100 * i.share:.0f} % encrypted)" for i in a.incidents)
     return chosen, (f"latest-clean: last clean before {first.began_at:%Y-%m-%d %H:%M:%S} UTC, the newest "
                     f"checkpoint before {first.began_checkpoint}, where encryption became suspected on {where}")
+
+
+def choose(journal: Any, vpg: str, ref: str) -> tuple[Any, str]:
+    """The checkpoint `ref` names and, for the refs that pick one, why it was chosen
+    (kept in the operation's record and shown in its report)."""
+    if ref == "latest-clean":
+        return latest_clean(journal, vpg)
+    cp = journal.checkpoint(vpg, ref)
+    if ref == "latest":
+        return cp, "latest: the newest checkpoint"
+    if ref == "latest-tagged":
+        return cp, f"latest-tagged: the newest tagged checkpoint ({', '.join(cp.tags)})"
+    return cp, f"as asked ({ref})"
+
+
+def annotate(rows: list[dict[str, Any]], a: Assessment) -> list[dict[str, Any]]:
+    """`vmrep checkpoints --json` rows (by id) with each checkpoint's `suspicion`,
+    `encrypted_share`, `suspect`, and the "last clean before <time>" tag."""
+    first = a.incidents[0] if a.incidents else None
+    for r in rows:
+        v = a.view(r["id"])
+        if v is None:
+            continue
+        r["suspicion"] = v.suspicion
+        r["encrypted_share"] = v.encrypted_share
+        r["suspect"] = v.suspect
+        r["encryption"] = [p.to_json() for p in v.disks]
+        if first is not None and a.last_clean is not None and v.id == a.last_clean.id:
+            r["tags"] = list(r.get("tags", [])) + [f"last clean before {first.began_at:%Y-%m-%d %H:%M:%S} UTC"]
+        for d in r.get("disks", []) if isinstance(r.get("disks"), list) else []:
+            # the per-disk rows of `checkpoints --json` (vm, disk, method, bytes_read) get theirs
+            p = next((p for p in v.disks if p.vm == d.get("vm") and p.disk == d.get("disk")), None)
+            if p is not None:
+                d["suspicion"] = "none" if p.dismissed else (a.disk_suspicion(p.vm, p.disk) if p.suspect else p.level)
+                d["encrypted_share"] = None if p.share is None else round(p.share, 4)
+    return rows
 
 
 def keep_since(journal: Any, vpg: str) -> datetime | None:
