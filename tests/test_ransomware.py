@@ -240,7 +240,8 @@ def test_lab_attack_alarms_latest_clean_recovers_and_dismiss_quiets(lab, capsys)
         ctl.guest_write("erp-web", 0, rng.randrange(8) * MiB, bytes(MiB))
 
     def suspected() -> list:
-        return [(a.vm, (a.data or {}).get("subject")) for a in rt.store.open_alerts("erp") if a.code == "ENCRYPTION_SUSPECTED"]
+        return [(a.vm, (a.data or {}).get("subject")) for a in rt.store.open_alerts("erp")
+                if a.code == "ENCRYPTION_SUSPECTED"]
 
     quiet = [engine.run_cycle(rt, vpg) for _ in range(8) if normal_writes() is None]
     assert suspected() == [], "text, random-from-start and zeros raised an alarm"
@@ -258,6 +259,13 @@ def test_lab_attack_alarms_latest_clean_recovers_and_dismiss_quiets(lab, capsys)
     alert = next(a for a in rt.store.open_alerts("erp") if a.code == "ENCRYPTION_SUSPECTED")
     assert alert.data["began_checkpoint"] == first.checkpoint_id
     assert alert.data["last_clean_checkpoint"] == quiet[-1].checkpoint_id
+    from vmrep.metrics import StateCollector  # the exporter's metric (issue 15's promise)
+
+    col = StateCollector(rt.config, None, rt.journal)
+    fams = {f.name: f for f in col.collect()}
+    col.close()
+    shares = {(s.labels["vm"], s.labels["disk"]): s.value for s in fams["vmrep_disk_encrypted_share"].samples}
+    assert shares[("erp-db", "scsi0:0")] > 0.5 and shares[("erp-app", "scsi0:0")] > 0.9
     # checkpoints --json: suspicion and encrypted share per checkpoint, the "last clean" tag
     assert cli_main(["checkpoints", "erp", "--json", "--config", cfg]) == 0
     rows = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
