@@ -39,7 +39,7 @@ def status(
     v = rt.config.vpg(vpg)
     a = assess_vpg(rt.journal, vpg)
     latest = a.checkpoints[-1] if a.checkpoints else None
-    out = {
+    out: dict[str, Any] = {
         "vpg": vpg,
         "suspicion": a.suspicion,
         "vms": [{"vm": s.name, "suspicion": a.vm_suspicion(s.name),
