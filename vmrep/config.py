@@ -210,6 +210,12 @@ class VPG(Strict):
     commit_policy: CommitPolicy = CommitPolicy()
     shutdown_policy: Literal["none", "graceful", "force"] = "none"
     email_to: list[str] = []
+    # How changed blocks are found (docs/configuration.md): enable = turn CBT on at initial
+    # sync and use it; use-if-present = use it where the VM already tracks; off = hash scan.
+    change_tracking: Literal["enable", "use-if-present", "off"] = "enable"
+    # Every this many hours a replication cycle ends with `verify --against-source` (the
+    # guard against changes CBT lost); 0 = never on its own.
+    verify_against_source_hours: float = Field(default=0.0, ge=0)
 
     @field_validator("journal_history_hours")
     @classmethod

@@ -85,6 +85,10 @@ class Substatus:
     NEEDS_CONFIGURATION = "NeedsConfiguration"
 
 
+# The statuses under which a replication cycle's DeltaSync mark is read back as a fact.
+_DELTA_SYNC_STATUSES = (Status.MEETING_SLA, Status.RPO_NOT_MEETING_SLA, Status.HISTORY_NOT_MEETING_SLA,
+                        Status.NOT_MEETING_SLA)
+
 WARNING, ERROR = "warning", "error"
 ALERT_LEVEL = {
     "RPO_OVER_TARGET": WARNING,
@@ -205,6 +209,9 @@ class Facts:
             paused=rt.paused,
             operation_kind=rt.lock_kind,
             last_test_at=rt.last_test_at if rt.last_test_success else None,  # the row keeps the newest test
+            # set by a replication cycle while a CBT fallback compares whole disks
+            # (vmrep.replication.engine.mark_delta_sync), cleared when the cycle ends
+            delta_sync=rt.substatus == Substatus.DELTA_SYNC and rt.status in _DELTA_SYNC_STATUSES,
         )
         base.update(facts)
         return cls(now=now, **base)

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -145,6 +145,13 @@ class DiskSyncStats:
     blocks_deduplicated: int = 0  # changed blocks already in the store (nothing stored)
     bytes_stored: int = 0  # newly stored (compressed) bytes
     seconds: float = 0.0
+    # How the changed blocks were found (the checkpoint's per-disk record, see
+    # docs/journal-format.md "Checkpoint meta"): cbt (QueryChangedDiskAreas), scan (every
+    # block hashed against the previous checkpoint) or full (no previous map: every block).
+    method: str = "scan"
+    bytes_changed: int = 0  # cbt: the changed areas' length; scan/full: the changed blocks' bytes
+    change_id: str | None = None  # the disk's change id at this checkpoint's snapshot
+    fallback: str | None = None  # why CBT was not used on this disk, when it was not
 
     @property
     def read_rate(self) -> float:
@@ -337,3 +344,38 @@ def sync_disk(
     if failure:
         raise failure[0]
     return stats
+
+
+@dataclass
+class SourceCheck:
+    bytes_read: int = 0
+    blocks: int = 0
+    differing: list[int] = field(default_factory=list)  # blocks whose source content is not the journal's
+
+
+def verify_disk(source: DiskSource, ids: BlockMap, block_size: int) -> SourceCheck:
+    """Compare a disk block by block with a checkpoint's map: each source block is hashed
+    where it is read (blake3 as in `sync_disk`; an all-zero block must be a zero entry),
+    so only the 32-byte ids are compared, never data carried back."""
+    size = int(source.size)
+    nblocks = -(-size // block_size)
+    per_chunk = max(1, CHUNK_BYTES // block_size)
+    out = SourceCheck()
+    for first in range(0, nblocks, per_chunk):
+        _check_stop("verify", "source")
+        off = first * block_size
+        length = min(per_chunk * block_size, size - off)
+        data = source.read(off, length)
+        if len(data) < length:
+            data = bytes(data) + bytes(length - len(data))
+        out.bytes_read += length
+        mv = memoryview(data)
+        for k in range(-(-length // block_size)):
+            i = first + k
+            block = mv[k * block_size:min((k + 1) * block_size, length)]
+            want = ids.get(i)
+            got = None if _view_is_zero(block) else blake3.blake3(block).digest()
+            out.blocks += 1
+            if got != want:
+                out.differing.append(i)
+    return out
