@@ -271,6 +271,10 @@ def test_lab_attack_alarms_latest_clean_recovers_and_dismiss_quiets(lab, capsys)
     rows = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows[first.checkpoint_id]["suspicion"] in ("medium", "high") and rows[first.checkpoint_id]["suspect"]
     assert rows[first.checkpoint_id]["encrypted_share"] > 0.5
+    per_disk = {(d["vm"], d["disk"]): d for d in rows[first.checkpoint_id]["disks"]}  # the CBT schema's rows
+    assert per_disk[("erp-db", "scsi0:0")]["suspicion"] in ("medium", "high")
+    assert per_disk[("erp-db", "scsi0:0")]["encrypted_share"] > 0.7  # 16 MiB random, some text
+    assert per_disk[("erp-web", "scsi0:0")]["suspicion"] == "none"
     assert rows[quiet[-1].checkpoint_id]["suspicion"] == "none"
     assert any(t.startswith("last clean before") for t in rows[quiet[-1].checkpoint_id]["tags"])
     # a DR test from latest-clean recovers the checkpoint just before, verified block for block

@@ -93,7 +93,9 @@ def annotate(rows: list[dict[str, Any]], a: Assessment) -> list[dict[str, Any]]:
         for d in r.get("disks", []) if isinstance(r.get("disks"), list) else []:
             # the per-disk rows of `checkpoints --json` (vm, disk, method, bytes_read) get theirs
             p = next((p for p in v.disks if p.vm == d.get("vm") and p.disk == d.get("disk")), None)
-            if p is not None:
+            if p is None:  # nothing changed on that disk in this checkpoint
+                d["suspicion"], d["encrypted_share"] = "none", None
+            else:
                 d["suspicion"] = "none" if p.dismissed else (a.disk_suspicion(p.vm, p.disk) if p.suspect else p.level)
                 d["encrypted_share"] = None if p.share is None else round(p.share, 4)
     return rows
