@@ -294,3 +294,36 @@ def test_lab_attack_alarms_latest_clean_recovers_and_dismiss_quiets(lab, capsys)
     ctl.guest_write("erp-db", db, 16 * MiB, rng.randbytes(16 * MiB))
     engine.run_cycle(rt, vpg)
     assert suspected() == []
+
+
+def test_lab_hard_limit_on_locked_history_pauses_replication_with_an_error_then_resumes(lab) -> None:  # type: ignore[no-untyped-def]
+    """VPG files: a lock of one hour and a hard limit far below the journal's use: no
+    checkpoint is dropped, JOURNAL_LIMIT_LOCKED (error) opens and cycles refuse; without
+    the lock the limit is honoured again, the alert clears and cycles run."""
+    from test_recovery import synced
+
+    from vmrep.errors import Refused
+    from vmrep.replication import engine
+
+    rt = lab.runtime()
+    synced(rt, "files")
+    ctl = lab.control("siteA")
+    rng = random.Random(12)
+    base = rt.config.vpg("files")
+    for _ in range(3):
+        ctl.guest_write("files-01", 0, rng.randrange(20) * MiB, text(rng, MiB))
+        engine.run_cycle(rt, base)
+    kept = [c.id for c in rt.journal.checkpoints("files")]
+    locked = base.model_copy(update={"retention_lock_hours": 1.0, "journal_hard_limit_gb": 1 / 1024 / 64})
+    r = engine.apply_retention(rt, locked)
+    assert r.lock_blocked_limit and [c.id for c in rt.journal.checkpoints("files")] == kept
+    alerts = [a for a in rt.store.open_alerts("files") if a.code == "JOURNAL_LIMIT_LOCKED"]
+    assert len(alerts) == 1 and alerts[0].level == "error" and "replication paused" in alerts[0].text
+    with pytest.raises(Refused, match="replication paused"):
+        engine.run_cycle(rt, locked)
+    assert [c.id for c in rt.journal.checkpoints("files")] == kept  # the refused cycle took nothing
+    # the lock lifted (here: the setting; in time: the window moving on): retention drops, cycles run
+    unlocked = base.model_copy(update={"journal_hard_limit_gb": 1 / 1024 / 64})
+    engine.run_cycle(rt, unlocked)
+    assert not [a for a in rt.store.open_alerts("files") if a.code == "JOURNAL_LIMIT_LOCKED"]
+    assert not set(kept[:-1]) & {c.id for c in rt.journal.checkpoints("files")}  # the limit won again
