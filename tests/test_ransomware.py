@@ -277,6 +277,12 @@ def test_lab_attack_alarms_latest_clean_recovers_and_dismiss_quiets(lab, capsys)
     assert per_disk[("erp-web", "scsi0:0")]["suspicion"] == "none"
     assert rows[quiet[-1].checkpoint_id]["suspicion"] == "none"
     assert any(t.startswith("last clean before") for t in rows[quiet[-1].checkpoint_id]["tags"])
+    assert cli_main(["ransomware", "status", "erp", "--json", "--config", cfg]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["suspicion"] in ("medium", "high") and st["last_clean"]["id"] == quiet[-1].checkpoint_id
+    vms = {v["vm"]: v["suspicion"] for v in st["vms"]}
+    assert vms["erp-db"] == st["suspicion"] and vms["erp-app"] == vms["erp-web"] == "none"
+    assert [(i["vm"], i["disk"]) for i in st["incidents"]] == [("erp-db", "scsi0:0")]
     # a DR test from latest-clean recovers the checkpoint just before, verified block for block
     s = ops.run_test(cfg, "erp", checkpoint="latest-clean", verify_timeout=20)
     assert s["checkpoint_id"] == quiet[-1].checkpoint_id and s["verification_ok"] and s["success"]

@@ -31,12 +31,11 @@ the newest before the first checkpoint of the oldest open incident.
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Iterable, Sequence
-
-import numpy as np
 
 LEVELS = ("none", "low", "medium", "high")
 _RANK = {name: i for i, name in enumerate(LEVELS)}
@@ -62,6 +61,10 @@ class Rule:
     high_excess: float = 0.50
     min_changed_bytes: int = 1 << 20
     min_encrypted_bytes: int = 4 << 20
+    # Only the newest `horizon` checkpoints are judged sample by sample (2 h at 10 s
+    # cycles: 15x the window); older ones keep what was recorded (incidents are recorded
+    # when found), so a cycle's judgement costs the same after a day of history.
+    horizon: int = 720
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,22 @@ class _DiskState:
     history: deque[float]
     floor: float = 0.0
     incident: Incident | None = None
+    ordered: list[float] = field(default_factory=list)  # `history` sorted: the quantile in O(1)
+
+    def learn(self, share: float) -> None:
+        if len(self.history) == self.history.maxlen:
+            self.ordered.remove(self.history[0])  # the deque drops it on append
+        self.history.append(share)
+        bisect.insort(self.ordered, share)
+
+
+def _quantile(s: list[float], q: float) -> float:
+    """numpy.quantile's default (linear interpolation) of the sorted `s`, in O(1): the
+    rule needs it once per disk and checkpoint over the whole kept history."""
+    k = (len(s) - 1) * q
+    f = int(k)
+    c = min(f + 1, len(s) - 1)
+    return s[f] + (s[c] - s[f]) * (k - f)
 
 
 def _level(excess: float, encrypted: int, rule: Rule) -> str:
@@ -187,10 +206,20 @@ def assess(infos: Sequence[Any], dismissals: Sequence[Dismissal] = (), rule: Rul
     incidents found before (`dismissals.record_incident`): they stay open even when the
     history that showed them is gone (a hard limit, a shortened window), until dismissed."""
     states: dict[tuple[str, str], _DiskState] = {}
+    split = max(0, len(infos) - rule.horizon)
+    older, infos = infos[:split], infos[split:]
     pending = sorted((i for i in recorded
                       if not any(d.covers(i.vm, i.disk, i.began_seq) for d in dismissals)),
                      key=lambda i: i.began_seq)
     views: list[CheckpointView] = []
+    for info in older:  # beyond the horizon: counts, and the recorded incidents' marks
+        rows_ = (getattr(info, "encryption", None) or {}).get("disks", [])
+        changed_ = sum(int(d.get("changed_bytes", 0)) for d in rows_)
+        encrypted_ = sum(int(d.get("encrypted_bytes", 0)) for d in rows_)
+        open_ = [i.level for i in pending if i.began_seq <= info.seq]
+        views.append(CheckpointView(info.id, info.seq, info.time, worst(open_),
+                                    round(encrypted_ / changed_, 4) if changed_ else 0.0,
+                                    changed_, encrypted_, bool(open_)))
     for info in infos:
         enc = getattr(info, "encryption", None) or {}
         rows = {(d["vm"], d["disk"]): d for d in enc.get("disks", [])}
@@ -206,7 +235,7 @@ def assess(infos: Sequence[Any], dismissals: Sequence[Dismissal] = (), rule: Rul
             share = encrypted / changed if sample else None
             base: float | None = None
             if len(st.history) >= rule.warmup:
-                base = max(float(np.quantile(np.fromiter(st.history, dtype=float), rule.quantile)), st.floor)
+                base = max(_quantile(st.ordered, rule.quantile), st.floor)
             elif st.floor > 0:
                 base = st.floor
             level = "none"
@@ -234,7 +263,7 @@ def assess(infos: Sequence[Any], dismissals: Sequence[Dismissal] = (), rule: Rul
                 if share is not None:
                     st.incident.latest_share = share
             elif share is not None:
-                st.history.append(share)
+                st.learn(share)
             points.append(p)
         changed = sum(p.changed_bytes for p in points)
         encrypted = sum(p.encrypted_bytes for p in points)
@@ -245,6 +274,9 @@ def assess(infos: Sequence[Any], dismissals: Sequence[Dismissal] = (), rule: Rul
                                     round(encrypted / changed, 4) if changed else 0.0,
                                     changed, encrypted, suspect, points))
     incidents = [s.incident for s in states.values() if s.incident is not None]
+    seen = {(i.vm, i.disk) for i in incidents}
+    if not infos:  # everything beyond the horizon (not with the default): the records alone
+        incidents += [i for i in pending if (i.vm, i.disk) not in seen]
     incidents.sort(key=lambda i: (i.began_seq, i.vm, i.disk))
     last_clean: CheckpointView | None
     if incidents:
