@@ -259,6 +259,10 @@ def test_lab_attack_alarms_latest_clean_recovers_and_dismiss_quiets(lab, capsys)
     alert = next(a for a in rt.store.open_alerts("erp") if a.code == "ENCRYPTION_SUSPECTED")
     assert alert.data["began_checkpoint"] == first.checkpoint_id
     assert alert.data["last_clean_checkpoint"] == quiet[-1].checkpoint_id
+    from vmrep.monitor import monitor_pass  # the monitor keeps it open (the fact), raises no second one
+
+    monitor_pass(rt, vpgs=["erp"])
+    assert [a.id for a in rt.store.open_alerts("erp") if a.code == "ENCRYPTION_SUSPECTED"] == [alert.id]
     from vmrep.metrics import StateCollector  # the exporter's metric (issue 15's promise)
 
     col = StateCollector(rt.config, None, rt.journal)
