@@ -343,3 +343,60 @@ def test_a_guest_writing_during_a_dr_test_does_not_change_what_is_recovered(fres
     assert len(writes) > 10 and s["checkpoint_id"] == cp
     ver = s["verification"][VM]
     assert ver["ok"] and all(d["ok"] and d["mismatch_count"] == 0 for d in ver["disks"])
+
+
+def test_a_guest_writing_until_a_move_shuts_it_down_is_recovered_to_its_last_write(fresh_lab, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A move's final checkpoint is taken after the graceful shutdown: every write the
+    guest completed before its VM went down is in it, and the recovered VM's disk is that
+    checkpoint, byte for byte."""
+    import requests
+
+    from test_recovery import power_on_sources
+    from vmrep.recovery import operations as ops
+    from vmrep.vsphere.datastore import LocalDatastore
+    from vmrep.vsphere.inventory import Inventory
+
+    lab = fresh_lab
+    rt = lab.runtime()
+    cfg = str(lab.config_path)
+    engine.initial_sync(rt, rt.config.vpg("erp"))
+    rt.store.set_status("erp", "MeetingSLA", None)
+    for s in ("siteA", "siteB"):
+        lab.control(s).boot_delay(100)
+    power_on_sources(rt, ("erp-db", "erp-app", "erp-web"))
+    acked: list[tuple[int, bytes]] = []
+    refused: list[int] = []
+
+    def guest() -> None:
+        from conftest import LabControl
+
+        c = LabControl(lab.control("siteA").url)
+        rng = random.Random(11)
+        while True:
+            off, data = rng.randrange(0, 15 * MiB // 4096) * 4096, rng.randbytes(4096)
+            try:
+                c.guest_write("erp-db", 0, off, data)
+            except requests.HTTPError as exc:
+                refused.append(exc.response.status_code)  # the VM went down: its guest stops
+                return
+            acked.append((off, data))
+
+    t = threading.Thread(target=guest, daemon=True)
+    t.start()
+    time.sleep(0.3)
+    m = ops.run_move(cfg, "erp", confirm="erp", reverse_protection=False, verify_timeout=20, shutdown_timeout=10)
+    t.join(timeout=30)
+    assert m["result"] == "succeeded" and refused == [409] and len(acked) > 5
+    final = m["checkpoint_id"]
+    out = tmp_path / "final.img"
+    rt.journal.restore_disk("erp", final, "erp-db", "scsi0:0", out)
+    image = out.read_bytes()
+    last: dict[int, bytes] = {}
+    for off, data in acked:
+        last[off] = data
+    assert all(image[off:off + 4096] == data for off, data in last.items())  # every completed write
+    # the source's disk as the guest left it, and the recovered VM's, are that checkpoint
+    src = LocalDatastore(rt.config.site("siteA").datastore_mounts).local("[LocalDS_0] erp-db/disk0-flat.vmdk")
+    assert src.read_bytes()[:len(image)] == image
+    rec = Inventory(rt.client("siteB")).vm("erp-db").disks[0]
+    assert LocalDatastore(rt.config.site("siteB").datastore_mounts).local(rec.flat).read_bytes() == image

@@ -197,15 +197,9 @@ def enable_change_tracking(rt: Runtime, vpg: VPG, vms: dict[str, VMInfo]) -> dic
 def find_snapshot(rt: Runtime, vpg: VPG, vm: VMInfo) -> Any | None:
     """This cycle's replication snapshot of `vm` (read afresh: the step runs after the
     consistency point, with the inventory read before it)."""
-    label = snapshot_label(vpg.name)
     tree = retrieve_one(rt.client(vpg.protected_site), vm.ref, ["snapshot"]).get("snapshot")
-    todo = list(getattr(tree, "rootSnapshotList", None) or [])
-    while todo:
-        node = todo.pop()
-        if node.name == label:
-            return node.snapshot
-        todo.extend(node.childSnapshotList or [])
-    return None
+    found = vmops.find_snapshots(tree, snapshot_label(vpg.name))
+    return found[0] if found else None
 
 
 def previous_change_ids(rt: Runtime, vpg: str, previous: str | None) -> dict[tuple[str, str], str | None]:
@@ -283,18 +277,19 @@ def snapshot_ids(rt: Runtime, vpg: VPG, vm: VMInfo) -> tuple[Any | None, dict[in
 # cleared when a cycle ends. `vmrep.health.Facts.from_runtime` reads it back, so the
 # monitor shows DeltaSync exactly while a fallback runs (or until the next cycle ends
 # after one that broke off).
-_SLA_STATUSES = ("MeetingSLA", "RpoNotMeetingSLA", "HistoryNotMeetingSLA", "NotMeetingSLA")
+_SLA_STATUSES = (Status.MEETING_SLA, Status.RPO_NOT_MEETING_SLA, Status.HISTORY_NOT_MEETING_SLA,
+                 Status.NOT_MEETING_SLA)
 
 
 def mark_delta_sync(rt: Runtime, vpg: str, detail: str) -> None:
     row = rt.store.runtime(vpg)
-    if row.status in _SLA_STATUSES and row.substatus != "DeltaSync":
-        rt.store.set_status(vpg, row.status, "DeltaSync", detail=detail)
+    if row.status in _SLA_STATUSES and row.substatus != Substatus.DELTA_SYNC:
+        rt.store.set_status(vpg, row.status, Substatus.DELTA_SYNC, detail=detail)
 
 
 def clear_delta_sync(rt: Runtime, vpg: str) -> None:
     row = rt.store.runtime(vpg)
-    if row.status in _SLA_STATUSES and row.substatus == "DeltaSync":
+    if row.status in _SLA_STATUSES and row.substatus == Substatus.DELTA_SYNC:
         rt.store.set_status(vpg, row.status, None, detail="delta sync done: changes found by CBT again")
 
 
@@ -314,8 +309,10 @@ def transfer_disk(rt: Runtime, vpg: VPG, vm: VMInfo, disk: DiskInfo, writer: Any
         sync_disk(writer, vm.name, disk.id, preseed, previous=None, threads=threads)
     plan = plan_disk(rt, vpg, vm, disk, previous, snapshot, new_ids or {}, prev_ids or {}, preseeded=seeded)
     if plan.fallback is not None:
-        log.warning("VPG %s: VM %s disk %s: %s by hash scan: %s", vpg.name, vm.name, disk.id,
-                    "full copy" if plan.method == "full" else "changes found", plan.fallback)
+        # a warning unless the VPG asked for it (change_tracking: off): then every cycle scans
+        level = logging.INFO if vpg.change_tracking == "off" else logging.WARNING
+        log.log(level, "VPG %s: VM %s disk %s: %s by hash scan: %s", vpg.name, vm.name, disk.id,
+                "full copy" if plan.method == "full" else "changes found", plan.fallback)
         mark_delta_sync(rt, vpg.name, f"VM {vm.name} disk {disk.id}: hash scan ({plan.fallback})")
     src = VMDiskSource(rt.datastores(vpg.protected_site), disk)
     st = sync_disk(writer, vm.name, disk.id, src, previous=plan.previous, changed_ranges=plan.ranges,

@@ -18,7 +18,7 @@ from pyVmomi import vim
 from vmrep.errors import VSphereError
 from vmrep.vsphere.connection import Client
 from vmrep.vsphere.property import retrieve_one
-from vmrep.vsphere.task import run_task
+from vmrep.vsphere import vm as vmops
 
 ALL_ALLOCATED = "*"  # the change id that answers the areas ever written (allocated)
 
@@ -39,8 +39,8 @@ def set_tracking(client: Client, vm: Any, name: str, enabled: bool) -> bool:
     caller records as a per-disk fallback to the hash scan instead of failing the VPG."""
     if tracking_enabled(client, vm) == enabled:
         return enabled
-    run_task(client, f"VM {name}: change tracking {'on' if enabled else 'off'}", vm.ReconfigVM_Task,
-             spec=vim.vm.ConfigSpec(changeTrackingEnabled=enabled))
+    vmops.reconfigure(client, name, vm, vim.vm.ConfigSpec(changeTrackingEnabled=enabled),
+                      f"change tracking {'on' if enabled else 'off'}")
     return tracking_enabled(client, vm)
 
 
