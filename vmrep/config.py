@@ -253,6 +253,9 @@ class VPG(Strict):
     journal_history_hours: float = 24.0
     journal_hard_limit_gb: float = 150.0
     journal_warning_percent: float = Field(default=75.0, gt=0, le=100)
+    # Checkpoints younger than this are removed by nothing: not retention, the hard limit,
+    # a shortened journal_history_hours, nor GC (docs/ransomware.md). 0: no lock.
+    retention_lock_hours: float = Field(default=0.0, ge=0, le=30 * 24)
     test_interval_months: TestInterval = 6
     wan_compression: bool = True
     recovery: RecoveryDefaults = RecoveryDefaults()

@@ -98,13 +98,18 @@ def checkpoints(
     rt.config.vpg(vpg)
     cps = rt.journal.checkpoints(vpg)
     rows = [checkpoint_row(c) for c in cps]
+    from vmrep.ransomware.service import annotate, assess_vpg
+
+    rows = annotate(rows, assess_vpg(rt.journal, vpg, cps))  # suspicion, encrypted_share (also per disk)
     if json_out:
         print_json(rows)
         return
     if not rows:
         console.print(f"VPG {vpg}: no checkpoints", markup=False)
     for r in rows:
-        console.print(f"{r['id']}  {r['time']}  {r['added_bytes']:>12} B  {', '.join(r['tags'])}", markup=False)
+        mark = f"  suspicion {r['suspicion']}" if r.get("suspicion", "none") != "none" else ""
+        console.print(f"{r['id']}  {r['time']}  {r['added_bytes']:>12} B  {', '.join(r['tags'])}{mark}",
+                      markup=False)
 
 
 def checkpoint_row(c: Any) -> dict[str, Any]:
@@ -214,7 +219,7 @@ def restore_disk(
     vpg: Annotated[str, typer.Argument()],
     vm: Annotated[str, typer.Argument()],
     disk: Annotated[str, typer.Argument(help="disk id (scsi0:0), index (0) or label (Hard disk 1)")],
-    checkpoint: Annotated[str, typer.Option(help="id, latest, latest-tagged or a time")] = "latest",
+    checkpoint: Annotated[str, typer.Option(help="id, latest, latest-tagged, latest-clean or a time")] = "latest",
     out: Annotated[Path, typer.Option(help="file to write (sparse where zero)")] = Path("disk.img"),
     config: ConfigOpt = None,
     json_out: JsonOpt = False,

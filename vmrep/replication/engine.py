@@ -593,6 +593,23 @@ def latest_checkpoint_id(rt: Runtime, vpg: str) -> str | None:
     return cps[-1].id if cps else None
 
 
+LOCK_ALERT = "JOURNAL_LIMIT_LOCKED"
+
+
+def retention_bounds(rt: Runtime, vpg: VPG, now: datetime) -> tuple[datetime, datetime | None]:
+    """(keep since, locked since) for retention. Locked: checkpoints younger than
+    retention_lock_hours, and while encryption is suspected everything back to the last
+    clean checkpoint (vmrep.ransomware): both are held even against the hard limit."""
+    from vmrep.ransomware.service import keep_since as clean_since
+
+    keep = now - timedelta(seconds=vpg.history_seconds)
+    lock = now - timedelta(hours=vpg.retention_lock_hours) if vpg.retention_lock_hours > 0 else None
+    held = clean_since(rt.journal, vpg.name)
+    if held is not None:
+        lock = held if lock is None else min(lock, held)
+    return keep, lock
+
+
 def apply_retention(rt: Runtime, vpg: VPG, now: datetime | None = None) -> Any:
     if is_remote(rt, vpg.name):
         # The recovery site's service applies retention after each commit: the protected
@@ -602,7 +619,8 @@ def apply_retention(rt: Runtime, vpg: VPG, now: datetime | None = None) -> Any:
         return RetentionResult(vpg.name, None)
     now = now or utcnow()
     limit = vpg.hard_limit_bytes or None
-    result = rt.journal.apply_retention(vpg.name, now - timedelta(seconds=vpg.history_seconds), limit)
+    keep, lock = retention_bounds(rt, vpg, now)
+    result = rt.journal.apply_retention(vpg.name, keep, limit, lock)
     if result.hard_limit_hit:
         # An event, not a state: recorded raised and cleared at once, so it shows in the
         # history and the reports without staying open.
@@ -612,7 +630,36 @@ def apply_retention(rt: Runtime, vpg: VPG, now: datetime | None = None) -> Any:
             f"{len(result.dropped_by_limit)} oldest checkpoint(s) dropped", data={"dropped": result.dropped_by_limit})
         if row is not None:
             rt.store.clear_alert(row.id)
+    open_lock = [a for a in rt.store.open_alerts(vpg.name) if a.code == LOCK_ALERT]
+    if result.lock_blocked_limit:
+        # A state, not an event: open until retention can honour the limit again (the lock
+        # window moved on, a suspicion was dismissed, the limit was raised); replication
+        # refuses to run meanwhile (`ensure_not_blocked`) instead of dropping locked history.
+        if not open_lock:
+            why = (f"the {result.locked} newest checkpoint(s) are locked (retention_lock_hours "
+                   f"{vpg.retention_lock_hours:g}, or kept back to the last clean checkpoint while "
+                   "ENCRYPTION_SUSPECTED is open)")
+            rt.store.raise_alert(
+                vpg.name, LOCK_ALERT, "error",
+                f"VPG {vpg.name}: replication paused: journal hard limit {vpg.journal_hard_limit_gb:g} GB reached "
+                f"and {why}; raise the limit or wait for the lock to pass",
+                data={"locked": result.locked,
+                      "locked_since": result.locked_since.isoformat() if result.locked_since else None})
+    else:
+        for a in open_lock:
+            rt.store.clear_alert(a.id)
     return result
+
+
+def ensure_not_blocked(rt: Runtime, vpg: VPG) -> None:
+    """Replication is paused while the hard limit can only be met by dropping locked
+    history; retention is tried again first (the lock may have passed meanwhile)."""
+    if not any(a.code == LOCK_ALERT for a in rt.store.open_alerts(vpg.name)):
+        return
+    if apply_retention(rt, vpg).lock_blocked_limit:
+        raise Refused(f"VPG {vpg.name}: replication paused: journal hard limit "
+                      f"{vpg.journal_hard_limit_gb:g} GB reached and the oldest history is locked "
+                      f"({LOCK_ALERT} is open)")
 
 
 @dataclass
@@ -662,6 +709,7 @@ def ensure_replicable(rt: Runtime, vpg: VPG) -> None:
         raise Refused(f"VPG {vpg.name}: initial sync has not completed; run 'vmrep sync {vpg.name}' first")
     if runtime.paused:
         raise Refused(f"VPG {vpg.name}: replication is paused")
+    ensure_not_blocked(rt, vpg)
 
 
 # --------------------------------------------------------------------------------------
@@ -701,6 +749,7 @@ def run_cycle(rt: Runtime, vpg: VPG, *, tag: str | None = None, runner: Any = No
     runner = runner or direct_runner()
     config, name = str(rt.config.source), vpg.name
     t0 = time.monotonic()
+    ensure_not_blocked(rt, vpg)  # paused by a locked journal at its hard limit
     vms = runner.one("read-vpg-inventory", config, name)
     runner.one("release-consistency-points", config, name)  # leftovers of a crashed cycle
     previous = latest_checkpoint_id(rt, name)

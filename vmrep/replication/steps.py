@@ -65,7 +65,13 @@ def commit_checkpoint(config: str, vpg: str, cycle: str, at: datetime | None, ta
     rt = get_runtime(config)
     cp = engine.commit_checkpoint(rt, vpg, cycle, at=at, tag=tag, meta=meta)
     rt.store.note_checkpoint(vpg, cp.time)
-    return {"id": cp.id, "time": cp.time, "added_bytes": cp.added_bytes}
+    # The new checkpoint's writes judged at once: ENCRYPTION_SUSPECTED raised (or cleared)
+    # in the cycle that shows it, not at the next monitor pass. Safe to repeat.
+    from vmrep.ransomware.service import refresh_alerts
+
+    changes = refresh_alerts(rt.store, rt.journal, vpg)
+    return {"id": cp.id, "time": cp.time, "added_bytes": cp.added_bytes,
+            "alerts_raised": [t.text for t in changes if t.kind == "raised"]}
 
 
 def apply_retention(config: str, vpg: str) -> dict[str, Any]:
