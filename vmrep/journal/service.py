@@ -331,7 +331,20 @@ class JournalService:
             return
         try:
             now = datetime.now(timezone.utc)
-            self.journal.apply_retention(vpg, now - timedelta(seconds=v.history_seconds), v.hard_limit_bytes or None)
+            # The same bounds as engine.retention_bounds (which needs a Runtime): locked
+            # checkpoints (retention_lock_hours, and back to the last clean checkpoint while
+            # encryption is suspected) are held even against the hard limit.
+            from vmrep.ransomware.service import keep_since as clean_since
+
+            lock = now - timedelta(hours=v.retention_lock_hours) if v.retention_lock_hours > 0 else None
+            held = clean_since(self.journal, vpg)
+            if held is not None:
+                lock = held if lock is None else min(lock, held)
+            r = self.journal.apply_retention(vpg, now - timedelta(seconds=v.history_seconds),
+                                             v.hard_limit_bytes or None, lock)
+            if r.lock_blocked_limit:
+                log.warning("VPG %s: journal hard limit reached and only locked history is left to drop "
+                            "(%d locked checkpoints); nothing dropped", vpg, r.locked)
         except VmrepError as exc:
             log.warning("VPG %s: retention after commit failed: %s", vpg, exc)
 
