@@ -1,10 +1,12 @@
 """Live failover, commit and rollback.
 
-`failover` recovers on the production network and then, per the commit policy, waits
-for the timeout and commits or rolls back (unless someone does it by hand first);
-policy none leaves it awaiting commit. `commit` and `rollback` end a failover or move
-awaiting commit. The confirmation parameter must repeat the VPG's name, so a stray click
-in the UI cannot start a failover."""
+`failover` recovers on the production network and returns once the VMs are up and
+verified and the VPG awaits commit; a commit or rollback policy leaves its deadline in
+the state database, where the monitor pass applies it (vmrep.recovery.policy), whether
+or not this run still exists. `commit` and `rollback` end a failover or move awaiting
+commit. Each flow ends by emitting the alert and status transitions it recorded
+(AWAITING_COMMIT raised, cleared) as Prefect events. The confirmation parameter must
+repeat the VPG's name, so a stray click in the UI cannot start a failover."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._common import flow_run_id, hand_off
 from flows.dr_test import interrupted
+from tasks.monitoring import emit_recorded
 from tasks.recovery import PrefectRunner
 from vmrep.recovery import operations as ops
 from vmrep.stamps import started_by
@@ -30,11 +33,20 @@ def failover(vpg: str, confirm: str, config: str = "vmrep.yaml", checkpoint: str
     if (handed := hand_off(config, vpg, "recovery")) is not None:  # on the recovery site's pool
         return handed
     logger = get_run_logger()
-    return ops.run_failover(config, vpg, confirm=confirm, checkpoint=checkpoint, shutdown=shutdown,
-                            commit_policy=commit_policy, commit_after_minutes=commit_after_minutes,
-                            who=started_by(who, fallback="prefect"), flow_run_id=flow_run_id(), runner=PrefectRunner(),
-                            verify_timeout=verify_timeout, shutdown_timeout=shutdown_timeout,
-                            notify=logger.warning)
+    try:
+        return ops.run_failover(config, vpg, confirm=confirm, checkpoint=checkpoint, shutdown=shutdown,
+                                commit_policy=commit_policy, commit_after_minutes=commit_after_minutes,
+                                who=started_by(who, fallback="prefect"), flow_run_id=flow_run_id(),
+                                runner=PrefectRunner(), verify_timeout=verify_timeout,
+                                shutdown_timeout=shutdown_timeout, notify=logger.warning)
+    finally:
+        _emit(config)
+
+
+def _emit(config: str) -> None:
+    """The transitions this run recorded, as events now (the monitor drains what is left):
+    never hides the run's own outcome."""
+    emit_recorded(config, return_state=True)
 
 
 @flow(name="commit", task_runner=ThreadPoolTaskRunner(max_workers=8),
@@ -44,8 +56,11 @@ def commit(vpg: str, config: str = "vmrep.yaml", reverse_protection: bool = Fals
     """Commit the failover awaiting commit; with reverse protection, protect back."""
     if (handed := hand_off(config, vpg, "recovery")) is not None:  # on the recovery site's pool
         return handed
-    return ops.commit(config, vpg, reverse_protection=reverse_protection, who=started_by(who, fallback="prefect"),
-                      flow_run_id=flow_run_id(), runner=PrefectRunner())
+    try:
+        return ops.commit(config, vpg, reverse_protection=reverse_protection,
+                          who=started_by(who, fallback="prefect"), flow_run_id=flow_run_id(), runner=PrefectRunner())
+    finally:
+        _emit(config)
 
 
 @flow(name="rollback", task_runner=ThreadPoolTaskRunner(max_workers=8),
@@ -54,5 +69,8 @@ def rollback(vpg: str, config: str = "vmrep.yaml", who: str | None = None) -> di
     """Roll back the failover awaiting commit: recovered VMs removed, source back as it was."""
     if (handed := hand_off(config, vpg, "recovery")) is not None:  # on the recovery site's pool
         return handed
-    return ops.rollback(config, vpg, who=started_by(who, fallback="prefect"), flow_run_id=flow_run_id(),
-                        runner=PrefectRunner())
+    try:
+        return ops.rollback(config, vpg, who=started_by(who, fallback="prefect"), flow_run_id=flow_run_id(),
+                            runner=PrefectRunner())
+    finally:
+        _emit(config)
