@@ -2,14 +2,21 @@
 by `vmrep.health` into a status and the alerts that should be open; transitions are
 recorded (and emitted as Prefect events by the flow), one sample per VPG is stored.
 
-vSphere is read with one PropertyCollector round trip per site, whatever the number
-of VMs: the VMs with their devices and the networks come back together.
+vSphere is read through a watch per site (`vmrep.vsphere.watch.InventoryWatch`), kept on
+the runtime between passes: the first pass reads the whole inventory, each later one takes
+only what changed (`WaitForUpdatesEx`: one round trip per site when nothing did), and only
+changed VMs are decoded again. A fault drops the watch; the next read is full again.
+
+The store's part of the pass (runtime rows, status, alerts, samples) is one transaction
+(`StateStore.batch`), not five per VPG.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any, Callable
 
 from vmrep.config import VPG
 from vmrep.errors import VmrepError
@@ -18,6 +25,7 @@ from vmrep.protection import exclusions
 from vmrep.recovery.operations import live_facts
 from vmrep.runtime import Runtime
 from vmrep.vsphere.inventory import Inventory
+from vmrep.vsphere.watch import InventoryWatch
 
 @dataclass
 class VpgHealth:
@@ -50,23 +58,77 @@ def missing_networks(vpg: VPG, names: set[str]) -> list[str]:
     return sorted(n for n in wanted if n and n not in names)
 
 
+class SiteWatches:
+    """One InventoryWatch per site of a runtime, kept between passes. A watch is made
+    again when the runtime's client for the site changed (closed and reconnected)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.watches: dict[str, InventoryWatch] = {}
+        self.lock = threading.Lock()  # two passes at once (threads) must not share a poll
+
+    def inventory(self, site: str) -> Inventory:
+        client = self.rt.client(site)
+        w = self.watches.get(site)
+        if w is None or w.client is not client:
+            w = self.watches[site] = InventoryWatch(client)
+        try:
+            return w.refresh()
+        except BaseException:
+            # the watch tried once more from scratch inside refresh(); next pass: a new one
+            self.watches.pop(site, None)
+            w.close()
+            raise
+
+    def close(self) -> None:
+        for w in self.watches.values():
+            w.close()
+        self.watches.clear()
+
+
+def site_watches(rt: Runtime) -> SiteWatches:
+    """The runtime's watches (made on first use): a runtime lives as long as its process's
+    monitor run, so they last from pass to pass."""
+    d: dict[str, Any] = rt.__dict__
+    with _watches_lock:
+        w = d.get("_site_watches")
+        if w is None:
+            w = d["_site_watches"] = SiteWatches(rt)
+        return w
+
+
+_watches_lock = threading.Lock()
+
+
 def monitor_pass(rt: Runtime, now: datetime | None = None, vpgs: list[str] | None = None) -> list[VpgHealth]:
     now = now or datetime.now(timezone.utc)
     chosen = [rt.config.vpg(n) for n in vpgs] if vpgs else rt.config.vpgs
+    watches = site_watches(rt)
+    with watches.lock:
+        return _pass(rt, watches, now, chosen)
+
+
+def _pass(rt: Runtime, watches: SiteWatches, now: datetime, chosen: list[VPG]) -> list[VpgHealth]:
     inventories: dict[str, Inventory | None] = {}
     errors: dict[str, str] = {}
 
     def inventory(site: str) -> Inventory | None:
         if site not in inventories:
             try:
-                inv = rt.inventory(site)
-                inv.vms()  # the one round trip: VMs, devices, networks
-                inventories[site] = inv
+                inventories[site] = watches.inventory(site)  # changes only, after the first pass
             except VmrepError as exc:
                 inventories[site] = None
                 errors[site] = str(exc)
         return inventories[site]
 
+    for vpg in chosen:  # vSphere first: no site read while the store's write lock is held
+        inventory(vpg.protected_site), inventory(vpg.recovery_site)
+    with rt.store.batch():
+        return _judge(rt, now, chosen, inventory, errors)
+
+
+def _judge(rt: Runtime, now: datetime, chosen: list[VPG], inventory: Callable[[str], Inventory | None],
+           errors: dict[str, str]) -> list[VpgHealth]:
     out = []
     for vpg in chosen:
         prot, rec = inventory(vpg.protected_site), inventory(vpg.recovery_site)
