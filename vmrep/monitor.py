@@ -34,11 +34,15 @@ class VpgHealth:
     transitions: list[Transition] = field(default_factory=list)
 
 
-def unprotected(vpg: VPG, inv: Inventory, rt: Runtime) -> list[UnprotectedVM]:
+def unprotected(vpg: VPG, inv: Inventory, rt: Runtime, tags: dict[str, set[str]] | None = None
+                ) -> list[UnprotectedVM]:
+    """The VPG's VMs that cannot be protected now. `tags` (VM moid -> tag names): read
+    by the caller for many VPGs at once, else read here for this VPG's VMs."""
     from vmrep.validate import vm_tags
 
     vms = inv.vms_by_name()
-    tags = vm_tags(inv, [vms[s.name] for s in vpg.vms if s.name in vms], rt.config)
+    if tags is None:
+        tags = vm_tags(inv, [vms[s.name] for s in vpg.vms if s.name in vms], rt.config)
     out = []
     for spec in vpg.vms:
         vm = vms.get(spec.name)
@@ -121,15 +125,99 @@ def _pass(rt: Runtime, watches: SiteWatches, now: datetime, chosen: list[VPG]) -
                 errors[site] = str(exc)
         return inventories[site]
 
+    tags: dict[str, dict[str, set[str]]] = {}
     for vpg in chosen:  # vSphere first: no site read while the store's write lock is held
         inventory(vpg.protected_site), inventory(vpg.recovery_site)
+    for site in {v.protected_site for v in chosen}:
+        inv = inventories.get(site)
+        if inv is not None:  # the tags of every protected VM of the site: one request, not one per VPG
+            tags[site] = _site_tags(rt, inv, [v for v in chosen if v.protected_site == site])
     with rt.store.batch():
-        return _judge(rt, now, chosen, inventory, errors)
+        view = PassView(rt.store, [v.name for v in chosen])
+        return _judge(rt, view, now, chosen, inventory, errors, tags)
 
 
-def _judge(rt: Runtime, now: datetime, chosen: list[VPG], inventory: Callable[[str], Inventory | None],
-           errors: dict[str, str]) -> list[VpgHealth]:
+def _site_tags(rt: Runtime, inv: Inventory, vpgs: list[VPG]) -> dict[str, set[str]]:
+    from vmrep.validate import vm_tags
+
+    vms = inv.vms_by_name()
+    return vm_tags(inv, [vms[s.name] for v in vpgs for s in v.vms if s.name in vms], rt.config)
+
+
+class PassView:
+    """The store as one pass sees it: runtime rows, test results, open alerts and
+    operations read once for all VPGs (four queries, not ~20 per VPG), writes passed
+    through to the store. Made inside the pass's transaction (`StateStore.batch`): on
+    SQLite that holds the write lock, so no other process changes these rows under the
+    pass. `set_status` to the status a VPG has already is answered from the rows read
+    (no statement: what it would have done). A VPG's cached alerts are dropped when an
+    alert of it is raised or cleared through the view, so a later step reads them again."""
+
+    def __init__(self, store: Any, vpgs: list[str]) -> None:
+        self._store = store
+        runtimes = {r.vpg: r for r in store.runtimes()}
+        for v in vpgs:
+            if v not in runtimes:
+                runtimes[v] = store.runtime(v)  # created (Initializing) on first use
+        self._runtimes = runtimes
+        self._tests: dict[str, list[Any]] = {}
+        for t in store.test_results():  # newest first, kept in that order per VPG
+            self._tests.setdefault(t.vpg, []).append(t)
+        self._alerts: dict[str, list[Any]] = {v: [] for v in vpgs}
+        for a in store.open_alerts():
+            self._alerts.setdefault(a.vpg, []).append(a)
+        self._ops: list[Any] = store.operations()  # human-started operations: a short table
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def runtime(self, vpg: str) -> Any:
+        r = self._runtimes.get(vpg)
+        return r if r is not None else self._store.runtime(vpg)
+
+    def test_results(self, vpg: str | None = None) -> list[Any]:
+        if vpg is None:
+            return self._store.test_results()  # type: ignore[no-any-return]
+        return list(self._tests.get(vpg, []))
+
+    def open_alerts(self, vpg: str | None = None) -> list[Any]:
+        if vpg is None or vpg not in self._alerts:
+            return self._store.open_alerts(vpg)  # type: ignore[no-any-return]
+        return list(self._alerts[vpg])
+
+    def operations(self, vpg: str | None = None, kind: str | None = None, result: str | None = None
+                   ) -> list[Any]:
+        return [o for o in self._ops if (vpg is None or o.vpg == vpg) and (kind is None or o.kind == kind)
+                and (result is None or o.result == result)]
+
+    def set_status(self, vpg: str, status: str, substatus: str | None = None, detail: str | None = None, *,
+                   at: datetime | None = None) -> tuple[str, str | None] | None:
+        r = self._runtimes.get(vpg)
+        if r is not None and (r.status, r.substatus) == (status, substatus):
+            return None
+        before = self._store.set_status(vpg, status, substatus, detail, at=at)
+        if r is not None:
+            r.status, r.substatus = status, substatus
+        return before  # type: ignore[no-any-return]
+
+    def raise_alert(self, vpg: str, *args: Any, **kwargs: Any) -> Any:
+        self._alerts.pop(vpg, None)
+        return self._store.raise_alert(vpg, *args, **kwargs)
+
+    def clear_alert(self, alert_id: int, **kwargs: Any) -> bool:
+        for v, rows in list(self._alerts.items()):
+            if any(a.id == alert_id for a in rows):
+                self._alerts.pop(v, None)
+        return self._store.clear_alert(alert_id, **kwargs)  # type: ignore[no-any-return]
+
+
+def _judge(rt: Runtime, store: Any, now: datetime, chosen: list[VPG],
+           inventory: Callable[[str], Inventory | None], errors: dict[str, str],
+           tags: dict[str, dict[str, set[str]]]) -> list[VpgHealth]:
+    """Per VPG: the facts, the evaluation, the transitions and the sample. `store` is the
+    pass's view of the store (PassView)."""
     out = []
+    samples: list[tuple[str, dict[str, Any]]] = []
     for vpg in chosen:
         prot, rec = inventory(vpg.protected_site), inventory(vpg.recovery_site)
         cps = rt.journal.checkpoints(vpg.name)
@@ -138,18 +226,19 @@ def _judge(rt: Runtime, now: datetime, chosen: list[VPG], inventory: Callable[[s
             newest_checkpoint_at=cps[-1].time if cps else None,
             oldest_checkpoint_at=cps[0].time if cps else None,
             journal_bytes=usage.total_bytes,
-            **live_facts(rt.store, vpg.name),  # awaiting commit since, failover or move, committed
+            **live_facts(store, vpg.name),  # awaiting commit since, failover or move, committed
         )
         if prot is None:
             facts["error"] = f"protected site unreachable: {errors[vpg.protected_site]}"
         else:
-            facts["unprotected_vms"] = unprotected(vpg, prot, rt)
+            facts["unprotected_vms"] = unprotected(vpg, prot, rt, tags.get(vpg.protected_site))
         if rec is not None:
             facts["recovery_networks_missing"] = missing_networks(vpg, rec.network_names())
         elif prot is not None:
             facts["error"] = f"recovery site unreachable: {errors[vpg.recovery_site]}"
-        ev = evaluate(vpg, gather_facts(rt.store, vpg.name, now, **facts))
-        transitions = apply_transitions(rt.store, vpg.name, ev, now)
-        rt.store.add_sample(vpg.name, **ev.sample())
+        ev = evaluate(vpg, gather_facts(store, vpg.name, now, **facts))
+        transitions = apply_transitions(store, vpg.name, ev, now)
+        samples.append((vpg.name, ev.sample()))
         out.append(VpgHealth(vpg.name, ev, transitions))
+    store.add_samples(samples, at=now)  # one INSERT for the pass
     return out

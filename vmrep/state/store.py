@@ -671,6 +671,20 @@ class StateStore:
             s.flush()
             return row.id
 
+    def add_samples(self, samples: Iterable[tuple[str, dict[str, Any]]], *, at: datetime | None = None) -> int:
+        """Many samples (vpg, fields as `add_sample` takes them) in one INSERT of many rows:
+        the monitor's samples of a pass. Returns how many."""
+        from sqlalchemy import insert
+
+        when = at or utcnow()
+        rows = [{"vpg": vpg, **{"at": when, "journal_bytes": None, "journal_limit_bytes": None, "status": None,
+                                "substatus": None}, **fields} for vpg, fields in samples]
+        if not rows:
+            return 0
+        with self.session() as s:
+            s.execute(insert(Sample), rows)
+        return len(rows)
+
     def open_alerts(self, vpg: str | None = None) -> list[Alert]:
         q = select(Alert).where(Alert.cleared_at.is_(None))
         if vpg is not None:
