@@ -117,19 +117,21 @@ def test_a_change_to_part_of_a_property_reads_the_object_again(lab) -> None:  # 
 def test_the_store_part_of_a_pass_is_one_write_transaction(lab) -> None:  # type: ignore[no-untyped-def]
     rt = lab.runtime()
     monitor_pass(rt)
-    writes: list[int] = []
+    begins: list[bool] = []  # per transaction begun: read-only?
 
     def on_begin(conn) -> None:  # type: ignore[no-untyped-def]
-        if not conn.get_execution_options().get("vmrep_readonly", False):
-            writes.append(1)
+        begins.append(bool(conn.get_execution_options().get("vmrep_readonly", False)))
 
+    before = len(rt.store.frame("samples"))
+    rt.store.update_runtime("files", paused=True)  # the pass then writes a status change and an alert
     event.listen(rt.store.engine, "begin", on_begin)
     try:
-        before = len(rt.store.frame("samples"))
-        monitor_pass(rt)
+        results = {r.vpg: r for r in monitor_pass(rt)}
     finally:
         event.remove(rt.store.engine, "begin", on_begin)
-    assert len(writes) == 1
+        rt.store.update_runtime("files", paused=False)
+    assert "raised" in {t.kind for t in results["files"].transitions}
+    assert begins == [False]  # reads, status, alert and samples: one write transaction
     assert len(rt.store.frame("samples")) == before + len(rt.config.vpgs)
 
 
