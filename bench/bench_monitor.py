@@ -131,7 +131,7 @@ def add_latency(control: str, ms: int) -> None:
 
 
 def run_size(size: int, vpg_size: int, repeat: int, naive_max: int, rtt_ms: int = 0,
-             changed_share: float = 0.05) -> dict[str, Any]:
+             changed_share: float = 0.05, changed_repeat: int = 1) -> dict[str, Any]:
     from vmrep.monitor import monitor_pass, site_watches
     from vmrep.runtime import forget_runtime, get_runtime
     from vmrep.vsphere.inventory import Inventory
@@ -163,22 +163,35 @@ def run_size(size: int, vpg_size: int, repeat: int, naive_max: int, rtt_ms: int 
                     site_watches(rt).close()  # as at a run's start or after a fault
                     return monitor_pass(rt)
 
-                res["full_pass"] = entry([measure(control, full_pass) for _ in range(repeat)])
+                def waited() -> float:  # seconds the last pass waited for the simulator's WaitForUpdatesEx
+                    w = site_watches(rt).watches.get("s")
+                    return w.last.wait_seconds if w is not None else 0.0
+
                 monitor_pass(rt)
-                res["unchanged_pass"] = entry([measure(control, lambda: monitor_pass(rt)) for _ in range(repeat)])
-                step = max(1, round(1 / changed_share))
-                runs = []
-                for i in range(repeat):
-                    change_notes(client, vms[i % step::step], f"{i}")
+                runs, waits = [], []
+                for _ in range(repeat):
                     runs.append(measure(control, lambda: monitor_pass(rt)))
-                res["changed_pass"] = entry(runs)
-                res["changed_pass"]["vms_changed"] = len(vms[::step])
+                    waits.append(waited())
+                res["unchanged_pass"] = entry(runs)
+                res["unchanged_pass"]["wait_s"] = statistics.median(waits)
+                res["full_pass"] = entry([measure(control, full_pass) for _ in range(repeat)])
                 res["inventory"] = entry([measure(control, lambda: Inventory(rt.client("s")).vms())
                                           for _ in range(repeat)])
                 if naive_max:
                     w, s, c, n = measure(control, lambda: naive_loop(client, naive_max))
                     res["naive"] = {"wall_s": w * len(names) / n, "soap": s * len(names) // n, "calls": c,
                                     "measured_vms": n, "measured_wall_s": w}
+                monitor_pass(rt)
+                step = max(1, round(1 / changed_share))
+                runs, waits = [], []
+                for i in range(changed_repeat):
+                    change_notes(client, vms[i % step::step], f"{i}")
+                    time.sleep(1)  # the changes reach the collector's queue
+                    runs.append(measure(control, lambda: monitor_pass(rt)))
+                    waits.append(waited())
+                res["changed_pass"] = entry(runs)
+                res["changed_pass"]["vms_changed"] = len(vms[::step])
+                res["changed_pass"]["wait_s"] = statistics.median(waits)
                 forget_runtime(config)
             finally:
                 client.close()
@@ -195,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--naive-max", type=int, default=500,
                     help="VMs the naive loop reads (its time is scaled to the size; 0: skip it)")
     ap.add_argument("--changed", type=float, default=0.05, help="share of VMs changed before a pass")
+    ap.add_argument("--changed-repeat", type=int, default=1,
+                    help="passes after a change (each slow on the simulator: see bench/README.md)")
     ap.add_argument("--rtt-ms", type=int, default=0,
                     help="added latency per SOAP request (the launcher's delay rule), as to a remote vCenter")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
@@ -202,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for size in (int(s) for s in a.sizes.split(",")):
         print(f"{size} VMs ...", flush=True)
-        results[size] = r = run_size(size, a.vpg_size, a.repeat, a.naive_max, a.rtt_ms, a.changed)
+        results[size] = r = run_size(size, a.vpg_size, a.repeat, a.naive_max, a.rtt_ms, a.changed, a.changed_repeat)
         print(f"  site started in {r['site_start_s']:.1f}s; {r['vms']} VMs in {r['vpgs']} VPGs", flush=True)
+        print("  " + json.dumps({k: {x: y for x, y in v.items() if x != "calls"} if isinstance(v, dict) else v
+                                 for k, v in r.items()}, default=str), flush=True)
     print()
     if a.rtt_ms:
         print(f"with {a.rtt_ms} ms added to every SOAP request")
@@ -222,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             rf = f"{full['wall_s'] / v['wall_s']:.1f}x" if key != "naive" else "-"
             rn = f"{naive['wall_s'] / v['wall_s']:.1f}x" if naive and key != "naive" else "-"
-            print(f"{r['vms']:>6} {label:<30} {v['soap']:>10} {v['wall_s']:>8.2f} {rf:>15} {rn:>11}")
+            wait = f"  (of which {v['wait_s']:.2f} s waiting for WaitForUpdatesEx)" if "wait_s" in v else ""
+            print(f"{r['vms']:>6} {label:<30} {v['soap']:>10} {v['wall_s']:>8.2f} {rf:>15} {rn:>11}{wait}")
     a.out.mkdir(parents=True, exist_ok=True)
     name = f"bench_monitor{f'-rtt{a.rtt_ms}ms' if a.rtt_ms else ''}.json"
     (a.out / name).write_text(json.dumps(results, indent=2, default=str))

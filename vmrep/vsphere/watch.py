@@ -27,6 +27,7 @@ over with a full read.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -51,6 +52,7 @@ class Changes:
     modified: set[str] = field(default_factory=set)
     left: set[str] = field(default_factory=set)
     calls: int = 0  # WaitForUpdatesEx round trips (plus re-reads) this poll took
+    wait_seconds: float = 0.0  # of the poll's time, waiting for WaitForUpdatesEx answers
 
     @property
     def changed(self) -> set[str]:
@@ -147,9 +149,11 @@ class Watch:
         reread: set[str] = set()
         options = PC.WaitOptions(maxWaitSeconds=0, maxObjectUpdates=self.max_object_updates)
         while True:
+            t0 = time.perf_counter()
             update = self.client.call("inventory watch", self._pc.WaitForUpdatesEx, self.version, options,
                                       method_name="WaitForUpdatesEx")
             ch.calls += 1
+            ch.wait_seconds += time.perf_counter() - t0
             if update is None:  # nothing (more) changed
                 break
             self._apply(update, ch, reread)
