@@ -54,6 +54,7 @@ def test_status_watch_refreshes_in_place_and_ctrl_c_ends_it(lab, tmp_path) -> No
         # redrawn in place: Live moves the cursor up over the previous table (CSI n A)
         # and erases lines (CSI 2K), rather than printing the table again below
         assert b"\x1b[1A" in later and b"\x1b[2K" in later, later[:400]
+        read_until(master, buf, b"\x00never", 2.5)  # a few more refreshes, over more than a second
         captions = [line for line in buf.decode(errors="replace").splitlines() if "refreshed" in line]
         assert len({c.strip() for c in captions}) >= 2  # the time in the caption moves on
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, as the terminal sends it to the group
