@@ -135,10 +135,11 @@ def test_the_store_part_of_a_pass_is_one_write_transaction(lab) -> None:  # type
     assert len(rt.store.frame("samples")) == before + len(rt.config.vpgs)
 
 
-def test_batch_keeps_each_call_atomic_and_rolls_back_as_a_whole(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_batch_keeps_each_call_atomic_and_rolls_back_as_a_whole(db_url) -> None:  # type: ignore[no-untyped-def]
+    """On SQLite and PostgreSQL (savepoints inside the batch's transaction on both)."""
     import pytest
 
-    with StateStore.open(f"sqlite:///{tmp_path / 's.db'}") as store:
+    with StateStore.open(db_url) as store:
         with store.batch():
             a = store.raise_alert("erp", "RPO_OVER_TARGET", "warning", "one")
             # the same alert again: refused by the unique index, inside its own savepoint
