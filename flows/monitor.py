@@ -1,6 +1,9 @@
-"""The monitor: one long-lived run making a pass every minute over every VPG, each alert
-and status transition recorded and emitted as a Prefect event (resource
-`vmrep.vpg.<name>`, see tasks.monitoring), so a Prefect automation can notify someone.
+"""The monitor: one long-lived run making a pass every minute over every VPG. Each pass:
+first what the control plane enforces (commit policies whose deadline passed, operations
+whose owner died, failed test clean-ups: `vmrep.recovery.policy.enforce`), then the pass
+over every VPG; every alert and status transition recorded (by this pass or by anything
+else since the last) is emitted as a Prefect event (resource `vmrep.vpg.<name>`, see
+tasks.monitoring), so a Prefect automation can notify someone.
 
 Why one run of many passes rather than a run per pass: the pass keeps a PropertyCollector
 filter per site between passes (vmrep.vsphere.watch) and takes only the changes, which
@@ -20,7 +23,10 @@ from typing import Any
 
 from prefect import flow
 
-from tasks.monitoring import emit, run_pass
+from flows._common import flow_run_id
+from tasks.monitoring import emit_recorded, run_pass
+from tasks.recovery import PrefectRunner
+from vmrep.recovery.policy import enforce
 
 
 def _summary(results: Any) -> list[dict[str, Any]]:
@@ -38,8 +44,9 @@ def monitor(config: str = "vmrep.yaml", vpgs: list[str] | None = None, lifetime_
     start = time.monotonic()
     slot = 0
     while True:
+        enforce(config, vpgs=vpgs, runner=PrefectRunner(), flow_run_id=flow_run_id())  # the one hook
         results = run_pass(config, vpgs)
-        emit(results)
+        emit_recorded(config)
         # Passes start on a fixed grid (start + k * interval), so a slow pass does not push
         # every later one back; a pass that overran its slot skips to the next free one.
         slot = max(slot + 1, int((time.monotonic() - start) // interval_seconds) + 1)

@@ -27,6 +27,13 @@ from vmrep.runtime import Runtime
 from vmrep.vsphere.inventory import Inventory
 from vmrep.vsphere.watch import InventoryWatch
 
+def ransomware_suspicions(journal: object, vpg: str, cps: list) -> list:
+    """The VPG's open ENCRYPTION_SUSPECTED facts, from the checkpoints already read."""
+    from vmrep.ransomware.service import assess_vpg, suspicions
+
+    return suspicions(assess_vpg(journal, vpg, cps))
+
+
 @dataclass
 class VpgHealth:
     vpg: str
@@ -228,6 +235,7 @@ def _judge(rt: Runtime, store: Any, now: datetime, chosen: list[VPG],
             journal_bytes=usage.total_bytes,
             **live_facts(store, vpg.name),  # awaiting commit since, failover or move, committed
         )
+        facts["encryption_suspected"] = ransomware_suspicions(rt.journal, vpg.name, cps)
         if prot is None:
             facts["error"] = f"protected site unreachable: {errors[vpg.protected_site]}"
         else:
