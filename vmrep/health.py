@@ -98,6 +98,9 @@ ALERT_LEVEL = {
     "RECOVERY_NETWORK_MISSING": ERROR,
     "VM_NOT_PROTECTED": ERROR,
     "TEST_CLEANUP_FAILED": ERROR,
+    # A source VM running while its recovered twin runs (vmrep.splitbrain): a warning while
+    # the failover awaits commit, an error once committed (the level each alert carries).
+    "SPLIT_BRAIN": ERROR,
 }
 ALERT_CODES = frozenset(ALERT_LEVEL)
 
@@ -154,6 +157,7 @@ class Facts:
     recovery_networks_missing: Sequence[str] = ()
     unprotected_vms: Sequence[UnprotectedVM] = ()
     error: str | None = None  # replication failing for a reason of its own
+    split_brain: Sequence[Any] = ()  # vmrep.splitbrain.SplitBrainVM, judged by the monitor
 
     @classmethod
     def from_runtime(cls, rt: "VpgRuntime", now: datetime, **facts: Any) -> "Facts":
@@ -365,6 +369,10 @@ def evaluate(cfg: "VPG", f: Facts) -> Evaluation:
     if f.test_cleanup_failed:
         left = f": {f.test_cleanup_failed}" if isinstance(f.test_cleanup_failed, str) else ""
         alert("TEST_CLEANUP_FAILED", f"test clean-up failed, test VMs or scratch data left{left}")
+    for sb in f.split_brain:
+        # The phase is the subject: committing turns the warning into an error (a new alert).
+        alerts.append(DesiredAlert("SPLIT_BRAIN", sb.level, f"VPG {vpg}: {sb.text(vpg)}", vm=sb.vm,
+                                   subject=sb.phase, data={"phase": sb.phase, "twin": sb.twin}))
 
     return Evaluation(
         vpg=vpg,

@@ -17,6 +17,7 @@ from vmrep.health import Evaluation, Transition, UnprotectedVM, apply_transition
 from vmrep.protection import exclusions
 from vmrep.recovery.operations import live_facts
 from vmrep.runtime import Runtime
+from vmrep.splitbrain import judge as split_brain
 from vmrep.vsphere.inventory import Inventory
 
 @dataclass
@@ -84,6 +85,8 @@ def monitor_pass(rt: Runtime, now: datetime | None = None, vpgs: list[str] | Non
             facts["unprotected_vms"] = unprotected(vpg, prot, rt)
         if rec is not None:
             facts["recovery_networks_missing"] = missing_networks(vpg, rec.network_names())
+        if prot is not None and rec is not None:
+            facts["split_brain"] = split_brain(rt.store, vpg, prot.vms(), rec.vms(), facts)
         elif prot is not None:
             facts["error"] = f"recovery site unreachable: {errors[vpg.recovery_site]}"
         ev = evaluate(vpg, gather_facts(rt.store, vpg.name, now, **facts))

@@ -332,7 +332,7 @@ def wait_answering(site: Site, refused_window: float = REFUSED_WINDOW_S) -> None
                     f"site {site.name} ({site.host}): cannot connect: connection refused "
                     f"(still refused after {refused_window:g} s)"
                 ) from None
-            log.warning("site %s: connection refused; trying again", site.name)
+            log.debug("site %s: connection refused; trying again", site.name)  # the outcome is one line
             time.sleep(min(delay, left))
             delay = min(delay * 2, 4.0)
         except (socket.timeout, TimeoutError):

@@ -30,6 +30,9 @@ _CONNECTION_ERRORS: tuple[type, ...] = (
     TimeoutError,
     requests.ConnectionError,
     requests.Timeout,
+    # A pooled connection the server closed meanwhile (a site back after an outage, a
+    # vCenter restart): the next request on it fails in TLS; a new connection works.
+    ssl.SSLEOFError,
 )
 
 
