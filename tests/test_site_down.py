@@ -172,6 +172,53 @@ def _report_text(rt: Any) -> tuple[str, str]:
     return r.text, r.html
 
 
+def test_failover_while_the_site_hangs_then_split_brain_warning_and_rollback(  # type: ignore[no-untyped-def]
+        lab, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The other way a site is gone: its port accepts and never answers. The failover
+    decides it after one connect timeout (a setting: 2 s here), once; after the site is
+    back, the sources it could not shut down run beside their twins: SPLIT_BRAIN warnings
+    while the failover awaits commit; a rollback needs no protected site and clears them."""
+    import yaml
+
+    from vmrep.monitor import monitor_pass
+    from vmrep.runtime import forget_runtime
+
+    monkeypatch.setenv("VMREP_HOME", str(lab.base))
+    data = yaml.safe_load(lab.config_path.read_text())
+    data["sites"]["siteA"]["connect_timeout_seconds"] = 2
+    lab.config_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    forget_runtime(lab.config_path)
+    rt = lab.runtime()
+    cfg = str(lab.config_path)
+    synced(rt, "erp")
+    lab.control("siteB").boot_delay(100)
+    rc, out, _ = _cli(capsys, "lab", "site-down", "siteA", "--hang")
+    assert rc == 0 and "hanging" in out
+    try:
+        rc, out, err = _cli(capsys, "failover", "erp", "--confirm", "erp", "--shutdown", "force",
+                            "--commit-policy", "none", "--verify-timeout", "30", "--direct", "--config", cfg)
+        assert rc == 0, err
+        assert f"warning: {SOURCE_NOT_SHUT_DOWN}" in out
+        op = rt.store.operations("erp")[0]
+        assert op.kind == "failover" and op.result == "succeeded" and SOURCE_NOT_SHUT_DOWN in (op.notes or "")
+        probes = [x for x in rt.store.steps(op.id) if x.step == "protected-site"]
+        assert len(probes) == 1 and "no answer within 2 s" in probes[0].detail["reason"]
+        # the monitor cannot read the protected site: it says so, and judges no split brain
+        monitor_pass(rt, vpgs=["erp"])
+        assert not [a for a in rt.store.open_alerts("erp") if a.code == "SPLIT_BRAIN"]
+    finally:
+        rc, _, _ = _cli(capsys, "lab", "site-up", "siteA")
+    assert rc == 0
+    monitor_pass(rt, vpgs=["erp"])
+    sb = {a.vm: a for a in rt.store.open_alerts("erp") if a.code == "SPLIT_BRAIN"}
+    assert set(sb) == set(ERP) and {a.level for a in sb.values()} == {"warning"}
+    assert "awaiting commit" in sb["erp-web"].text and "roll back" in sb["erp-web"].text
+    r = ops.rollback(cfg, "erp")
+    assert r["result"] == "succeeded"
+    monitor_pass(rt, vpgs=["erp"])
+    assert not [a for a in rt.store.open_alerts("erp") if a.code == "SPLIT_BRAIN"]
+
+
 def test_a_site_that_accepts_and_never_answers_is_decided_within_the_connect_timeout(  # type: ignore[no-untyped-def]
         lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("VMREP_HOME", str(lab.base))

@@ -18,6 +18,7 @@ from vmrep.protection import exclusions
 from vmrep.recovery.operations import live_facts
 from vmrep.runtime import Runtime
 from vmrep.splitbrain import judge as split_brain
+from vmrep.vsphere.connection import unreachable
 from vmrep.vsphere.inventory import Inventory
 
 @dataclass
@@ -59,6 +60,10 @@ def monitor_pass(rt: Runtime, now: datetime | None = None, vpgs: list[str] | Non
 
     def inventory(site: str) -> Inventory | None:
         if site not in inventories:
+            gone = unreachable(rt.config.site(site))  # bounded by the connect timeout
+            if gone is not None:
+                inventories[site], errors[site] = None, gone
+                return None
             try:
                 inv = rt.inventory(site)
                 inv.vms()  # the one round trip: VMs, devices, networks

@@ -172,6 +172,9 @@ class Client:
                 pwd=self._password,
                 sslContext=ssl_context(self.site),
                 connectionPoolTimeout=int(self.site.timeout_seconds),
+                # Every socket operation bounded (pyvmomi's default is none: a site that
+                # accepts and never answers would hold a call forever).
+                httpConnectionTimeout=self.site.timeout_seconds,
             )
         except vim.fault.InvalidLogin:
             raise ConnectionFailed(
@@ -254,6 +257,10 @@ class Client:
             exc = state.outcome.exception() if state.outcome else None
             log.warning("site %s: %s on %s failed transiently (%s), retrying",
                         self.site.name, label, what, exc and faults.fault_name(exc))
+            if exc is not None and isinstance(exc, faults.CONNECTION_ERRORS):
+                # The connection itself failed: find out once, within the connect timeout,
+                # whether the site is there at all, instead of retrying into a site that is gone.
+                wait_answering(self.site, self.site.connect_timeout_seconds)
             if exc is not None and faults.is_session_lost(exc):
                 self.relogin()
 

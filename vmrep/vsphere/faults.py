@@ -34,6 +34,7 @@ _CONNECTION_ERRORS: tuple[type, ...] = (
     # vCenter restart): the next request on it fails in TLS; a new connection works.
     ssl.SSLEOFError,
 )
+CONNECTION_ERRORS = _CONNECTION_ERRORS  # for callers that tell a lost connection from a fault
 
 
 def is_session_lost(exc: BaseException) -> bool:
