@@ -240,8 +240,8 @@ def commit(
     path, rt, v = _setup(config, vpg)
     from vmrep.recovery import operations as ops
 
-    if ops.pending_live_operation(rt, v) is None and not reverse_protection:
-        raise VmrepError(f"VPG {vpg}: commit refused: no failover or move is awaiting commit")
+    if not reverse_protection:  # with it, also a commit made while the protected site was gone
+        ops.awaiting_commit(rt, v, "commit")
     # Before a flow starts: reverse protection needs the protected site (one line if gone).
     ops.refuse_commit_without_source(rt, v, reverse_protection)
     if direct:
@@ -264,8 +264,7 @@ def rollback(
     path, rt, v = _setup(config, vpg)
     from vmrep.recovery import operations as ops
 
-    if ops.pending_live_operation(rt, v) is None:
-        raise VmrepError(f"VPG {vpg}: rollback refused: no failover or move is awaiting commit")
+    ops.awaiting_commit(rt, v, "rollback")
     if direct:
         summary = ops.rollback(path, vpg, who=who())
     else:
