@@ -173,9 +173,9 @@ def _report_text(rt: Any) -> tuple[str, str]:
 
 
 def test_failover_while_the_site_hangs_then_split_brain_warning_and_rollback(  # type: ignore[no-untyped-def]
-        lab, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+        lab, prefect_harness, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """The other way a site is gone: its port accepts and never answers. The failover
-    decides it after one connect timeout (a setting: 2 s here), once; after the site is
+    flow decides it after one connect timeout (a setting: 2 s here), once; after the site is
     back, the sources it could not shut down run beside their twins: SPLIT_BRAIN warnings
     while the failover awaits commit; a rollback needs no protected site and clears them."""
     import yaml
@@ -195,12 +195,16 @@ def test_failover_while_the_site_hangs_then_split_brain_warning_and_rollback(  #
     rc, out, _ = _cli(capsys, "lab", "site-down", "siteA", "--hang")
     assert rc == 0 and "hanging" in out
     try:
-        rc, out, err = _cli(capsys, "failover", "erp", "--confirm", "erp", "--shutdown", "force",
-                            "--commit-policy", "none", "--verify-timeout", "30", "--direct", "--config", cfg)
-        assert rc == 0, err
-        assert f"warning: {SOURCE_NOT_SHUT_DOWN}" in out
-        op = rt.store.operations("erp")[0]
-        assert op.kind == "failover" and op.result == "succeeded" and SOURCE_NOT_SHUT_DOWN in (op.notes or "")
+        # the flow the deployment failover/live-failover runs, each step a Prefect task run
+        from flows.failover import failover
+
+        s = failover("erp", "erp", cfg, shutdown="force", commit_policy="none", verify_timeout=30)
+        assert s["result"] == "succeeded" and s["flow_run_id"] and s["warnings"] == [SOURCE_NOT_SHUT_DOWN]
+        op = rt.store.operation(s["operation_id"])
+        assert op.kind == "failover" and SOURCE_NOT_SHUT_DOWN in (op.notes or "")
+        assert (rt.store.runtime("erp").status, rt.store.runtime("erp").substatus) == (
+            "FailingOver", "FailingOverBeforeCommit")
+        assert all(v["ok"] for v in s["verification"].values())
         probes = [x for x in rt.store.steps(op.id) if x.step == "protected-site"]
         assert len(probes) == 1 and "no answer within 2 s" in probes[0].detail["reason"]
         # the monitor cannot read the protected site: it says so, and judges no split brain
