@@ -21,6 +21,13 @@ from vmrep.splitbrain import judge as split_brain
 from vmrep.vsphere.connection import unreachable
 from vmrep.vsphere.inventory import Inventory
 
+def ransomware_suspicions(journal: object, vpg: str, cps: list) -> list:
+    """The VPG's open ENCRYPTION_SUSPECTED facts, from the checkpoints already read."""
+    from vmrep.ransomware.service import assess_vpg, suspicions
+
+    return suspicions(assess_vpg(journal, vpg, cps))
+
+
 @dataclass
 class VpgHealth:
     vpg: str
@@ -84,6 +91,7 @@ def monitor_pass(rt: Runtime, now: datetime | None = None, vpgs: list[str] | Non
             journal_bytes=usage.total_bytes,
             **live_facts(rt.store, vpg.name),  # awaiting commit since, failover or move, committed
         )
+        facts["encryption_suspected"] = ransomware_suspicions(rt.journal, vpg.name, cps)
         if prot is None:
             facts["error"] = f"protected site unreachable: {errors[vpg.protected_site]}"
         else:
