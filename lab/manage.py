@@ -310,8 +310,41 @@ def power_on(client: Any, names: list[str], timeout: float = 30.0) -> dict[str, 
     return ips
 
 
+def journal_service_files(d: Path) -> dict[str, Any]:
+    """The recovery site's journal service (`vmrep journal serve`): a CA and a server
+    certificate (as the launcher makes the vCenters'), a writer token for siteA and an
+    admin token for siteB, and a free port. Returns the config's `journal.service`; the
+    matching client setting for siteA's workers (`sites.siteB.journal_service`) is in
+    `journal-service/client.yaml`, to add when replication should cross the service
+    (the demo replicates without it: docs/journal-service.md)."""
+    import socket
+
+    from vmrep.journal.service import make_certificate
+
+    sd = d / "journal-service"
+    ca, cert, key, thumb = make_certificate(sd, ["127.0.0.1", "localhost"])
+    tokens = {}
+    for name in ("siteA-writer", "siteB-admin"):
+        f = sd / f"{name}.token"
+        f.write_text(secrets.token_hex(24))
+        f.chmod(0o600)
+        tokens[name] = f
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = {"url": f"https://127.0.0.1:{port}", "credential": f"file:{tokens['siteA-writer']}",
+              "tls": {"ca_file": str(ca)}}
+    (sd / "client.yaml").write_text(yaml.safe_dump({"journal_service": client}, sort_keys=False))
+    (sd / "thumbprint").write_text(thumb + "\n")
+    return {"listen": f"127.0.0.1:{port}", "cert_file": str(cert), "key_file": str(key),
+            "credentials": [
+                {"name": "siteA-writer", "role": "writer", "site": "siteA", "token": f"file:{tokens['siteA-writer']}"},
+                {"name": "siteB-admin", "role": "admin", "token": f"file:{tokens['siteB-admin']}"}]}
+
+
 def lab_config(a: SiteProcess, b: SiteProcess, password_file: Path, journal: Path,
-               database_url: str | None = None, notifications: dict[str, Any] | None = None) -> dict[str, Any]:
+               database_url: str | None = None, notifications: dict[str, Any] | None = None,
+               journal_service: dict[str, Any] | None = None) -> dict[str, Any]:
     def nic(live: str, test: str, base: int, i: int) -> dict[str, Any]:
         return {"live_network": live, "test_network": test,
                 "live_ip": {"dhcp": False, "ip": f"10.20.{base}.{10 + i}", "netmask": "255.255.255.0",
@@ -325,7 +358,7 @@ def lab_config(a: SiteProcess, b: SiteProcess, password_file: Path, journal: Pat
     return {
         **extra,
         "sites": {"siteA": _site_config(a, password_file), "siteB": _site_config(b, password_file)},
-        "journal": {"path": str(journal)},
+        "journal": {"path": str(journal), **({"service": journal_service} if journal_service else {})},
         "vpgs": [
             {
                 "name": "erp",
@@ -411,7 +444,7 @@ def up(base: Path | None = None, config_path: Path | None = None, *, boot_delay:
         config_path.write_text(
             "# Written by 'vmrep lab up': a two-site lab (siteA protected, siteB recovery).\n"
             + yaml.safe_dump(lab_config(lab.sites["siteA"], lab.sites["siteB"], password_file, d / "journal",
-                                        database_url, notifications),
+                                        database_url, notifications, journal_service_files(d)),
                              sort_keys=False))
         (d / "lab.json").write_text(json.dumps(lab.state(), indent=2))
         return lab

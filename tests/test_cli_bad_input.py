@@ -53,6 +53,7 @@ MINIMAL: dict[str, list[str]] = {
     "lab write": [VM, "--for", "1s"],
     "exporter": ["--listen", "127.0.0.1:19496"],  # the config is read before it listens
     "journal repair-index": [],
+    "journal serve": ["--port", "0"],  # the config is read before it listens
     "ransomware status": [VPG],
     "ransomware dismiss": [VPG, "--vm", VM, "--reason", "backup job"],  # refused: nothing suspected
 }
