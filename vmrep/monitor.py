@@ -24,6 +24,8 @@ from vmrep.health import Evaluation, Transition, UnprotectedVM, apply_transition
 from vmrep.protection import exclusions
 from vmrep.recovery.operations import live_facts
 from vmrep.runtime import Runtime
+from vmrep.splitbrain import judge as split_brain
+from vmrep.vsphere.connection import unreachable
 from vmrep.vsphere.inventory import Inventory
 from vmrep.vsphere.watch import InventoryWatch
 
@@ -125,6 +127,10 @@ def _pass(rt: Runtime, watches: SiteWatches, now: datetime, chosen: list[VPG]) -
 
     def inventory(site: str) -> Inventory | None:
         if site not in inventories:
+            gone = unreachable(rt.config.site(site))  # bounded by the connect timeout
+            if gone is not None:
+                inventories[site], errors[site] = None, gone
+                return None
             try:
                 inventories[site] = watches.inventory(site)  # changes only, after the first pass
             except VmrepError as exc:
@@ -242,6 +248,8 @@ def _judge(rt: Runtime, store: Any, now: datetime, chosen: list[VPG],
             facts["unprotected_vms"] = unprotected(vpg, prot, rt, tags.get(vpg.protected_site))
         if rec is not None:
             facts["recovery_networks_missing"] = missing_networks(vpg, rec.network_names())
+        if prot is not None and rec is not None:
+            facts["split_brain"] = split_brain(rt.store, vpg, prot.vms(), rec.vms(), facts)
         elif prot is not None:
             facts["error"] = f"recovery site unreachable: {errors[vpg.recovery_site]}"
         ev = evaluate(vpg, gather_facts(store, vpg.name, now, **facts))
