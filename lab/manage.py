@@ -468,14 +468,61 @@ def down(base: Path | None = None) -> list[str]:
     return stopped
 
 
+SITE_STATES = ("up", "down", "hang")
+
+
+def _site_state(control_url: str) -> str | None:
+    """What the launcher's site switch says ('up', 'down', 'hang'), None if it does not answer."""
+    import requests
+
+    try:
+        r = requests.get(f"{control_url.rstrip('/')}/site", timeout=5)
+        r.raise_for_status()
+        return str(r.json()["state"])
+    except (requests.RequestException, ValueError, KeyError):
+        return None
+
+
+def set_site_state(site: str, state: str, base: Path | None = None) -> dict[str, Any]:
+    """Take a lab site off the network ('down': connections refused; 'hang': connections
+    accepted, never answered) or bring it back ('up': same port, same inventory, disks and
+    power states: the launcher process keeps running throughout)."""
+    import requests
+
+    if state not in SITE_STATES:
+        raise LabError(f"site state {state!r}: not one of {', '.join(SITE_STATES)}")
+    d = lab_dir(base)
+    if not (d / "lab.json").exists():
+        raise LabError(f"lab site {site!r}: no lab running (run 'vmrep lab up' first)")
+    sites = json.loads((d / "lab.json").read_text())["sites"]
+    if site not in sites:
+        raise LabError(f"lab site {site!r} not found (sites: {', '.join(sorted(sites))})")
+    s = sites[site]
+    if not _is_our_launcher(int(s["pid"])):
+        raise LabError(f"lab site {site} is not running (pid {s['pid']} gone); run 'vmrep lab up'")
+    try:
+        r = requests.post(f"{s['control_url'].rstrip('/')}/site", json={"state": state}, timeout=15)
+    except requests.RequestException as exc:
+        raise LabError(f"lab site {site}: control endpoint {s['control_url']} not answering: {exc}") from None
+    if r.status_code != 200:
+        raise LabError(f"lab site {site}: {state} failed: {r.text.strip()}")
+    return {"site": site, **r.json()}
+
+
 def status(base: Path | None = None) -> dict[str, Any]:
     d = lab_dir(base)
     state_file = d / "lab.json"
     if not state_file.exists():
         return {"running": False, "sites": {}}
     state = json.loads(state_file.read_text())
-    sites = {name: {"url": s["url"], "pid": s["pid"], "running": _is_our_launcher(int(s["pid"]))}
-             for name, s in state["sites"].items()}
+    sites: dict[str, dict[str, Any]] = {}
+    for name, s in state["sites"].items():
+        alive = _is_our_launcher(int(s["pid"]))
+        # A site taken down by 'lab site-down' keeps its process: running, but not reachable.
+        site_state = _site_state(s["control_url"]) if alive else None
+        sites[name] = {"url": s["url"], "pid": s["pid"], "running": alive,
+                       "state": site_state if alive else "stopped",
+                       "reachable": alive and site_state == "up"}
     return {"running": all(s["running"] for s in sites.values()), "config": state.get("config"), "sites": sites}
 
 

@@ -134,13 +134,16 @@ def test_schedules(built):
     rep = deps["replicate/erp"]
     assert [s.interval.total_seconds() for s in by_name["replicate/erp"].schedules] == [serve.REPLICATE_RUN_SECONDS]
     assert rep.parameters["interval_seconds"] == 10 and rep.parameters["vpg"] == "erp"
-    # a run ends before the next is due; one at a time, a late one waits (back to back)
     # a run goes on past the next one's due time, until that one takes over (flows/replicate.HandOff)
     assert rep.parameters["for_seconds"] > serve.REPLICATE_RUN_SECONDS
     # two at once: the next run starts while the last still cycles, and takes over from it
     assert rep.concurrency_limit == 2 and rep.concurrency_options.collision_strategy.value == "ENQUEUE"
-    assert deps["monitor/every-minute"].concurrency_options.collision_strategy.value == "CANCEL_NEW"
-    assert serve.schedule_text(by_name["monitor/every-minute"]) == "every minute"
+    # the monitor: one long run of a pass a minute, the next run as it ends (back to back)
+    mon = deps["monitor/every-minute"]
+    assert mon.concurrency_options.collision_strategy.value == "ENQUEUE"
+    assert mon.parameters["interval_seconds"] == 60
+    assert mon.parameters["lifetime_seconds"] == serve.MONITOR_RUN_SECONDS - 60
+    assert serve.schedule_text(by_name["monitor/every-minute"]) == "a pass every 1 min, in runs of 30 min"
     assert serve.schedule_text(by_name["compliance-report/monthly"]) == "monthly, 1st 06:00 UTC"
     assert deps["compliance-report/monthly"].parameters["period"] == "previous-month"
     dr = by_name["dr-test/dr-test"].schedules
