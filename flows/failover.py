@@ -4,7 +4,8 @@
 for the timeout and commits or rolls back (unless someone does it by hand first);
 policy none leaves it awaiting commit. `commit` and `rollback` end a failover or move
 awaiting commit. The confirmation parameter must repeat the VPG's name, so a stray click
-in the UI cannot start a failover."""
+in the UI cannot start a failover; a VPG with `approval: required` also waits for a
+second person's approval in the UI (flows/approval.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._common import flow_run_id
+from flows.approval import DEFAULT_TIMEOUT_MINUTES, gate
 from flows.dr_test import interrupted
 from tasks.recovery import PrefectRunner
 from vmrep.recovery import operations as ops
@@ -25,14 +27,18 @@ from vmrep.stamps import started_by
 def failover(vpg: str, confirm: str, config: str = "vmrep.yaml", checkpoint: str = "latest",
              shutdown: str | None = None, commit_policy: str | None = None,
              commit_after_minutes: float | None = None, who: str | None = None,
-             verify_timeout: float = 600.0, shutdown_timeout: float = 300.0) -> dict[str, Any]:
-    """Live failover of a VPG (confirm: the VPG's name again)."""
+             verify_timeout: float = 600.0, shutdown_timeout: float = 300.0,
+             approval_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> dict[str, Any]:
+    """Live failover of a VPG (confirm: the VPG's name again); waits for approval in the
+    UI first when the VPG says `approval: required`."""
     logger = get_run_logger()
+    requested_by = started_by(who, fallback="prefect")
+    approval = gate(config, vpg, "failover", confirm, requested_by, approval_timeout_minutes)
     return ops.run_failover(config, vpg, confirm=confirm, checkpoint=checkpoint, shutdown=shutdown,
                             commit_policy=commit_policy, commit_after_minutes=commit_after_minutes,
-                            who=started_by(who, fallback="prefect"), flow_run_id=flow_run_id(), runner=PrefectRunner(),
+                            who=requested_by, flow_run_id=flow_run_id(), runner=PrefectRunner(),
                             verify_timeout=verify_timeout, shutdown_timeout=shutdown_timeout,
-                            notify=logger.warning)
+                            notify=logger.warning, approval=approval)
 
 
 @flow(name="commit", task_runner=ThreadPoolTaskRunner(max_workers=8),

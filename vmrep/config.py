@@ -207,6 +207,9 @@ class VPG(Strict):
     commit_policy: CommitPolicy = CommitPolicy()
     shutdown_policy: Literal["none", "graceful", "force"] = "none"
     email_to: list[str] = []
+    # Live failover and move started from a deployment (the UI, a schedule, the API) wait
+    # for a person to approve them in the Prefect UI when `required`; see docs/recovery.md.
+    approval: Literal["none", "required"] = "none"
 
     @field_validator("journal_history_hours")
     @classmethod
