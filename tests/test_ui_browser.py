@@ -165,12 +165,15 @@ def test_dr_test_from_the_ui_completes_and_shows_its_report_artifact(stack, clie
     assert vpg.inner_text().strip() == "erp"
     shot(pg, "04-vpg-picked")
 
+    run_name = pg.locator(".p-label").filter(has_text="Run Name").locator("input").first.input_value()
+    assert run_name
     pg.get_by_role("button", name="Submit", exact=True).click()
-    view = pg.get_by_role("link", name="View run").or_(pg.get_by_role("button", name="View run")).first
-    view.wait_for()
+    # The app returns to the deployment's runs with a toast naming the new run; the run is
+    # followed by its name in the list (the toast's own button races the app's navigation).
+    pg.get_by_text(f"{run_name} scheduled", exact=False).first.wait_for()
+    pg.wait_for_url(re.compile(r"/deployments/deployment/[^/?]+(\?.*)?$"))
     shot(pg, "05-submitted")
-    # The toast slides in and its container takes the pointer: a DOM click, as the user's lands.
-    view.dispatch_event("click")
+    pg.get_by_role("link", name=run_name, exact=True).first.click()
     pg.wait_for_url(re.compile(r"/runs/flow-run/"))
     submitted = run_id_of(pg)
     params = client.read_flow_run(submitted).parameters
@@ -224,7 +227,7 @@ def test_live_failover_waits_for_approval_in_the_resume_form(lab, stack, client,
     fill("bob-approver", "files", "INC-4711 site A lost")
     shot(pg, "11-resume-form-wrong-vpg")
     dialog.get_by_role("button", name="Submit").click()
-    refusal = pg.get_by_text(re.compile(r"'files' does not match"))
+    refusal = pg.get_by_text(re.compile(r"'files' does not match")).first
     refusal.wait_for()
     shot(pg, "12-resume-refused")
     assert client.read_flow_run(paused.id).state.type == StateType.PAUSED
