@@ -1,14 +1,14 @@
-"""Helpers the flows share: who started a run, waiting on futures so none fails unseen."""
+"""Helpers the flows share: the flow run's id, waiting on futures so none fails unseen
+(who started a run is `vmrep.stamps.started_by`, as everywhere)."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from tasks.common import wait_all  # re-exported: the flows wait as the tasks do
 from vmrep.errors import VmrepError
 
-__all__ = ["flow_run_id", "problem_lines", "started_by", "wait_all"]
+__all__ = ["flow_run_id", "problem_lines", "wait_all"]
 
 
 def flow_run_id() -> str | None:
@@ -18,10 +18,6 @@ def flow_run_id() -> str | None:
         return str(flow_run.id) if flow_run.id else None
     except Exception:  # noqa: BLE001 - outside a run there is no id
         return None
-
-
-def started_by(default: str | None = None) -> str:
-    return default or os.environ.get("VMREP_USER") or os.environ.get("USER") or "prefect"
 
 
 def problem_lines(problems: list[Any]) -> VmrepError:

@@ -238,14 +238,14 @@ def connect_site(site: SiteProcess, name: str, password: str = "lab") -> Any:
 
 def create_vm(client: Any, seed: VMSeed, *, folder: Any, pool: Any, host: Any, network: Any, net_name: str,
               datastores: dict[str, str], rng: random.Random) -> Any:
-    from vmrep.vsphere.task import run_task
+    from vmrep.vsphere import vm as vmops
 
     spec = vim.vm.ConfigSpec(
         name=seed.name, guestId="otherLinux64Guest", numCPUs=1, memoryMB=256,
         files=vim.vm.FileInfo(vmPathName=f"[{seed.datastore}]"), annotation=seed.notes,
         deviceChange=_device_specs(seed.name, seed.datastore, seed.disks, network, net_name),
     )
-    ref = run_task(client, f"VM {seed.name}", folder.CreateVM_Task, spec, pool, host)
+    ref = vmops.create(client, seed.name, folder, spec, pool, host)
     for i, d in enumerate(seed.disks):
         upload_disk_image(client, f"[{seed.datastore}] {seed.name}/disk{i}-flat.vmdk", d, rng)
     return ref

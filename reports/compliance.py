@@ -10,7 +10,7 @@ import pandas as pd
 from reports import charts, frames
 from reports.dr_test import _jsonable, _vpg_config
 from reports.frames import ReportError, utc
-from reports.render import fmt_dt, fmt_duration, fmt_pct, missing, render_html, render_print, render_text
+from reports.render import fmt_dt, fmt_duration, fmt_pct, missing, render_report
 from reports.report import Report, slug
 from vmrep.health import HISTORY_WARNING_RATIO
 from vmrep.stamps import utcnow
@@ -292,9 +292,7 @@ def build_compliance_report(
         "generated_at": now,
         "fmt_duration": fmt_duration,
     }
-    html = render_html("compliance.html.j2", **ctx)
-    text = render_text("compliance.txt.j2", **ctx)
-    print_html = render_print("compliance.html.j2", **ctx)
+    html, text, print_html = render_report("compliance", **ctx)
 
     summary_df = pd.DataFrame(
         [{k: ("; ".join(v) if isinstance(v, list) else v) for k, v in s.items()} for s in summaries]

@@ -12,7 +12,7 @@ import pandas as pd
 from reports import charts, frames
 from reports.details import describe
 from reports.frames import ReportError, utc
-from reports.render import fmt_duration, missing, render_html, render_print, render_text
+from reports.render import fmt_duration, missing, render_report
 from reports.report import Report, slug
 from vmrep.stamps import utcnow
 
@@ -279,9 +279,7 @@ def build_dr_test_report(
         "generated_at": now,
         "vpg_config": vpg_cfg,
     }
-    html = render_html("dr_test.html.j2", **ctx)
-    text = render_text("dr_test.txt.j2", **ctx)
-    print_html = render_print("dr_test.html.j2", **ctx)
+    html, text, print_html = render_report("dr_test", **ctx)
 
     steps_csv = steps[["vm_label", "step", "started_at", "ended_at", "duration_seconds", "result", "error"]].rename(columns={"vm_label": "vm"})
     steps_csv = steps_csv.assign(detail=steps["detail"].map(lambda d: "" if d is None or (not isinstance(d, (dict, list)) and missing(d)) else json.dumps(_jsonable(d))))

@@ -260,3 +260,10 @@ def render_print(template: str, **context: Any) -> str:
 
 def render_text(template: str, **context: Any) -> str:
     return text_env().get_template(template).render(**context)
+
+
+def render_report(name: str, **context: Any) -> tuple[str, str, str]:
+    """A report's three renderings from its templates `<name>.html.j2` and `<name>.txt.j2`:
+    (e-mail HTML, plain text, print HTML for the PDF)."""
+    return (render_html(f"{name}.html.j2", **context), render_text(f"{name}.txt.j2", **context),
+            render_print(f"{name}.html.j2", **context))

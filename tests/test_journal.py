@@ -680,3 +680,16 @@ def test_many_threads_store_identical_blocks_into_many_new_disks(tmp_path):
         assert stored == cp.added_bytes == 3 * BS  # random blocks are stored raw, each once
         for k, (vm, d) in enumerate(disks):
             assert disk_bytes(j, "g", cp.id, vm, d) == b"".join(pool[(i + k) % 3] for i in range(64))
+
+
+def test_second_writer_is_refused_as_journal_locked(tmp_path):
+    """The one JournalError worth waiting for has its own type (a move's final checkpoint
+    waits it out), so no caller reads the message to tell it apart."""
+    from vmrep.errors import JournalLocked
+
+    j = Journal.open(tmp_path / "j", block_size=BS)
+    with j.begin("vpg1"):
+        with pytest.raises(JournalLocked, match="VPG vpg1: journal is locked by another writer"):
+            j.begin("vpg1")
+    with j.begin("vpg1") as w:  # released with the first writer
+        w.abort()

@@ -259,3 +259,22 @@ def test_a_dead_process_is_recognised(tmp_path: Path) -> None:
     p.wait()
     assert process_gone({**me, "pid": p.pid, "start": "1"})
     assert not process_gone({**me, "host": "elsewhere", "pid": p.pid})
+
+
+def test_operation_context_lives_with_its_runtime() -> None:
+    """An operation's plan and catalogs are kept by the Runtime, not by module globals:
+    two runtimes never share one, forget() drops it, closing the runtime drops them all."""
+    from vmrep.config import Config
+    from vmrep.recovery import steps
+    from vmrep.recovery.context import operation_context
+    from vmrep.runtime import Runtime
+
+    rt1, rt2 = Runtime(Config.model_construct()), Runtime(Config.model_construct())
+    ctx = operation_context(rt1, "op-1")
+    assert operation_context(rt1, "op-1") is ctx
+    assert operation_context(rt2, "op-1") is not ctx
+    steps.forget(rt1, "op-1")
+    assert operation_context(rt1, "op-1") is not ctx
+    operation_context(rt1, "op-2")
+    rt1.close()
+    assert rt1.operations == {}

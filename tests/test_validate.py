@@ -108,6 +108,17 @@ def test_pinned_thumbprint(lab, tmp_path: Path) -> None:  # type: ignore[no-unty
     cfg.sites["siteA"].tls.thumbprint = wrong
     with pytest.raises(Exception, match="thumbprint"):
         connect(cfg.sites["siteA"])
+    # The files and vAPI side refuses a wrong pin too, and the refusal is final: retrying a
+    # certificate that is not the pinned one cannot help (urllib3 says so in its own words).
+    import requests
+
+    from vmrep.vsphere import faults
+    from vmrep.vsphere.connection import http_session, http_verify
+
+    site = cfg.sites["siteA"]
+    with pytest.raises(requests.exceptions.SSLError) as refused:
+        http_session(site).get(f"https://{site.host}/folder", verify=http_verify(site), timeout=10)
+    assert not faults.is_transient(refused.value), str(refused.value)
 
 
 def _vm(devices: list) -> VMInfo:  # type: ignore[type-arg]

@@ -144,3 +144,58 @@ def test_unset_property_reads_do_not_break_the_session(lab) -> None:  # type: ig
         assert got.get("snapshot") is None and got.name == "erp-app"
         # and the session still works afterwards
         assert Inventory(c).vm("erp-app").name == "erp-app"
+
+
+def test_task_waits_through_wait_for_updates_not_polling(lab) -> None:  # type: ignore[no-untyped-def]
+    """A task wait is a filter on the task and WaitForUpdatesEx (as govmomi's task
+    package), not RetrievePropertiesEx polls; the VM object layer goes through it."""
+    import requests
+
+    from vmrep.vsphere import vm as vmops
+
+    ctl = lab.site("siteA").control_url
+    with client_for(lab) as c:
+        vm = Inventory(c).vm("files-01")
+        requests.delete(f"{ctl}/calls", timeout=5)
+        snap = vmops.create_snapshot(c, vm.name, vm.ref, "vmrep-test-wait", "test snapshot")
+        calls = requests.get(f"{ctl}/calls", timeout=5).json()
+        assert calls.get("CreateSnapshot_Task") == 1
+        assert calls.get("CreateFilter") == 1 and calls.get("WaitForUpdatesEx", 0) >= 1
+        assert "RetrievePropertiesEx" not in calls
+        assert calls.get("DestroyPropertyCollector") == 1  # the wait's own collector, removed after
+        tree = retrieve_one(c, vm.ref, ["snapshot"]).get("snapshot")
+        assert [s._moId for s in vmops.find_snapshots(tree, "vmrep-test-wait")] == [snap._moId]
+        vmops.revert_to_snapshot(c, vm.name, snap)
+        assert retrieve_one(c, vm.ref, ["snapshot"]).get("snapshot").currentSnapshot._moId == snap._moId
+        vmops.remove_snapshot(c, vm.name, snap, "remove test snapshot")
+        tree = retrieve_one(c, vm.ref, ["snapshot"]).get("snapshot")
+        assert vmops.find_snapshots(tree, "vmrep-test-wait") == []
+
+
+def test_task_that_fails_raises_its_fault_in_one_line(lab) -> None:  # type: ignore[no-untyped-def]
+    from vmrep.vsphere import vm as vmops
+
+    with client_for(lab) as c:
+        vm = Inventory(c).vm("erp-web")
+        assert vmops.power_state(c, vm.ref) == "poweredOn"
+        with pytest.raises(VSphereError) as e:
+            vmops.power_on(c, vm.name, vm.ref)  # already on: the task ends in error
+        assert str(e.value).startswith("site siteA: VM erp-web: power on: InvalidPowerState")
+        assert "\n" not in str(e.value)
+
+
+def test_task_wait_survives_a_new_session(lab) -> None:  # type: ignore[no-untyped-def]
+    """The session ends while waiting: the client logs in again, the wait's collector
+    (which died with the old session) is made anew, and the wait still ends."""
+    from vmrep.vsphere import vm as vmops
+
+    ctl = lab.control("siteA")
+    with client_for(lab) as c:
+        vm = Inventory(c).vm("files-01")
+        ctl.fault("WaitForUpdatesEx", "fault", "NotAuthenticated", count=1)
+        try:
+            snap = vmops.create_snapshot(c, vm.name, vm.ref, "vmrep-test-relogin", "test snapshot")
+        finally:
+            ctl.clear_faults()
+        assert c.stats.relogins == 1
+        vmops.remove_snapshot(c, vm.name, snap, "remove test snapshot")

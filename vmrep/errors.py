@@ -54,3 +54,8 @@ class Refused(VmrepError):
 
 class JournalError(VmrepError):
     pass
+
+
+class JournalLocked(JournalError):
+    """The VPG's journal is held by another writer (a replication cycle, retention, a
+    removal): waiting for it may help, unlike any other JournalError."""

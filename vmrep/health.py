@@ -55,34 +55,11 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Iterable, Literal, Sequence
 
 from vmrep.state.store import alert_key
+from vmrep.status import Status, Substatus  # re-exported: health's callers name them from here
 
 if TYPE_CHECKING:
     from vmrep.config import VPG
     from vmrep.state import StateStore, VpgRuntime
-
-
-class Status:
-    INITIALIZING = "Initializing"
-    MEETING_SLA = "MeetingSLA"
-    NOT_MEETING_SLA = "NotMeetingSLA"
-    RPO_NOT_MEETING_SLA = "RpoNotMeetingSLA"
-    HISTORY_NOT_MEETING_SLA = "HistoryNotMeetingSLA"
-    FAILING_OVER = "FailingOver"
-    MOVING = "Moving"
-    DELETING = "Deleting"
-    RECOVERED = "Recovered"
-    PAUSED = "Paused"
-    ERROR = "Error"
-
-
-class Substatus:
-    INITIAL_SYNC = "InitialSync"
-    DELTA_SYNC = "DeltaSync"
-    FAILING_OVER_BEFORE_COMMIT = "FailingOverBeforeCommit"
-    FAILING_OVER_COMMITTING = "FailingOverCommitting"
-    FAILING_OVER_ROLLING_BACK = "FailingOverRollingBack"
-    MOVING_BEFORE_COMMIT = "MovingBeforeCommit"
-    NEEDS_CONFIGURATION = "NeedsConfiguration"
 
 
 WARNING, ERROR = "warning", "error"

@@ -27,6 +27,9 @@ class Runtime:
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _journal: Any = None
     _store: Any = None
+    # Recovery operations' contexts by operation id (vmrep.recovery.context): kept here,
+    # not in module globals, so they live and die with this runtime.
+    operations: dict[str, Any] = field(default_factory=dict)
 
     # -- journal and state ------------------------------------------------------------
 
@@ -82,6 +85,7 @@ class Runtime:
                 c.close()
             self._clients.clear()
             self._ds.clear()
+            self.operations.clear()
 
 
 _runtimes: dict[str, Runtime] = {}

@@ -11,7 +11,6 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"path"
 	"path/filepath"
 )
 
@@ -20,18 +19,10 @@ const putChunk = 1 << 20
 var zeroChunk = make([]byte, putChunk)
 
 func (l *lab) putDatastoreFile(w http.ResponseWriter, r *http.Request, rel string) {
-	q := r.URL.Query()
-	dir, err := l.datastoreDir(r.Context(), q.Get("dcPath"), q.Get("dsName"))
-	if err != nil {
-		http.Error(w, err.Error(), http.StatusNotFound)
+	p, ok := l.datastoreFile(w, r, rel, "a file name is required")
+	if !ok {
 		return
 	}
-	rel = path.Clean("/" + rel)
-	if rel == "/" {
-		http.Error(w, "a file name is required", http.StatusBadRequest)
-		return
-	}
-	p := filepath.Join(dir, filepath.FromSlash(rel))
 	_ = os.MkdirAll(filepath.Dir(p), 0o700)
 	f, err := os.Create(p)
 	if err != nil {

@@ -608,19 +608,30 @@ func (l *lab) datastoreDir(ctx context.Context, dcPath, dsName string) (string, 
 	return obj.Info.GetDatastoreInfo().Url, nil
 }
 
-func (l *lab) deleteDatastoreFile(w http.ResponseWriter, r *http.Request, rel string) {
+// datastoreFile resolves a /folder request (dcPath, dsName, the path below the
+// datastore) to a local file, answering the request itself when it cannot: 404
+// for an unknown datacenter or datastore, 400 (with rootRefusal) for the
+// datastore's root. ok is false when the request was answered.
+func (l *lab) datastoreFile(w http.ResponseWriter, r *http.Request, rel, rootRefusal string) (p string, ok bool) {
 	q := r.URL.Query()
 	dir, err := l.datastoreDir(r.Context(), q.Get("dcPath"), q.Get("dsName"))
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusNotFound)
-		return
+		return "", false
 	}
 	rel = path.Clean("/" + rel)
 	if rel == "/" {
-		http.Error(w, "refusing to delete the datastore root", http.StatusBadRequest)
+		http.Error(w, rootRefusal, http.StatusBadRequest)
+		return "", false
+	}
+	return filepath.Join(dir, filepath.FromSlash(rel)), true
+}
+
+func (l *lab) deleteDatastoreFile(w http.ResponseWriter, r *http.Request, rel string) {
+	p, ok := l.datastoreFile(w, r, rel, "refusing to delete the datastore root")
+	if !ok {
 		return
 	}
-	p := filepath.Join(dir, filepath.FromSlash(rel))
 	if _, err := os.Stat(p); err != nil {
 		http.Error(w, "not found", http.StatusNotFound)
 		return

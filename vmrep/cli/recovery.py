@@ -238,8 +238,7 @@ def commit(
     path, rt, v = _setup(config, vpg)
     from vmrep.recovery import operations as ops
 
-    if ops.pending_live_operation(rt, v) is None:
-        raise VmrepError(f"VPG {vpg}: commit refused: no failover or move is awaiting commit")
+    ops.awaiting_commit(rt, v, "commit")
     if direct:
         summary = ops.commit(path, vpg, reverse_protection=reverse_protection, who=who())
     else:
@@ -260,8 +259,7 @@ def rollback(
     path, rt, v = _setup(config, vpg)
     from vmrep.recovery import operations as ops
 
-    if ops.pending_live_operation(rt, v) is None:
-        raise VmrepError(f"VPG {vpg}: rollback refused: no failover or move is awaiting commit")
+    ops.awaiting_commit(rt, v, "rollback")
     if direct:
         summary = ops.rollback(path, vpg, who=who())
     else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 
 import typer
 
@@ -73,6 +73,18 @@ def _show(report: Any, delivery: Any, json_out: bool) -> None:
                           "(recorded; see `vmrep report emails`)", markup=False)
 
 
+def _issue(rt: Any, build: Callable[[], Any], out: Path | None, fmt: str, email: bool, json_out: bool) -> None:
+    """Build a report (a ReportError in one line), write it, mail it if asked, show it."""
+    from reports.frames import ReportError
+
+    try:
+        report = build()
+    except ReportError as exc:
+        raise VmrepError(str(exc)) from None
+    report.write(out or reports_dir(rt.config), fmt)
+    _show(report, _send(report, rt) if email else None, json_out)
+
+
 def _send(report: Any, rt: Any) -> Any:
     from reports.mail import email_owners
 
@@ -113,7 +125,6 @@ def report_dr_test(
 ) -> None:
     """The report of one DR test: verdict, RPO achieved, RTO measured, per-VM steps and verification."""
     from reports import build_dr_test_report
-    from reports.frames import ReportError
     from vmrep.runtime import get_runtime
 
     fmt = _format(fmt)
@@ -121,12 +132,7 @@ def report_dr_test(
         writable_place(out, "--out")
     rt = get_runtime(config_from(config).source)
     op_id = resolve_test_operation(rt.store, run_id)
-    try:
-        report = build_dr_test_report(rt.store.engine, op_id, rt.config)
-    except ReportError as exc:
-        raise VmrepError(str(exc)) from None
-    report.write(out or reports_dir(rt.config), fmt)
-    _show(report, _send(report, rt) if email else None, json_out)
+    _issue(rt, lambda: build_dr_test_report(rt.store.engine, op_id, rt.config), out, fmt, email, json_out)
 
 
 @report_app.command("compliance")
@@ -145,7 +151,6 @@ def report_compliance(
 ) -> None:
     """Compliance over a period, per VPG: RPO met, journal history met, tests done and not overdue."""
     from reports import build_compliance_report
-    from reports.frames import ReportError
     from vmrep.runtime import get_runtime
 
     fmt = _format(fmt)
@@ -170,12 +175,8 @@ def report_compliance(
     if vpg:
         for name in vpg:
             rt.config.vpg(name)  # an unknown name is an error naming the known ones
-    try:
-        report = build_compliance_report(rt.store.engine, start, end, list(vpg) if vpg else None, rt.config)
-    except ReportError as exc:
-        raise VmrepError(str(exc)) from None
-    report.write(out or reports_dir(rt.config), fmt)
-    _show(report, _send(report, rt) if email else None, json_out)
+    _issue(rt, lambda: build_compliance_report(rt.store.engine, start, end, list(vpg) if vpg else None, rt.config),
+           out, fmt, email, json_out)
 
 
 @report_app.command("emails")

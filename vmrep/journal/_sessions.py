@@ -20,7 +20,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from vmrep.errors import JournalError
+from vmrep.errors import JournalLocked
 from vmrep.journal._fs import FileLock, ensure_dir, rand_hex
 
 if TYPE_CHECKING:
@@ -167,5 +167,5 @@ def vpg_lock(vpg_dir: Path, vpg: str, timeout: float, what: str) -> FileLock:
     ensure_dir(vpg_dir)
     lk = FileLock(vpg_dir / "writer.lock", shared=False)
     if not lk.acquire(timeout):
-        raise JournalError(f"VPG {vpg}: journal is locked by another writer ({what} refused)")
+        raise JournalLocked(f"VPG {vpg}: journal is locked by another writer ({what} refused)")
     return lk

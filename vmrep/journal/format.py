@@ -157,6 +157,25 @@ def parse_pack_trailer(tail: bytes, what: str) -> np.ndarray:
 
 # ---- index files -------------------------------------------------------------------------
 
+def _framed(magic: bytes, header: dict[str, Any], arrays: list[bytes], *, sort_keys: bool = False) -> bytes:
+    """The framing of index, checkpoint and condemned-blob files: magic, u32 header
+    length, the JSON header, the arrays, and the blake3 checksum of all that."""
+    hb = json.dumps(header, separators=(",", ":"), sort_keys=sort_keys).encode()
+    body = b"".join([magic, U32.pack(len(hb)), hb, *arrays])
+    return body + _checksum(body)
+
+
+def _unframed(data: bytes, magic: bytes, what: str, kind: str, bad_checksum: str) -> tuple[Any, int]:
+    """(header, offset of the arrays) of a `_framed` file, its magic and checksum checked;
+    `kind` ("an index file") and `bad_checksum` word the errors."""
+    if len(data) < 12 + ID_LEN or data[:8] != magic:
+        raise JournalError(f"{what}: not {kind}")
+    if _checksum(memoryview(data)[:-ID_LEN]) != data[-ID_LEN:]:
+        raise JournalError(f"{what}: {bad_checksum}")
+    (hlen,) = U32.unpack_from(data, 8)
+    return json.loads(data[12 : 12 + hlen]), 12 + hlen
+
+
 @dataclass
 class IndexPack:
     name: str
@@ -170,22 +189,12 @@ def encode_index(packs: list[IndexPack], created: str) -> bytes:
         "created": created,
         "packs": [{"name": p.name, "size": p.size, "entries": len(p.entries)} for p in packs],
     }
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    parts = [INDEX_MAGIC, U32.pack(len(hb)), hb]
-    parts += [p.entries.astype(ENTRY_DTYPE, copy=False).tobytes() for p in packs]
-    body = b"".join(parts)
-    return body + _checksum(body)
+    return _framed(INDEX_MAGIC, header, [p.entries.astype(ENTRY_DTYPE, copy=False).tobytes() for p in packs])
 
 
 def decode_index(data: bytes, what: str) -> list[IndexPack]:
-    if len(data) < 12 + ID_LEN or data[:8] != INDEX_MAGIC:
-        raise JournalError(f"{what}: not an index file")
-    if _checksum(memoryview(data)[:-ID_LEN]) != data[-ID_LEN:]:
-        raise JournalError(f"{what}: index checksum mismatch")
-    (hlen,) = U32.unpack_from(data, 8)
-    header = json.loads(data[12 : 12 + hlen])
+    header, pos = _unframed(data, INDEX_MAGIC, what, "an index file", "index checksum mismatch")
     check_json(header, INDEX_KEYS, what)
-    pos = 12 + hlen
     out = []
     for p in header["packs"]:
         check_keys(p, INDEX_PACK_KEYS, f"{what}: pack entry")
@@ -216,25 +225,15 @@ def encode_ckpt(header: dict[str, Any], maps: list[np.ndarray]) -> bytes:
     assert len(maps) == len(header["disks"])
     for d, m in zip(header["disks"], maps, strict=True):
         d["entries"] = int(len(m))
-    hb = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
-    parts = [CKPT_MAGIC, U32.pack(len(hb)), hb]
-    parts += [m.astype(MAP_DTYPE, copy=False).tobytes() for m in maps]
-    body = b"".join(parts)
-    return body + _checksum(body)
+    return _framed(CKPT_MAGIC, header, [m.astype(MAP_DTYPE, copy=False).tobytes() for m in maps], sort_keys=True)
 
 
 def decode_ckpt(data: bytes, what: str) -> CkptFile:
-    if len(data) < 12 + ID_LEN or data[:8] != CKPT_MAGIC:
-        raise JournalError(f"{what}: not a checkpoint file")
-    if _checksum(memoryview(data)[:-ID_LEN]) != data[-ID_LEN:]:
-        raise JournalError(f"{what}: checkpoint file checksum mismatch")
-    (hlen,) = U32.unpack_from(data, 8)
-    header = json.loads(data[12 : 12 + hlen])
+    header, pos = _unframed(data, CKPT_MAGIC, what, "a checkpoint file", "checkpoint file checksum mismatch")
     check_json(header, CKPT_KEYS, what)
     if header["kind"] not in ("delta", "base"):
         raise JournalError(f"{what}: unknown checkpoint file kind {header['kind']!r}")
     check_keys(header["checkpoint"], CKPT_INFO_KEYS, f"{what}: checkpoint")
-    pos = 12 + hlen
     maps = {}
     for d in header["disks"]:
         check_keys(d, CKPT_DISK_KEYS, f"{what}: disk")
@@ -263,26 +262,19 @@ def condemned_name(epoch: int) -> str:
 
 def encode_condemned(epoch: int, pairs: list[tuple[str, bytes]], created: str) -> bytes:
     header = {"format": FORMAT_VERSION, "epoch": epoch, "created": created, "count": len(pairs)}
-    hb = json.dumps(header, separators=(",", ":")).encode()
     arr = np.zeros(len(pairs), dtype=COND_DTYPE)
     if pairs:
         arr["pack"] = np.frombuffer(b"".join(bytes.fromhex(p) for p, _ in pairs), np.uint8).reshape(-1, 16)
         arr["id"] = np.frombuffer(b"".join(i for _, i in pairs), np.uint8).reshape(-1, ID_LEN)
-    body = b"".join([COND_MAGIC, U32.pack(len(hb)), hb, arr.tobytes()])
-    return body + _checksum(body)
+    return _framed(COND_MAGIC, header, [arr.tobytes()])
 
 
 def decode_condemned(data: bytes, what: str) -> tuple[int, set[tuple[str, bytes]]]:
-    if len(data) < 12 + ID_LEN or data[:8] != COND_MAGIC:
-        raise JournalError(f"{what}: not a condemned-blob file")
-    if _checksum(memoryview(data)[:-ID_LEN]) != data[-ID_LEN:]:
-        raise JournalError(f"{what}: checksum mismatch")
-    (hlen,) = U32.unpack_from(data, 8)
-    header = json.loads(data[12 : 12 + hlen])
+    header, pos = _unframed(data, COND_MAGIC, what, "a condemned-blob file", "checksum mismatch")
     check_json(header, COND_KEYS, what)
     n = header["count"]
-    arr = np.frombuffer(data, dtype=COND_DTYPE, count=n, offset=12 + hlen)
-    if 12 + hlen + n * COND_DTYPE.itemsize != len(data) - ID_LEN:
+    arr = np.frombuffer(data, dtype=COND_DTYPE, count=n, offset=pos)
+    if pos + n * COND_DTYPE.itemsize != len(data) - ID_LEN:
         raise JournalError(f"{what}: length mismatch")
     packs = arr["pack"].tobytes()
     ids = arr["id"].tobytes()

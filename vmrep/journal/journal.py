@@ -33,7 +33,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -59,6 +58,7 @@ from vmrep.journal.results import (
 from vmrep.journal.results import is_zero  # noqa: F401  (was defined here; old imports keep working)
 from vmrep.journal.store import BlockStore, GCStats, now_iso
 from vmrep.journal.writer import CheckpointWriter, WriteTarget
+from vmrep.parallel import each_part
 
 log = logging.getLogger(__name__)
 
@@ -214,13 +214,7 @@ class Journal:
                         if progress:
                             progress(len(data))
 
-                chunks = np.array_split(nz, max(1, min(len(nz) // 16, 64 * threads))) if len(nz) else []
-                if threads > 1 and len(chunks) > 1:
-                    with ThreadPoolExecutor(threads) as ex:
-                        list(ex.map(work, chunks))
-                else:
-                    for c in chunks:
-                        work(c)
+                each_part(work, nz, min(len(nz) // 16, 64 * threads), threads)
                 if fsync:
                     os.fsync(fd)
             finally:

@@ -29,7 +29,8 @@ import blake3
 import numpy as np
 
 from vmrep.errors import JournalError, NotFound
-from vmrep.vsphere.datastore import DatastoreAccess, parse_ds_path
+from vmrep.parallel import each_part
+from vmrep.vsphere.datastore import DatastoreAccess
 
 CHUNK_BLOCKS = 8  # blocks per read or write unit
 MARKER = "# vmrep checkpoint "
@@ -143,14 +144,7 @@ def _write_local(journal: Any, bmap: Any, out: Path, size: int, threads: int) ->
                 written += n
                 bad.extend(mine)
 
-        if len(nz):
-            parts = np.array_split(nz, max(1, min(len(nz) // 4, 32 * max(1, threads))))
-            if threads > 1 and len(parts) > 1:
-                with ThreadPoolExecutor(threads) as ex:
-                    list(ex.map(work, parts))
-            else:
-                for p in parts:
-                    work(p)
+        each_part(work, nz, min(len(nz) // 4, 32 * max(1, threads)), threads)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -329,14 +323,7 @@ def compare_disk(journal: Any, ds: DatastoreAccess, vpg: str, checkpoint_id: str
                 bad.extend(mine)
                 read_total += got
 
-        if len(todo):
-            parts = np.array_split(todo, max(1, min(len(todo) // CHUNK_BLOCKS, 16 * max(1, threads))))
-            if threads > 1 and len(parts) > 1:
-                with ThreadPoolExecutor(threads) as ex:
-                    list(ex.map(check, parts))
-            else:
-                for p in parts:
-                    check(p)
+        each_part(check, todo, min(len(todo) // CHUNK_BLOCKS, 16 * max(1, threads)), threads)
     finally:
         if local_fd >= 0:
             os.close(local_fd)
@@ -346,5 +333,3 @@ def compare_disk(journal: Any, ds: DatastoreAccess, vpg: str, checkpoint_id: str
     return res
 
 
-def datastore_of(path: str) -> str:
-    return parse_ds_path(path)[0]

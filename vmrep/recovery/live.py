@@ -32,6 +32,7 @@ from vmrep.recovery.sequence import DirectRunner, _cleanup_runner, _recover
 from vmrep.recovery.steps import find_plan, get_plan
 from vmrep.runtime import Runtime, get_runtime
 from vmrep.state.holding import holding_vpg
+from vmrep.status import Status, Substatus
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,15 @@ def pending_live_operation(rt: Runtime, vpg: VPG, *, runner: Any = None) -> Any 
     return None
 
 
+def awaiting_commit(rt: Runtime, vpg: VPG, what: str, *, runner: Any = None) -> Any:
+    """The failover or move awaiting commit, or Refused naming `what` (commit, rollback):
+    the one check the CLI makes before starting a flow and the engine makes again."""
+    live = pending_live_operation(rt, vpg, runner=runner)
+    if live is None:
+        raise Refused(f"VPG {vpg.name}: {what} refused: no failover or move is awaiting commit")
+    return live
+
+
 def run_failover(config: str, vpg: str, *, confirm: str | None, checkpoint: str = "latest",
                  shutdown: str | None = None, commit_policy: str | None = None,
                  commit_after_minutes: float | None = None, who: str | None = None,
@@ -128,7 +138,7 @@ def run_failover(config: str, vpg: str, *, confirm: str | None, checkpoint: str 
                        "verify_timeout": verify_timeout,
                        **({"approval": approval} if approval else {})}) as op:
         store = rt.store
-        status = "Moving" if moving else "FailingOver"
+        status = Status.MOVING if moving else Status.FAILING_OVER
         names = [m.name for m in v.vms]
         try:
             runner.one("cleanup-leftovers", config, vpg, op)
@@ -149,7 +159,8 @@ def run_failover(config: str, vpg: str, *, confirm: str | None, checkpoint: str 
             if failed:
                 raise failed[0]
             rto = _record_rto(store, op)
-            store.set_status(vpg, status, "MovingBeforeCommit" if moving else "FailingOverBeforeCommit",
+            store.set_status(vpg, status,
+                             Substatus.MOVING_BEFORE_COMMIT if moving else Substatus.FAILING_OVER_BEFORE_COMMIT,
                              detail=f"{operation} {op[:8]}: awaiting commit or rollback")
             plan = get_plan(rt, op)
             when = {"commit": f"; commits at the policy's timeout ({after:g} min)",
@@ -170,7 +181,7 @@ def run_failover(config: str, vpg: str, *, confirm: str | None, checkpoint: str 
             store.finish_operation(op, result, error=text,
                                    **_cp_fields(rt, vpg, store.operation(op), find_plan(rt, op)))
             store.unlock(vpg, op)
-            steps.forget(op)
+            steps.forget(rt, op)
             raise
     summary = operation_summary(store, op)
     if not moving:
@@ -220,9 +231,7 @@ def commit(config: str, vpg: str, *, reverse_protection: bool = False, remove_so
     v = rt.config.vpg(vpg)
     store = rt.store
     runner = runner or DirectRunner()
-    live = pending_live_operation(rt, v, runner=runner)
-    if live is None:
-        raise Refused(f"VPG {vpg}: commit refused: no failover or move is awaiting commit")
+    live = awaiting_commit(rt, v, "commit", runner=runner)
     if remove_source is None:
         remove_source = reverse_protection
     if reverse_protection and not remove_source:
@@ -234,7 +243,8 @@ def commit(config: str, vpg: str, *, reverse_protection: bool = False, remove_so
                      params={"live_operation": live.id, "reverse_protection": reverse_protection,
                              "remove_source": remove_source, "process": process_identity()},
                      refusal=lambda _: f"VPG {vpg}: commit refused: another commit or rollback is running") as op:
-        store.set_status(vpg, "Moving" if moving else "FailingOver", None if moving else "FailingOverCommitting",
+        store.set_status(vpg, Status.MOVING if moving else Status.FAILING_OVER,
+                         None if moving else Substatus.FAILING_OVER_COMMITTING,
                          detail=f"commit {op[:8]}")
         try:
             plan = get_plan(rt, live.id)
@@ -244,8 +254,8 @@ def commit(config: str, vpg: str, *, reverse_protection: bool = False, remove_so
             _clear(store, vpg, {"AWAITING_COMMIT"})
         except BaseException:
             # the operation is ended and the lock handed back to the live operation by holding_vpg
-            store.set_status(vpg, "Moving" if moving else "FailingOver",
-                             "MovingBeforeCommit" if moving else "FailingOverBeforeCommit",
+            store.set_status(vpg, Status.MOVING if moving else Status.FAILING_OVER,
+                             Substatus.MOVING_BEFORE_COMMIT if moving else Substatus.FAILING_OVER_BEFORE_COMMIT,
                              detail=f"commit {op[:8]} failed: run it again")
             raise
         reverse: dict[str, Any] | None = None
@@ -256,13 +266,13 @@ def commit(config: str, vpg: str, *, reverse_protection: bool = False, remove_so
             except Exception as exc:  # noqa: BLE001 - the commit stands; reported below
                 reverse_error = exc
         if reverse is not None:
-            store.set_status(vpg, "Recovered", None, detail=f"committed; protected back by VPG {reverse['vpg']}")
+            store.set_status(vpg, Status.RECOVERED, None, detail=f"committed; protected back by VPG {reverse['vpg']}")
         else:
-            store.set_status(vpg, "Recovered", "NeedsConfiguration", detail="committed; not protected")
+            store.set_status(vpg, Status.RECOVERED, Substatus.NEEDS_CONFIGURATION, detail="committed; not protected")
         notes = f"reverse protection: VPG {reverse['vpg']}" if reverse else None
         store.finish_operation(op, "succeeded", notes=notes,
                                error=f"reverse protection failed: {reverse_error}" if reverse_error else None)
-    steps.forget(live.id)
+    steps.forget(rt, live.id)
     out = operation_summary(store, op)
     out["reverse_protection"] = reverse
     if reverse_error is not None:
@@ -296,7 +306,8 @@ def reverse_protect(rt: Runtime, vpg: VPG, plan: Any, commit_op: str, *, runner:
                                           f"{_describe_holder(store, held)}") as op:
         try:
             store.update_runtime(target.name, initial_sync_done=False, paused=False)
-            store.set_status(target.name, "Initializing", "InitialSync", detail=f"reverse protection of {vpg.name}")
+            store.set_status(target.name, Status.INITIALIZING, Substatus.INITIAL_SYNC,
+                             detail=f"reverse protection of {vpg.name}")
             engine.close_writer(rt, target.name, commit=False)
             results = runner.each("reverse-sync", [(config, target.name, op, m.name, preseed.get(m.name, {}))
                                                    for m in target.vms])
@@ -304,11 +315,11 @@ def reverse_protect(rt: Runtime, vpg: VPG, plan: Any, commit_op: str, *, runner:
         except BaseException as exc:
             # the operation is ended and the VPG released by holding_vpg
             engine.close_writer(rt, target.name, commit=False)
-            store.set_status(target.name, "Initializing", "InitialSync",
+            store.set_status(target.name, Status.INITIALIZING, Substatus.INITIAL_SYNC,
                              detail=f"reverse protection failed: {exc}; run 'vmrep sync {target.name}'")
             raise
         store.update_runtime(target.name, initial_sync_done=True)
-        store.set_status(target.name, "MeetingSLA", "DeltaSync", detail="reverse protection synced")
+        store.set_status(target.name, Status.MEETING_SLA, Substatus.DELTA_SYNC, detail="reverse protection synced")
         stored = sum(r["bytes_stored"] for r in results)
         read = sum(r["bytes_read"] for r in results)
         store.finish_operation(op, "succeeded", checkpoint_id=cp["id"],
@@ -325,14 +336,13 @@ def rollback(config: str, vpg: str, *, who: str | None = None, flow_run_id: str 
     v = rt.config.vpg(vpg)
     store = rt.store
     runner = runner or DirectRunner()
-    live = pending_live_operation(rt, v, runner=runner)
-    if live is None:
-        raise Refused(f"VPG {vpg}: rollback refused: no failover or move is awaiting commit")
+    live = awaiting_commit(rt, v, "rollback", runner=runner)
     moving = live.kind == "move"
     with holding_vpg(store, vpg, "rollback", who=who, flow_run_id=flow_run_id, take_from=(live.id, live.kind),
                      params={"live_operation": live.id, "process": process_identity()},
                      refusal=lambda _: f"VPG {vpg}: rollback refused: another commit or rollback is running") as op:
-        store.set_status(vpg, "Moving" if moving else "FailingOver", None if moving else "FailingOverRollingBack",
+        store.set_status(vpg, Status.MOVING if moving else Status.FAILING_OVER,
+                         None if moving else Substatus.FAILING_OVER_ROLLING_BACK,
                          detail=f"rollback {op[:8]}")
         try:
             errs = _undo_live(rt, v, live.id, op, runner)
@@ -345,7 +355,7 @@ def rollback(config: str, vpg: str, *, who: str | None = None, flow_run_id: str 
         _restore_status(store, vpg, live)
         _clear(store, vpg, {"ROLLBACK_FAILED"})
         store.finish_operation(op, "succeeded")
-    steps.forget(live.id)
+    steps.forget(rt, live.id)
     return operation_summary(store, op)
 
 

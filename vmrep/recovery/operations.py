@@ -30,6 +30,7 @@ from __future__ import annotations
 from vmrep.recovery.live import (
     _apply_policy,
     _undo_live,
+    awaiting_commit,
     commit,
     pending_live_operation,
     reverse_protect,
@@ -78,7 +79,7 @@ from vmrep.recovery.testfailover import (
 
 __all__ = [
     "DirectRunner", "LIVE_KINDS", "RECOVERY_KINDS", "TestFailed", "VerificationFailed", "after_flow_interrupted",
-    "begin", "commit", "committed_since_protection", "holder_is_stale", "leftovers", "live_facts",
+    "awaiting_commit", "begin", "commit", "committed_since_protection", "holder_is_stale", "leftovers", "live_facts",
     "operation_summary", "pending_live_operation", "preflight", "process_gone", "process_identity",
     "recover_interrupted", "reverse_protect", "rollback", "run_failover", "run_move", "run_test", "running_test",
     "stop_test", "utcnow", "verification", "who_am_i",

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +25,13 @@ from vmrep.errors import ConnectionFailed, Refused, TransientError, VmrepError, 
 from vmrep.recovery import naming
 from vmrep.vsphere.inventory import parse_devices
 from vmrep.vsphere.property import retrieve
+from vmrep.stamps import utcnow
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HARDWARE = {"cpus": 1, "memory_mb": 2048, "guest_id": "otherLinux64Guest", "firmware": None,
                     "controllers": {}, "nics": [], "disks": {}, "host": None, "folder": None,
                     "datastore": None, "uuid": None}
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 # --------------------------------------------------------------------------------------

@@ -4,17 +4,15 @@ facts `vmrep.health` reads about live recoveries."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from vmrep.errors import VmrepError
 from vmrep.runtime import Runtime
+from vmrep.stamps import utcnow
+from vmrep.status import Status
 
 LIVE_KINDS = ("failover", "move")
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def committed_since_protection(store: Any, vpg: str) -> Any | None:
@@ -121,7 +119,7 @@ def _restore_status(store: Any, vpg: str, op: Any) -> None:
     refines it on its next evaluation)."""
     before = (op.params or {}).get("status_before") if op is not None else None
     if store.runtime(vpg).initial_sync_done or not (before and before[0]):
-        store.set_status(vpg, "MeetingSLA", None, detail="recovery rolled back")
+        store.set_status(vpg, Status.MEETING_SLA, None, detail="recovery rolled back")
     else:
         store.set_status(vpg, before[0], before[1], detail="recovery rolled back")
 

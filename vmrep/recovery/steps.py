@@ -6,25 +6,26 @@ error, detail; per VM where it is per VM) and finds what an earlier try of it cr
 instead of creating it twice. `tasks/recovery.py` wraps each in a Prefect task;
 `sequence.DirectRunner` calls them without Prefect.
 
-One module of ~530 lines because it is the step table (`STEPS`) and one short function
+One module of ~510 lines because it is the step table (`STEPS`) and one short function
 per key, named as its key; splitting it would put the table away from its steps.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any, Callable
 
-from vmrep.errors import JournalError, NotFound, VmrepError
+from vmrep.errors import JournalLocked, NotFound, VmrepError
 from vmrep.recovery import naming
 from vmrep.recovery import vms as vmops
+from vmrep.recovery.context import end_operation, operation_context
 from vmrep.recovery.disks import compare_disk, write_disk
 from vmrep.recovery.plan import Plan, build_plan
 from vmrep.recovery.scripts import run_script
 from vmrep.runtime import get_runtime
+from vmrep.stamps import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -37,33 +38,14 @@ class VerificationFailed(VmrepError):
         self.detail = detail or {}
 
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-_memo_lock = threading.Lock()
-_plans: dict[str, Plan] = {}
-_catalogs: dict[tuple[int, str, str], vmops.Catalog] = {}
-
-
 def _rt(config: str, vpg: str) -> tuple[Any, Any]:
     rt = get_runtime(config)
     return rt, rt.config.vpg(vpg)
 
 
 def get_plan(rt: Any, operation_id: str) -> Plan:
-    """The plan recorded by the operation's 'plan' step (memoised in the process)."""
-    with _memo_lock:
-        p = _plans.get(operation_id)
-    if p is not None:
-        return p
-    for s in reversed(rt.store.steps(operation_id)):
-        if s.step == "plan" and s.result == "ok" and s.detail and "plan" in s.detail:
-            p = Plan.from_json(s.detail["plan"])
-            with _memo_lock:
-                _plans[operation_id] = p
-            return p
-    raise VmrepError(f"operation {operation_id[:8]}: no recovery plan recorded")
+    """The plan recorded by the operation's 'plan' step (kept in its context)."""
+    return operation_context(rt, operation_id).plan(rt.store)
 
 
 def find_plan(rt: Any, operation_id: str) -> Plan | None:
@@ -74,21 +56,11 @@ def find_plan(rt: Any, operation_id: str) -> Plan | None:
 
 
 def catalog(rt: Any, site: str, operation_id: str) -> vmops.Catalog:
-    key = (id(rt), site, operation_id)
-    with _memo_lock:
-        c = _catalogs.get(key)
-    if c is None:
-        c = vmops.Catalog.read(rt.client(site))
-        with _memo_lock:
-            _catalogs[key] = c
-    return c
+    return operation_context(rt, operation_id).catalog(rt, site)
 
 
-def forget(operation_id: str) -> None:
-    with _memo_lock:
-        _plans.pop(operation_id, None)
-        for k in [k for k in _catalogs if k[2] == operation_id]:
-            _catalogs.pop(k, None)
+def forget(rt: Any, operation_id: str) -> None:
+    end_operation(rt, operation_id)
 
 
 # --------------------------------------------------------------------------------------
@@ -101,8 +73,7 @@ def make_plan(config: str, vpg: str, op_id: str, operation: str, checkpoint_id: 
         plan = build_plan(rt, v, operation=operation, operation_id=op_id, checkpoint_id=checkpoint_id)
         catalog(rt, plan.site, op_id).check(plan)
         h.detail.update(plan=plan.to_json(), checkpoint=plan.checkpoint_id, hardware_from=plan.hardware_from)
-    with _memo_lock:
-        _plans[op_id] = plan
+    operation_context(rt, op_id).set_plan(plan)
     return {"checkpoint": plan.checkpoint_id, "vms": [m.source for m in plan.vms], "folder": plan.folder}
 
 
@@ -208,9 +179,9 @@ def final_checkpoint(config: str, vpg: str, op_id: str, tag: str) -> dict[str, A
             try:
                 r = engine.run_cycle(rt, v, tag=tag)
                 break
-            except JournalError as exc:
+            except JournalLocked:
                 # a replication cycle still writing: wait for it, it ends by itself
-                if "locked by another writer" not in str(exc) or time.monotonic() > deadline:
+                if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
         h.detail.update(checkpoint=r.checkpoint_id, blocks_changed=r.blocks_changed)

@@ -193,5 +193,5 @@ def _finish_test(rt: Runtime, vpg: VPG, op_id: str, *, success: bool | None, not
     store.finish_operation(op_id, result, error=err_text, rto_seconds=_rto_of(store, op_id), notes=text_notes,
                            **_cp_fields(rt, vpg.name, op, plan))
     store.unlock(vpg.name, op_id)
-    steps.forget(op_id)
+    steps.forget(rt, op_id)
     return operation_summary(store, op_id)

@@ -20,7 +20,8 @@ from vmrep.recovery import naming
 from vmrep.recovery.plan import Plan, VMPlan
 from vmrep.vsphere.connection import Client
 from vmrep.vsphere.property import retrieve, retrieve_one
-from vmrep.vsphere.task import run_task, wait_for_task
+from vmrep.vsphere import vm as vmops
+from vmrep.vsphere.task import run_task
 
 log = logging.getLogger(__name__)
 
@@ -233,12 +234,12 @@ def create_vm(client: Client, plan: Plan, v: VMPlan, catalog: Catalog) -> tuple[
         ref = existing()
         if ref is not None:
             return "vm", ref
-        return "task", folder.CreateVM_Task(spec, pool, host)
+        return "task", vmops.start_create(folder, spec, pool, host)
 
     kind, obj = client.call(f"VM {v.name}", attempt, method_name="CreateVM_Task")
     if kind == "vm":
         return obj, False
-    return wait_for_task(client, obj, f"VM {v.name}: create"), True
+    return vmops.wait_created(client, v.name, obj), True
 
 
 def customization_spec(v: VMPlan) -> Any:
@@ -268,28 +269,28 @@ def customization_spec(v: VMPlan) -> Any:
 
 
 def power_state(client: Client, ref: Any) -> str:
-    return str(retrieve_one(client, ref, ["runtime.powerState"]).get("runtime.powerState") or "unknown")
+    return vmops.power_state(client, ref)
 
 
 def customize(client: Client, v: VMPlan, ref: Any) -> bool:
     """Re-IP at next power-on; nothing to do once powered on (a retry after power-on)."""
     if power_state(client, ref) == "poweredOn":
         return False
-    run_task(client, f"VM {v.name}: guest customization", ref.CustomizeVM_Task, customization_spec(v))
+    vmops.customize(client, v.name, ref, customization_spec(v))
     return True
 
 
 def power_on(client: Client, name: str, ref: Any) -> bool:
     if power_state(client, ref) == "poweredOn":
         return False
-    run_task(client, f"VM {name}: power on", ref.PowerOnVM_Task)
+    vmops.power_on(client, name, ref)
     return True
 
 
 def power_off(client: Client, name: str, ref: Any) -> bool:
     if power_state(client, ref) != "poweredOn":
         return False
-    run_task(client, f"VM {name}: power off", ref.PowerOffVM_Task)
+    vmops.power_off(client, name, ref)
     return True
 
 
@@ -297,21 +298,20 @@ def destroy(client: Client, vm: SiteVM) -> None:
     """Power off and destroy (vSphere deletes the VM's files and attached disks with it)."""
     try:
         power_off(client, vm.name, vm.ref)
-        run_task(client, f"VM {vm.name}: destroy", vm.ref.Destroy_Task)
+        vmops.destroy(client, vm.name, vm.ref)
     except NotFound:
         pass  # gone already (a retry after the destroy went through)
 
 
 def mark(client: Client, name: str, ref: Any, values: dict[str, str]) -> None:
-    spec = vim.vm.ConfigSpec(extraConfig=[vim.option.OptionValue(key=k, value=v) for k, v in values.items()])
-    run_task(client, f"VM {name}: reconfigure", ref.ReconfigVM_Task, spec)
+    vmops.set_extra_config(client, name, ref, values)
 
 
 def unregister(client: Client, vm: SiteVM) -> None:
     """Remove from the inventory, keeping its files (reverse protection pre-seeds from them)."""
     power_off(client, vm.name, vm.ref)
     try:
-        client.call(f"VM {vm.name}", vm.ref.UnregisterVM, method_name="UnregisterVM")
+        vmops.unregister(client, vm.name, vm.ref)
     except NotFound:
         pass
 
@@ -439,7 +439,7 @@ def shutdown(client: Client, vm: SiteVM, policy: str, timeout: float) -> dict[st
                          f"({g.tools or 'no status'}); use --shutdown force or none")
     if tools:
         try:
-            client.call(f"VM {vm.name}", vm.ref.ShutdownGuest, method_name="ShutdownGuest")
+            vmops.shutdown_guest(client, vm.name, vm.ref)
         except VSphereError as exc:
             if policy == "graceful":
                 raise VmrepError(f"VM {vm.name}: graceful shutdown failed: {exc}") from exc
@@ -448,6 +448,6 @@ def shutdown(client: Client, vm: SiteVM, policy: str, timeout: float) -> dict[st
             return detail
         if policy == "graceful":
             raise VmrepError(f"VM {vm.name}: still powered on {timeout:.0f}s after the guest shutdown")
-    run_task(client, f"VM {vm.name}: power off", vm.ref.PowerOffVM_Task)
+    vmops.power_off(client, vm.name, vm.ref)
     detail.update(action="power off", powered_off=True)
     return detail

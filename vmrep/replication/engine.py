@@ -18,25 +18,23 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, Callable
 
 
 from vmrep.config import VPG
-from vmrep.errors import JournalError, NotFound, Refused
+from vmrep.errors import JournalError, JournalLocked, NotFound, Refused
 from vmrep.replication.blocks import DiskSyncStats, sync_disk
 from vmrep.runtime import Runtime
 from vmrep.vsphere.datastore import DatastoreAccess
 from vmrep.vsphere.inventory import DiskInfo, VMInfo
-from vmrep.vsphere.task import run_task
+from vmrep.stamps import utcnow
+from vmrep.status import Status, Substatus
+from vmrep.vsphere import vm as vmops
 
 log = logging.getLogger(__name__)
 
 SNAPSHOT_PREFIX = "vmrep-cp"
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 class VMDiskSource:
@@ -103,8 +101,8 @@ def create_consistency_point(rt: Runtime, vpg: VPG, vm: VMInfo) -> datetime:
         return utcnow()
     client = rt.client(vpg.protected_site)
     at = utcnow()
-    run_task(client, f"VM {vm.name}: consistency point", vm.ref.CreateSnapshot_Task,
-             name=label, description="vmrep replication consistency point", memory=False, quiesce=False)
+    vmops.create_snapshot(client, vm.name, vm.ref, label, "consistency point",
+                          description="vmrep replication consistency point")
     return at
 
 
@@ -132,8 +130,7 @@ def remove_consistency_points(rt: Runtime, vpg: VPG, vms: dict[str, VMInfo] | No
             continue
         for snap_name, ref in vm.snapshots:
             if snap_name == label:
-                run_task(client, f"VM {name}: remove consistency point", ref.RemoveSnapshot_Task,
-                         removeChildren=False)
+                vmops.remove_snapshot(client, name, ref, "remove consistency point")
                 removed += 1
     return removed
 
@@ -252,7 +249,7 @@ def open_writer(rt: Runtime, vpg: str, cycle: str | None = None) -> Any:
     with _writers_lock:
         e = _writers.get(key)
         if e is not None and cycle is not None and e.cycle not in (None, cycle):
-            raise JournalError(f"VPG {vpg}: locked by another writer in this process "
+            raise JournalLocked(f"VPG {vpg}: locked by another writer in this process "
                                f"(cycle {e.cycle} is open)")
         if e is None:
             e = _writers[key] = _OpenCheckpoint(rt.journal.begin(vpg), cycle)
@@ -471,7 +468,7 @@ def initial_sync(rt: Runtime, vpg: VPG, *, runner: Any = None, who: str | None =
         cycle = new_cycle()
         try:
             store.update_runtime(name, initial_sync_done=False)
-            store.set_status(name, "Initializing", "InitialSync")
+            store.set_status(name, Status.INITIALIZING, Substatus.INITIAL_SYNC)
             vms = runner.one("read-vpg-inventory", config, name)
             discard_writer(rt, name)  # an open checkpoint of a crashed run in this process
             rows = runner.each("transfer-disk", [
@@ -481,10 +478,10 @@ def initial_sync(rt: Runtime, vpg: VPG, *, runner: Any = None, who: str | None =
                             {"kind": "initial_sync"})
         except BaseException as exc:
             discard_writer(rt, name, cycle)
-            store.set_status(name, "Initializing", "InitialSync", detail=f"initial sync failed: {exc}")
+            store.set_status(name, Status.INITIALIZING, Substatus.INITIAL_SYNC, detail=f"initial sync failed: {exc}")
             raise
         store.update_runtime(name, initial_sync_done=True)
-        store.set_status(name, "MeetingSLA", "DeltaSync")
+        store.set_status(name, Status.MEETING_SLA, Substatus.DELTA_SYNC)
         store.finish_operation(op, "succeeded")
     transfers = _transfers([{"vm": r["vm"], "disks": {r["disk"]: r}} for r in rows])
     return CycleResult(name, cp["id"], cp["time"], transfers, time.monotonic() - t0, "initial sync")

@@ -8,18 +8,18 @@ reverse protection) begins with `holding_vpg`, so the preamble is written once, 
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from vmrep.errors import Refused
 from vmrep.state.models import VpgRuntime
 from vmrep.state.store import StateStore
+from vmrep.stamps import started_by
 
 
 def who_started(who: str | None = None) -> str:
     """Who an operation is recorded as started by: given, else the environment's user."""
-    return who or os.environ.get("VMREP_USER") or os.environ.get("USER") or "unknown"
+    return started_by(who)
 
 
 @contextmanager

@@ -32,6 +32,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from vmrep.stamps import utcnow
+from vmrep.status import Status
 
 # Constraint names the same on every backend, so that later migrations can name them.
 NAMING = {
@@ -55,10 +57,6 @@ OPERATION_KINDS = (
 OPERATION_RESULTS = ("running", "succeeded", "failed", "cancelled")
 STEP_RESULTS = ("running", "ok", "failed", "skipped")
 ALERT_LEVELS = ("warning", "error")
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -97,7 +95,7 @@ class VpgRuntime(Base):
     __tablename__ = "vpg_runtime"
 
     vpg: Mapped[str] = mapped_column(String(200), primary_key=True)
-    status: Mapped[str] = mapped_column(String(40), default="Initializing")
+    status: Mapped[str] = mapped_column(String(40), default=Status.INITIALIZING)
     substatus: Mapped[str | None] = mapped_column(String(40))
     paused: Mapped[bool] = mapped_column(Boolean, default=False)
     lock_holder: Mapped[str | None] = mapped_column(String(64))

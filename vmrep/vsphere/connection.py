@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import requests
 from pyVim.connect import Disconnect, SmartConnect
@@ -31,6 +31,9 @@ from tenacity import (
 from vmrep.config import Site
 from vmrep.errors import ConnectionFailed, TransientError
 from vmrep.vsphere import faults
+
+if TYPE_CHECKING:
+    from vmrep.vsphere.tags import Tags
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,6 +65,17 @@ class CallStats:
         self.by_name[name] = self.by_name.get(name, 0) + 1
 
 
+@dataclass
+class ClientCache:
+    """What other modules keep for the life of a session, owned here so it goes with the
+    client: container views by the sorted names of their types (`property.py`: a view
+    is made once per session, so a read is one round trip), and the vAPI tag reader
+    (`tags.py`: its REST session logs in once)."""
+
+    views: dict[tuple[str, ...], Any] = field(default_factory=dict)
+    tags: "Tags | None" = None
+
+
 def ssl_context(site: Site) -> ssl.SSLContext:
     tls = site.tls
     if tls.insecure:
@@ -73,6 +87,23 @@ def ssl_context(site: Site) -> ssl.SSLContext:
     if tls.ca_file:
         return ssl.create_default_context(cafile=str(tls.ca_file))
     return ssl.create_default_context()
+
+
+class PinMismatch(ssl.SSLError):
+    """The server's certificate is not the pinned one (a type, so callers need not read
+    the message)."""
+
+
+def _pin_mismatch(exc: BaseException) -> bool:
+    """Whether a PinMismatch is `exc` or what it was raised from (pyvmomi may wrap it)."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain is short; the bound guards against a cycle
+        if seen is None:
+            return False
+        if isinstance(seen, PinMismatch):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class PinnedContext(ssl.SSLContext):
@@ -95,7 +126,7 @@ class PinnedContext(ssl.SSLContext):
         der = sock.getpeercert(binary_form=True) or b""
         if hashlib.sha256(der).hexdigest() != self.pin:
             sock.close()
-            raise ssl.SSLError("server certificate does not match the pinned thumbprint")
+            raise PinMismatch("server certificate does not match the pinned thumbprint")
         return sock
 
 
@@ -149,6 +180,7 @@ class Client:
         self._password = password
         self.retry = retry or RetryPolicy()
         self.stats = CallStats()
+        self.cache = ClientCache()
         self._login_lock = threading.Lock()
         self.host, self.port = split_host(site.host)
         self.si = self._connect()
@@ -210,7 +242,7 @@ class Client:
                 f"site {self.site.name}: login refused for user {self.site.user!r} (wrong credentials)"
             ) from None
         except ssl.SSLError as exc:
-            if "pinned thumbprint" in str(exc):
+            if _pin_mismatch(exc):
                 raise ConnectionFailed(
                     f"site {self.site.name} ({self.site.host}): server certificate does not match the pinned thumbprint"
                 ) from None
@@ -224,7 +256,7 @@ class Client:
                 f"site {self.site.name} ({self.site.host}): cannot connect: {exc.strerror or exc}"
             ) from None
         except Exception as exc:  # noqa: BLE001 - pyvmomi raises many shapes for a bad endpoint
-            if "thumbprint" in str(exc).lower():
+            if _pin_mismatch(exc):
                 raise ConnectionFailed(
                     f"site {self.site.name} ({self.site.host}): server certificate does not match the pinned thumbprint"
                 ) from None

@@ -33,6 +33,9 @@ _CONNECTION_ERRORS: tuple[type, ...] = (
 )
 
 
+_FINAL_TLS_TEXTS = ("CERTIFICATE_VERIFY_FAILED", "pinned thumbprint", "Fingerprints did not match")
+
+
 def is_session_lost(exc: BaseException) -> bool:
     return isinstance(exc, vim.fault.NotAuthenticated)
 
@@ -45,8 +48,10 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, requests.exceptions.SSLError):
         # requests wraps both a refused certificate (final) and a connection cut during
         # TLS (SSLEOFError: worth a retry) in the same class; only the text tells them apart.
-        # a certificate that does not verify will not verify on retry either
-        return "CERTIFICATE_VERIFY_FAILED" not in str(exc) and "pinned thumbprint" not in str(exc)
+        # a certificate that does not verify, or is not the pinned one (urllib3's
+        # assert_fingerprint: "Fingerprints did not match"), will not on retry either
+        text = str(exc)
+        return not any(final in text for final in _FINAL_TLS_TEXTS)
     if isinstance(exc, _TRANSIENT_FAULTS):
         return True
     if isinstance(exc, requests.HTTPError) and exc.response is not None:

@@ -13,6 +13,7 @@ from pyVmomi import vim
 from vmrep.errors import NotFound
 from vmrep.vsphere.connection import Client
 from vmrep.vsphere.datastore import flat_path, parse_ds_path
+from vmrep.vsphere import vm as vmops
 from vmrep.vsphere.property import Obj, retrieve, retrieve_types
 
 VM_PATHS = (
@@ -134,17 +135,6 @@ def parse_devices(devices: Iterable[Any], networks: dict[str, str] | None = None
     return disks, nics
 
 
-def _snapshots(tree: Any) -> list[tuple[str, Any]]:
-    """(name, snapshot reference) of every snapshot in a VM's snapshot tree."""
-    out: list[tuple[str, Any]] = []
-    stack = list(getattr(tree, "rootSnapshotList", None) or [])
-    while stack:
-        node = stack.pop()
-        out.append((node.name, node.snapshot))
-        stack.extend(node.childSnapshotList or [])
-    return out
-
-
 class Inventory:
     """A snapshot of one site's inventory, read with one round trip per object type."""
 
@@ -202,7 +192,7 @@ class Inventory:
             tools=o.get("guest.toolsRunningStatus"), ip=o.get("guest.ipAddress"),
             heartbeat=str(o.get("guestHeartbeatStatus")) if o.get("guestHeartbeatStatus") else None,
             has_snapshot=bool(snap and getattr(snap, "rootSnapshotList", None)),
-            snapshots=_snapshots(snap) if snap else [],
+            snapshots=vmops.snapshots(snap) if snap else [],
             resource_pool=o.get("resourcePool"), folder=o.get("parent"),
         )
 

@@ -64,7 +64,7 @@ def _collect(client: Client, spec: Any, what: str) -> list[Obj]:
 def _view(client: Client, types: Sequence[type], what: str) -> Any:
     """A container view over the whole inventory, kept for the session (created once, so a
     read costs one round trip, not three)."""
-    views = client.__dict__.setdefault("_views", {})
+    views = client.cache.views
     key = tuple(sorted(t.__name__ for t in types))
     view = views.get(key)
     if view is None:
@@ -73,6 +73,13 @@ def _view(client: Client, types: Sequence[type], what: str) -> Any:
                            method_name="CreateContainerView")
         views[key] = view
     return view
+
+
+def _view_gone(exc: BaseException) -> bool:
+    """The kept view no longer exists (its session ended): `Client.call` raised the
+    fault itself or a NotFound made from it."""
+    return isinstance(exc, vmodl.fault.ManagedObjectNotFound) or isinstance(
+        exc.__cause__, vmodl.fault.ManagedObjectNotFound)
 
 
 def retrieve_types(client: Client, types: dict[type, Sequence[str]],
@@ -84,9 +91,9 @@ def retrieve_types(client: Client, types: dict[type, Sequence[str]],
         try:
             return _collect(client, _spec(view, types, objects), what)
         except Exception as exc:  # noqa: BLE001 - a view dies with its session
-            if attempt == 2 or "ManagedObjectNotFound" not in type(exc).__name__ + str(exc.__cause__):
+            if attempt == 2 or not _view_gone(exc):
                 raise
-            client.__dict__["_views"].clear()
+            client.cache.views.clear()
     raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -15,10 +15,9 @@ from vmrep.vsphere.connection import Client, http_session, http_verify
 
 def tags_for(client: Client) -> "Tags":
     """The client's tag reader, kept with it so the REST session is logged in once."""
-    t = client.__dict__.get("_tags")
-    if t is None:
-        t = client.__dict__["_tags"] = Tags(client)
-    return t
+    if client.cache.tags is None:
+        client.cache.tags = Tags(client)
+    return client.cache.tags
 
 
 class Tags:
