@@ -80,8 +80,11 @@ def approve(vpg: Any, operation: str, requested_by: str,
             answer = pause_flow_run(wait_for_input=form, timeout=int(timeout_minutes * 60),
                                     poll_interval=POLL_SECONDS)
         except FlowPauseTimeout:
-            raise Refused(f"VPG {vpg.name}: {operation} not approved within {timeout_minutes:g} min; "
-                          "nothing was changed") from None
+            # The server has already failed the run at the pause's expiry ("never resumed");
+            # the run's log says why in vmrep's words.
+            line = f"VPG {vpg.name}: {operation} not approved within {timeout_minutes:g} min; nothing was changed"
+            logger.error("%s", line)
+            raise Refused(line) from None
         # The server already refused any other name (the form's pattern); checked again
         # here so that no path around the form can approve another VPG.
         if answer.vpg == vpg.name:
