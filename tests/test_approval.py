@@ -9,7 +9,7 @@ tests/test_ui_browser.py.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -95,6 +95,16 @@ def test_api_resume_with_another_vpg_is_refused_and_the_right_one_runs_and_is_re
     requested, approved = (datetime.fromisoformat(a[k]) for k in ("requested_at", "approved_at"))
     started = op.started_at if op.started_at.tzinfo else op.started_at.replace(tzinfo=timezone.utc)
     assert requested < approved <= started
+
+    # The compliance report's failovers and moves say who approved, when and why.
+    from reports.compliance import build_compliance_report
+
+    now = datetime.now(timezone.utc)
+    rep = build_compliance_report(rt.store.engine, requested - timedelta(minutes=5), now + timedelta(minutes=1),
+                                  ["erp"], rt.config, now=now)
+    row = rep.frames["recoveries"].set_index("id").loc[op.id]
+    assert (row["approved_by"], row["approval_reason"]) == ("dave-approver", "CHG-77 planned DR exercise")
+    assert f"dave-approver, {a['approved_at']}: CHG-77 planned DR exercise" in rep.html
     ops.rollback(str(stack["config"]), "erp", who="approval-test clean-up")
 
 
