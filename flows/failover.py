@@ -1,11 +1,14 @@
 """Live failover, commit and rollback.
 
-`failover` recovers on the production network and then, per the commit policy, waits
-for the timeout and commits or rolls back (unless someone does it by hand first);
-policy none leaves it awaiting commit. `commit` and `rollback` end a failover or move
-awaiting commit. The confirmation parameter must repeat the VPG's name, so a stray click
-in the UI cannot start a failover; a VPG with `approval: required` also waits for a
-second person's approval in the UI (flows/approval.py)."""
+`failover` recovers on the production network and returns once the VMs are up and
+verified and the VPG awaits commit; a commit or rollback policy leaves its deadline in
+the state database, where the monitor pass applies it (vmrep.recovery.policy), whether
+or not this run still exists. `commit` and `rollback` end a failover or move awaiting
+commit. Each flow ends by emitting the alert and status transitions it recorded
+(AWAITING_COMMIT raised, cleared) as Prefect events. The confirmation parameter must
+repeat the VPG's name, so a stray click in the UI cannot start a failover; a VPG with
+`approval: required` also waits for a second person's approval in the UI
+(flows/approval.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows._common import flow_run_id
 from flows.approval import DEFAULT_TIMEOUT_MINUTES, gate
 from flows.dr_test import interrupted
+from tasks.monitoring import emit_recorded
 from tasks.recovery import PrefectRunner
 from vmrep.recovery import operations as ops
 from vmrep.stamps import started_by
@@ -34,11 +38,20 @@ def failover(vpg: str, confirm: str, config: str = "vmrep.yaml", checkpoint: str
     logger = get_run_logger()
     requested_by = started_by(who, fallback="prefect")
     approval = gate(config, vpg, "failover", confirm, requested_by, approval_timeout_minutes)
-    return ops.run_failover(config, vpg, confirm=confirm, checkpoint=checkpoint, shutdown=shutdown,
-                            commit_policy=commit_policy, commit_after_minutes=commit_after_minutes,
-                            who=requested_by, flow_run_id=flow_run_id(), runner=PrefectRunner(),
-                            verify_timeout=verify_timeout, shutdown_timeout=shutdown_timeout,
-                            notify=logger.warning, approval=approval)
+    try:
+        return ops.run_failover(config, vpg, confirm=confirm, checkpoint=checkpoint, shutdown=shutdown,
+                                commit_policy=commit_policy, commit_after_minutes=commit_after_minutes,
+                                who=requested_by, flow_run_id=flow_run_id(),
+                                runner=PrefectRunner(), verify_timeout=verify_timeout,
+                                shutdown_timeout=shutdown_timeout, notify=logger.warning, approval=approval)
+    finally:
+        _emit(config)
+
+
+def _emit(config: str) -> None:
+    """The transitions this run recorded, as events now (the monitor drains what is left):
+    never hides the run's own outcome."""
+    emit_recorded(config, return_state=True)
 
 
 @flow(name="commit", task_runner=ThreadPoolTaskRunner(max_workers=8),
@@ -46,13 +59,19 @@ def failover(vpg: str, confirm: str, config: str = "vmrep.yaml", checkpoint: str
 def commit(vpg: str, config: str = "vmrep.yaml", reverse_protection: bool = False,
            who: str | None = None) -> dict[str, Any]:
     """Commit the failover awaiting commit; with reverse protection, protect back."""
-    return ops.commit(config, vpg, reverse_protection=reverse_protection, who=started_by(who, fallback="prefect"),
-                      flow_run_id=flow_run_id(), runner=PrefectRunner())
+    try:
+        return ops.commit(config, vpg, reverse_protection=reverse_protection,
+                          who=started_by(who, fallback="prefect"), flow_run_id=flow_run_id(), runner=PrefectRunner())
+    finally:
+        _emit(config)
 
 
 @flow(name="rollback", task_runner=ThreadPoolTaskRunner(max_workers=8),
       on_cancellation=[interrupted], on_crashed=[interrupted])
 def rollback(vpg: str, config: str = "vmrep.yaml", who: str | None = None) -> dict[str, Any]:
     """Roll back the failover awaiting commit: recovered VMs removed, source back as it was."""
-    return ops.rollback(config, vpg, who=started_by(who, fallback="prefect"), flow_run_id=flow_run_id(),
-                        runner=PrefectRunner())
+    try:
+        return ops.rollback(config, vpg, who=started_by(who, fallback="prefect"), flow_run_id=flow_run_id(),
+                            runner=PrefectRunner())
+    finally:
+        _emit(config)

@@ -38,7 +38,7 @@ RULE = [
         f"at least {_p(RPO_COMPLIANT)} of the period's samples meet the RPO target, journal "
         f"history meets its target in at least {_p(HISTORY_COMPLIANT)} of them (met: at least "
         f"{_p(HISTORY_WARNING_RATIO)} of the window in force, as the monitor judges it), and the last DR "
-        "test succeeded and is not overdue (or testing is off for the VPG).",
+        "test succeeded, met the VPG's RTO target and is not overdue (or testing is off for the VPG).",
     ),
     (
         NOT_COMPLIANT,
@@ -50,7 +50,9 @@ RULE = [
         "anything in between: RPO met in "
         f"{_p(RPO_MINIMUM)}–{_p(RPO_COMPLIANT)} of the samples, journal history short of its "
         "target too often, a gap in the samples (more than 10 sampling intervals and more than "
-        "an hour without one: RPO unknown), or no DR test yet although none is due.",
+        "an hour without one: RPO unknown), no DR test yet although none is due, or the last DR "
+        "test passed but missed the VPG's RTO target (rto_target_seconds): its VMs were recovered "
+        "and verified, more slowly than the objective.",
     ),
 ]
 NOTES = [
@@ -110,6 +112,15 @@ def _vpg_summary(
             last_test_at = rt["last_test_at"]
             last_test_success = None if missing(rt.get("last_test_success")) else bool(rt["last_test_success"])
 
+    # The RTO objective of the last test: recorded beside the result, else judged here.
+    last_rto = _num_or_none(last.get("rto_seconds")) if last is not None else None
+    last_rto_target = _num_or_none(last.get("rto_target_seconds")) if last is not None else None
+    last_rto_met = None
+    if last is not None and not missing(last.get("rto_met")):
+        last_rto_met = bool(last["rto_met"])
+    elif last_rto is not None and last_rto_target is not None:
+        last_rto_met = last_rto <= last_rto_target
+
     interval = _months(getattr(cfg, "test_interval_months", DEFAULT_TEST_INTERVAL) if cfg is not None else DEFAULT_TEST_INTERVAL)
     first = frames.first_seen(engine, name)
     # The clock runs from the last test that passed, as the monitor's (vmrep.health).
@@ -147,6 +158,9 @@ def _vpg_summary(
         "tests_failed": int((tp["success"] == False).sum()),  # noqa: E712
         "last_test_at": last_test_at,
         "last_test_success": last_test_success,
+        "last_test_rto_seconds": last_rto,
+        "last_test_rto_target_seconds": last_rto_target,
+        "last_test_rto_met": last_rto_met,
         "test_due_at": due,
         "test_overdue": overdue,
         "failovers": int((rec["kind"] == "failover").sum()),
@@ -157,6 +171,10 @@ def _vpg_summary(
     }
     s["verdict"], s["reasons"] = verdict(s)
     return s
+
+
+def _num_or_none(v: Any) -> float | None:
+    return None if v is None or missing(v) else float(v)
 
 
 def _largest_gap(at: pd.Series, since: datetime, end: datetime) -> tuple[float | None, Any, float | None]:
@@ -206,6 +224,10 @@ def verdict(s: dict[str, Any]) -> tuple[str, list[str]]:
             bad.append(f"the last DR test ({fmt_dt(s['last_test_at'])}) failed")
         elif s["last_test_at"] is None and not s["test_overdue"]:
             risk.append("no DR test yet (none is due before " + fmt_dt(s["test_due_at"]) + ")")
+        if s["last_test_success"] is True and s.get("last_test_rto_met") is False:
+            risk.append(f"the last DR test ({fmt_dt(s['last_test_at'])}) recovered in "
+                        f"{fmt_duration(s['last_test_rto_seconds'])}, over the RTO target "
+                        f"{fmt_duration(s['last_test_rto_target_seconds'])}")
     if bad:
         return NOT_COMPLIANT, bad + risk
     if risk:
@@ -309,7 +331,7 @@ def build_compliance_report(
         [{k: ("; ".join(v) if isinstance(v, list) else v) for k, v in s.items()} for s in summaries]
     )
     test_cols = ["vpg", "operation_id", "started_at", "ended_at", "checkpoint_id", "checkpoint_age_seconds",
-                 "rto_seconds", "rto_target_seconds", "success", "verification_ok", "cleanup_ok",
+                 "rto_seconds", "rto_target_seconds", "rto_met", "success", "verification_ok", "cleanup_ok",
                  "operation_result", "tested_by", "notes"]
     rec_cols = ["vpg", "id", "kind", "started_by", "started_at", "ended_at", "result", "checkpoint_id",
                 "checkpoint_age_seconds", "rto_seconds", "rto_target_seconds", "error",

@@ -50,7 +50,7 @@ TIME_COLUMNS = {
 }
 BOOL_COLUMNS = {
     "vpg_runtime": ["paused", "initial_sync_done", "last_test_success"],
-    "test_results": ["success", "verification_ok", "cleanup_ok"],
+    "test_results": ["success", "verification_ok", "cleanup_ok", "rto_met"],
     "email_deliveries": ["ok"],
 }
 JSON_COLUMNS = {
@@ -281,12 +281,14 @@ def test_results(
     cond = [t.c.started_at < _bind_time(t.c.started_at, until), *_vpg_filter(t, vpgs)]
     if since is not None:
         cond.append(t.c.started_at >= _bind_time(t.c.started_at, since))
+    own = [c for c in t.c if c.name not in ("rto_seconds", "rto_target_seconds")]
     stmt = (
         sa.select(
-            t,
+            *own,
             o.c.result.label("operation_result"),
-            o.c.rto_seconds,
-            o.c.rto_target_seconds,
+            # recorded beside the test result since the RTO objective; older rows: the operation's
+            sa.func.coalesce(t.c.rto_seconds, o.c.rto_seconds).label("rto_seconds"),
+            sa.func.coalesce(t.c.rto_target_seconds, o.c.rto_target_seconds).label("rto_target_seconds"),
             o.c.checkpoint_age_seconds,
             o.c.started_by,
         )

@@ -117,11 +117,29 @@ def test_a_failing_step_rolls_the_failover_back(erp) -> None:  # type: ignore[no
 
 
 def test_commit_policy_rolls_back_at_its_timeout(erp) -> None:  # type: ignore[no-untyped-def]
+    from vmrep.recovery import policy
+
     rt = erp.runtime()
+    cfg = str(erp.config_path)
     before = source_state(rt)
-    s = ops.run_failover(str(erp.config_path), "erp", confirm="erp", shutdown="none", commit_policy="rollback",
-                         commit_after_minutes=0.005, verify_timeout=20)
-    assert s["result"] == "succeeded" and s["commit"]["kind"] == "rollback" and s["commit"]["result"] == "succeeded"
+    lines: list[str] = []
+    s = ops.run_failover(cfg, "erp", confirm="erp", shutdown="none", commit_policy="rollback",
+                         commit_after_minutes=0.005, verify_timeout=20, notify=lines.append)
+    # the failover returns awaiting commit; the deadline is in the state database
+    assert s["result"] == "succeeded" and "commit" not in s and s["commit_policy"]["policy"] == "rollback"
+    assert lines and "the commit policy will rollback at" in lines[0]
+    deadline = rt.store.policy_deadline(s["operation_id"])
+    assert deadline.applied_at is None and (deadline.due_at - s["ended_at"]).total_seconds() < 1.0
+    while ops.utcnow() < deadline.due_at:
+        time.sleep(0.05)
+    # the next command on the VPG applies the passed deadline before it decides
+    with pytest.raises(Refused, match="no failover or move is awaiting commit \\(the commit policy rolled it back at"):
+        ops.commit(cfg, "erp")
+    applied = rt.store.policy_deadline(s["operation_id"])
+    rb = rt.store.operation(applied.applied_operation_id)
+    assert (applied.outcome, rb.kind, rb.result, rb.started_by) == ("rolled back", "rollback", "succeeded",
+                                                                   "commit policy")
+    assert policy.apply_due(cfg) == []  # applied once
     assert source_state(rt) == before
     assert recovery_site_state(rt) == ([], [])
 

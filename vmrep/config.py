@@ -195,6 +195,9 @@ class VPG(Strict):
     priority: Priority = Priority.medium
     # A target of zero or less could never be met: every status would be an alert.
     rpo_target_seconds: float = Field(default=300.0, gt=0)
+    # The recovery time objective: a test, failover or move is judged against it (its
+    # measured RTO recorded beside it); zero or less could never be met.
+    rto_target_seconds: float = Field(default=900.0, gt=0)
     journal_history_hours: float = 24.0
     journal_hard_limit_gb: float = 150.0
     journal_warning_percent: float = Field(default=75.0, gt=0, le=100)

@@ -7,8 +7,10 @@
     store.add_sample("erp", **ev.sample())
 
 `evaluate` knows nothing of vSphere, Prefect or the database: it maps facts to the names
-users know from Zerto (docs/concepts.md, "States and alerts"). The monitor flow emits each
-transition as a Prefect event (`tasks.monitoring.emit_events`): the engine imports no Prefect.
+users know from Zerto (docs/concepts.md, "States and alerts"). Every transition, made here
+or by an operation through the same `StateStore` calls, is queued in the state database's
+event outbox with the change itself; the control plane emits it as a Prefect event
+(`tasks.monitoring.emit_recorded`): the engine imports no Prefect.
 
 Status, first rule that applies:
 

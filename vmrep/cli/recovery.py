@@ -75,6 +75,8 @@ def _show(summary: dict[str, Any]) -> None:
             head += f" (age {_fmt_secs(s['checkpoint_age_seconds'])})"
     if s.get("rto_seconds") is not None:
         head += f", RTO {_fmt_secs(s['rto_seconds'])}"
+        if s.get("rto_target_seconds") is not None:
+            head += f" (target {_fmt_secs(s['rto_target_seconds'])})"
     console.print(head, markup=False)
     for vm, ver in (s.get("verification") or {}).items():
         line = f"  {vm}: verified" if ver["ok"] else f"  {vm}: FAILED {ver.get('error') or ''}"
@@ -88,11 +90,11 @@ def _show(summary: dict[str, Any]) -> None:
     if rp:
         console.print(f"  reverse protection: VPG {rp['vpg']} synced (checkpoint {rp['checkpoint']}, "
                       f"{rp['bytes_stored']} bytes stored of {rp['bytes_read']} read)", markup=False)
+    if s.get("rto_met") is False:
+        console.print(f"  RTO target {_fmt_secs(s.get('rto_target_seconds'))} missed", markup=False)
     c = s.get("commit")
     if isinstance(c, dict) and c.get("operation_id"):
         _show(c)
-    elif isinstance(c, dict) and c.get("by_hand"):
-        console.print("  committed or rolled back by hand", markup=False)
 
 
 def _out(summary: dict[str, Any], json_out: bool) -> None:
@@ -213,14 +215,21 @@ def failover(
               commit_policy=commit_policy.value if commit_policy else None, commit_after_minutes=commit_after,
               verify_timeout=verify_timeout)
     if direct:
-        summary = ops.run_failover(path, vpg, confirm=confirm, who=who(),
-                                   notify=lambda line: console.print(line, markup=False), **kw)
+        summary = ops.run_failover(path, vpg, confirm=confirm, who=who(), **kw)
     else:
         from flows.failover import failover as flow
 
         summary = run_flow(flow, vpg, confirm or "", path, who=who(), **kw)
     _out(summary, json_out)
-    if not json_out and not direct and not summary.get("commit"):
+    if json_out or summary.get("commit"):
+        return
+    # The command returns here; the policy is the control plane's (the monitor pass, every minute).
+    cp = summary.get("commit_policy")
+    if cp:
+        console.print(f"VPG {vpg}: awaiting commit; the commit policy will {cp['policy']} at "
+                      f"{cp['due_at']:%Y-%m-%d %H:%M:%S} UTC (applied by the monitor) unless you run "
+                      f"'vmrep commit {vpg}' or 'vmrep rollback {vpg}' first", markup=False)
+    else:
         console.print(f"awaiting commit: vmrep commit {vpg} [--reverse-protection]  or  vmrep rollback {vpg}",
                       markup=False)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import timedelta
 from typing import Any, Callable
 
 from vmrep.config import VPG
@@ -69,10 +69,16 @@ def _undo_live(rt: Runtime, vpg: VPG, live_op: str, record_op: str, runner: Any)
     return errs
 
 
-def pending_live_operation(rt: Runtime, vpg: VPG, *, runner: Any = None) -> Any | None:
+def pending_live_operation(rt: Runtime, vpg: VPG, *, runner: Any = None, apply_policy: bool = True) -> Any | None:
     """The failover or move awaiting commit or rollback (after recovering an interrupted
-    commit or rollback, or cleaning up a live recovery whose process died)."""
+    commit or rollback, or cleaning up a live recovery whose process died). A commit
+    policy whose deadline has passed is applied first (`apply_policy`), as it would have
+    been by the monitor: a command after the deadline finds what the policy did."""
     store = rt.store
+    if apply_policy:
+        from vmrep.recovery.policy import apply_due  # policy builds on this module
+
+        apply_due(str(rt.config.source), vpgs=[vpg.name], runner=runner)
     row = store.runtime(vpg.name)
     if row.lock_holder is None:
         return None
@@ -91,12 +97,14 @@ def pending_live_operation(rt: Runtime, vpg: VPG, *, runner: Any = None) -> Any 
     return None
 
 
-def awaiting_commit(rt: Runtime, vpg: VPG, what: str, *, runner: Any = None) -> Any:
+def awaiting_commit(rt: Runtime, vpg: VPG, what: str, *, runner: Any = None, apply_policy: bool = True) -> Any:
     """The failover or move awaiting commit, or Refused naming `what` (commit, rollback):
-    the one check the CLI makes before starting a flow and the engine makes again."""
-    live = pending_live_operation(rt, vpg, runner=runner)
+    the one check the CLI makes before starting a flow and the engine makes again. When
+    the commit policy ended it, the refusal says so."""
+    live = pending_live_operation(rt, vpg, runner=runner, apply_policy=apply_policy)
     if live is None:
-        raise Refused(f"VPG {vpg.name}: {what} refused: no failover or move is awaiting commit")
+        raise Refused(f"VPG {vpg.name}: {what} refused: no failover or move is awaiting commit"
+                      f"{_policy_acted(rt.store, vpg.name)}")
     return live
 
 
@@ -163,12 +171,18 @@ def run_failover(config: str, vpg: str, *, confirm: str | None, checkpoint: str 
                              Substatus.MOVING_BEFORE_COMMIT if moving else Substatus.FAILING_OVER_BEFORE_COMMIT,
                              detail=f"{operation} {op[:8]}: awaiting commit or rollback")
             plan = get_plan(rt, op)
-            when = {"commit": f"; commits at the policy's timeout ({after:g} min)",
-                    "rollback": f"; rolls back at the policy's timeout ({after:g} min)"}.get(policy, "")
+            when = ""
+            if not moving and policy in ("commit", "rollback"):
+                # The deadline lives in the state database: the monitor pass (or the next
+                # command on the VPG) applies it, whether or not this process still runs.
+                due_at = utcnow() + timedelta(minutes=after)
+                store.set_policy_deadline(op, vpg, policy, due_at)
+                when = (f"; the commit policy will {policy} at {due_at:%Y-%m-%d %H:%M:%S} UTC "
+                        f"({after:g} min)")
             store.raise_alert(vpg, "AWAITING_COMMIT", "warning",
                               f"VPG {vpg}: {operation} to checkpoint {plan.checkpoint_id} awaiting commit or "
                               f"rollback{when}", data={"operation": op})
-            store.finish_operation(op, "succeeded", rto_seconds=round(rto, 3),
+            store.finish_operation(op, "succeeded", rto_seconds=round(rto, 3), rto_target_seconds=v.rto_target_seconds,
                                    **_cp_fields(rt, vpg, store.operation(op), plan))
         except BaseException as exc:
             cleanup = _cleanup_runner(runner, exc)
@@ -178,20 +192,21 @@ def run_failover(config: str, vpg: str, *, confirm: str | None, checkpoint: str 
             text = str(exc) or type(exc).__name__
             if errs:
                 text += f"; rollback incomplete: {errs[0]}"
-            store.finish_operation(op, result, error=text,
+            store.finish_operation(op, result, error=text, rto_target_seconds=v.rto_target_seconds,
                                    **_cp_fields(rt, vpg, store.operation(op), find_plan(rt, op)))
             store.unlock(vpg, op)
             steps.forget(rt, op)
             raise
     summary = operation_summary(store, op)
     if not moving:
-        if policy == "none":
+        deadline = store.policy_deadline(op)
+        if deadline is None:
             line = f"VPG {vpg}: failover awaiting commit: run 'vmrep commit {vpg}' or 'vmrep rollback {vpg}'"
         else:
-            at = (utcnow().timestamp() + after * 60.0)
-            line = (f"VPG {vpg}: failover awaiting commit; the commit policy will {policy} at "
-                    f"{datetime.fromtimestamp(at, timezone.utc):%Y-%m-%d %H:%M:%S} UTC unless someone commits "
-                    f"or rolls back first")
+            summary["commit_policy"] = {"policy": deadline.policy, "due_at": deadline.due_at}
+            line = (f"VPG {vpg}: failover awaiting commit; the commit policy will {deadline.policy} at "
+                    f"{deadline.due_at:%Y-%m-%d %H:%M:%S} UTC (applied by the monitor pass, every minute) "
+                    f"unless someone commits or rolls back first")
         log.info("%s", line)
         if notify is not None:
             notify(line)
@@ -199,31 +214,12 @@ def run_failover(config: str, vpg: str, *, confirm: str | None, checkpoint: str 
         summary["commit"] = commit(config, vpg, reverse_protection=reverse_protection,
                                    remove_source=not keep_source_vms, who=who, flow_run_id=flow_run_id,
                                    runner=runner)
-    elif policy in ("commit", "rollback"):
-        summary["commit"] = _apply_policy(config, vpg, op, policy, after, who=who, flow_run_id=flow_run_id,
-                                          runner=runner, sleep=sleep)
     return summary
 
 
-def _apply_policy(config: str, vpg: str, op: str, policy: str, after_minutes: float, *, who: str | None,
-                  flow_run_id: str | None, runner: Any, sleep: Callable[[float], None]) -> dict[str, Any] | None:
-    """Wait for the commit policy's timeout (unless someone commits or rolls back by hand)."""
-    rt = get_runtime(config)
-    deadline = time.monotonic() + after_minutes * 60.0
-    while True:
-        if rt.store.runtime(vpg).lock_holder != op:
-            return {"by_hand": True}
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        sleep(min(5.0, left))
-    if policy == "commit":
-        return commit(config, vpg, who=who or "commit policy", flow_run_id=flow_run_id, runner=runner)
-    return rollback(config, vpg, who=who or "commit policy", flow_run_id=flow_run_id, runner=runner)
-
-
 def commit(config: str, vpg: str, *, reverse_protection: bool = False, remove_source: bool | None = None,
-           who: str | None = None, flow_run_id: str | None = None, runner: Any = None) -> dict[str, Any]:
+           who: str | None = None, flow_run_id: str | None = None, runner: Any = None,
+           by_policy: bool = False) -> dict[str, Any]:
     """Commit the failover or move awaiting commit: the recovered VMs stay. With reverse
     protection the source VMs are removed (their disks stay as pre-seed) and a reverse
     VPG is created and synced; without it the VPG is left NeedsConfiguration."""
@@ -231,7 +227,7 @@ def commit(config: str, vpg: str, *, reverse_protection: bool = False, remove_so
     v = rt.config.vpg(vpg)
     store = rt.store
     runner = runner or DirectRunner()
-    live = awaiting_commit(rt, v, "commit", runner=runner)
+    live = awaiting_commit(rt, v, "commit", runner=runner, apply_policy=not by_policy)
     if remove_source is None:
         remove_source = reverse_protection
     if reverse_protection and not remove_source:
@@ -272,6 +268,8 @@ def commit(config: str, vpg: str, *, reverse_protection: bool = False, remove_so
         notes = f"reverse protection: VPG {reverse['vpg']}" if reverse else None
         store.finish_operation(op, "succeeded", notes=notes,
                                error=f"reverse protection failed: {reverse_error}" if reverse_error else None)
+        if not by_policy:  # ended by hand before the policy's deadline: it has nothing left to do
+            store.policy_done(live.id, "by hand", op)
     steps.forget(rt, live.id)
     out = operation_summary(store, op)
     out["reverse_protection"] = reverse
@@ -329,14 +327,14 @@ def reverse_protect(rt: Runtime, vpg: VPG, plan: Any, commit_op: str, *, runner:
 
 
 def rollback(config: str, vpg: str, *, who: str | None = None, flow_run_id: str | None = None,
-             runner: Any = None) -> dict[str, Any]:
+             runner: Any = None, by_policy: bool = False) -> dict[str, Any]:
     """Roll back the failover or move awaiting commit: recovered VMs removed, source VMs
     powered back on where the recovery powered them off, journal untouched."""
     rt = get_runtime(config)
     v = rt.config.vpg(vpg)
     store = rt.store
     runner = runner or DirectRunner()
-    live = awaiting_commit(rt, v, "rollback", runner=runner)
+    live = awaiting_commit(rt, v, "rollback", runner=runner, apply_policy=not by_policy)
     moving = live.kind == "move"
     with holding_vpg(store, vpg, "rollback", who=who, flow_run_id=flow_run_id, take_from=(live.id, live.kind),
                      params={"live_operation": live.id, "process": process_identity()},
@@ -355,8 +353,21 @@ def rollback(config: str, vpg: str, *, who: str | None = None, flow_run_id: str 
         _restore_status(store, vpg, live)
         _clear(store, vpg, {"ROLLBACK_FAILED"})
         store.finish_operation(op, "succeeded")
+        if not by_policy:
+            store.policy_done(live.id, "by hand", op)
     steps.forget(rt, live.id)
     return operation_summary(store, op)
+
+
+def _policy_acted(store: Any, vpg: str) -> str:
+    """': the commit policy committed it at …' when the newest live recovery of the VPG
+    was ended by its policy (a command after the deadline explains what it finds)."""
+    live = next((o for o in store.operations(vpg) if o.kind in LIVE_KINDS), None)
+    d = store.policy_deadline(live.id) if live is not None else None
+    if d is None or d.outcome not in ("committed", "rolled back"):
+        return ""
+    did = "committed it" if d.outcome == "committed" else "rolled it back"
+    return f" (the commit policy {did} at {d.applied_at:%Y-%m-%d %H:%M:%S} UTC)"
 
 
 def run_move(config: str, vpg: str, *, confirm: str | None, shutdown: str = "graceful",

@@ -28,7 +28,6 @@ protection, rollback, move).
 from __future__ import annotations
 
 from vmrep.recovery.live import (
-    _apply_policy,
     _undo_live,
     awaiting_commit,
     commit,
@@ -85,5 +84,5 @@ __all__ = [
     "stop_test", "utcnow", "verification", "who_am_i",
 ]
 # the private names stay importable from here for code written against the single module
-_private = (_apply_policy, _undo_live, _describe_holder, _handed_over, _proc_start, _clear, _cp_fields,
+_private = (_undo_live, _describe_holder, _handed_over, _proc_start, _clear, _cp_fields,
             _record_rto, _restore_status, _rto_of, _steps_by_vm, _cleanup_runner, _recover, _finish_test)

@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import psutil
 
@@ -69,6 +69,44 @@ def process_gone(ident: dict[str, Any] | None) -> bool:
 
 
 # --------------------------------------------------------------------------------------
+# Whether the Prefect flow run of an operation has ended (on any host)
+#
+# The engine imports no Prefect: the control plane registers a checker here
+# (tasks/prefect_state.py, imported with the `tasks` package, as the secret resolver is).
+# It answers the flow run's state type ("RUNNING", "CRASHED", ...) or None when it cannot
+# tell (no Prefect API configured, the API does not answer, no such run).
+
+FlowRunChecker = Callable[[str], "str | None"]
+_flow_run_checker: FlowRunChecker | None = None
+# A flow run in one of these states runs no more: an operation of it still 'running' is
+# an orphan. (A SIGKILLed process leaves its run RUNNING: the process check covers that.)
+ENDED_FLOW_RUN_STATES = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
+
+
+def register_flow_run_checker(checker: FlowRunChecker | None) -> None:
+    global _flow_run_checker
+    _flow_run_checker = checker
+
+
+def flow_run_state(flow_run_id: str | None) -> str | None:
+    if not flow_run_id or _flow_run_checker is None:
+        return None
+    try:
+        return _flow_run_checker(flow_run_id)
+    except Exception as exc:  # noqa: BLE001 - cannot tell: the process check decides
+        log.warning("cannot read the state of flow run %s: %s", flow_run_id, exc)
+        return None
+
+
+def owner_gone(op: Any) -> bool:
+    """The process that runs `op` is gone: its Prefect flow run ended (any host), or its
+    recorded process is gone (this host)."""
+    if flow_run_state(op.flow_run_id) in ENDED_FLOW_RUN_STATES:
+        return True
+    return process_gone((op.params or {}).get("process"))
+
+
+# --------------------------------------------------------------------------------------
 # The lock
 
 
@@ -89,7 +127,7 @@ def holder_is_stale(store: Any, row: Any) -> bool:
         return True  # finished, but the lock was not released
     if op.kind == "test" and _handed_over(store, op.id):
         return False  # a test left running for people to look at
-    return process_gone((op.params or {}).get("process"))
+    return owner_gone(op)
 
 
 def _describe_holder(store: Any, row: Any) -> str:
@@ -111,6 +149,10 @@ def _describe_holder(store: Any, row: Any) -> str:
 def preflight(rt: Runtime, vpg: VPG, kind: str, *, confirm: str | None = None, check_lock: bool = True) -> None:
     """The refusals that need no vSphere call, each one line naming the VPG."""
     store = rt.store
+    # A commit policy whose deadline passed acts before anything else is decided on the VPG.
+    from vmrep.recovery.policy import apply_due  # the policy builds on this module
+
+    apply_due(str(rt.config.source), vpgs=[vpg.name])
     if kind in LIVE_KINDS and confirm != vpg.name:
         raise Refused(f"VPG {vpg.name}: {kind} refused: confirm by repeating the VPG's name "
                       f"(--confirm {vpg.name})")
@@ -181,6 +223,18 @@ def recover_interrupted(rt: Runtime, vpg: VPG, op_id: str, *, runner: Any = None
         store.finish_operation(op_id, "failed", error=f"interrupted: {reason}; run it again")
         if live and store.hand_over_lock(vpg.name, op_id, live, store.operation(live).kind):
             return
+    if op.kind in ("initial_sync", "reverse_protect", "replicate") and op.result == "running":
+        # What a copy that died leaves: its replication snapshots on the source VMs (the
+        # next cycle removes them too; done here so nothing waits for one).
+        from vmrep.replication.steps import release_consistency_points
+
+        note = ""
+        try:
+            release_consistency_points(str(rt.config.source), vpg.name)
+        except Exception as exc:  # noqa: BLE001 - the site may be away: the next cycle retries
+            note = f"; replication snapshots not removed: {exc}"
+        store.finish_operation(op_id, "cancelled", error=f"interrupted: {reason}{note}")
+    store.finish_running(op_id, "cancelled", error=f"interrupted: {reason}")  # any other kind (a clean-up)
     if store.runtime(vpg.name).lock_holder == op_id:
         store.force_unlock(vpg.name)
 

@@ -82,7 +82,18 @@ def operation_summary(store: Any, op_id: str) -> dict[str, Any]:
         for s in store.steps(op_id):
             if s.step == "recovered" and s.detail:
                 out["rto_seconds"] = s.detail.get("rto_seconds")
+    if op.kind in ("test", "failover", "move"):
+        out["rto_target_seconds"] = op.rto_target_seconds
+        out["rto_met"] = rto_met(out["rto_seconds"], op.rto_target_seconds)
     return out
+
+
+def rto_met(rto_seconds: float | None, target_seconds: float | None) -> bool | None:
+    """The measured RTO judged against the VPG's objective (None: not measured, as when
+    the VMs never all came up and verified, or no target recorded)."""
+    if rto_seconds is None or target_seconds is None:
+        return None
+    return rto_seconds <= target_seconds
 
 
 def _record_rto(store: Any, op_id: str) -> float:

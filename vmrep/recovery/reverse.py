@@ -86,6 +86,7 @@ def reverse_definition(vpg: VPG, plan: Plan, name: str) -> dict[str, Any]:
         "vms": vms,
         "priority": vpg.priority.value,
         "rpo_target_seconds": vpg.rpo_target_seconds,
+        "rto_target_seconds": vpg.rto_target_seconds,
         "journal_history_hours": vpg.journal_history_hours,
         "journal_hard_limit_gb": vpg.journal_hard_limit_gb,
         "journal_warning_percent": vpg.journal_warning_percent,

@@ -18,6 +18,7 @@ from vmrep.recovery.records import (
     _record_rto,
     _rto_of,
     operation_summary,
+    rto_met,
     verification,
 )
 from vmrep.recovery.sequence import DirectRunner, _cleanup_runner, _recover
@@ -170,11 +171,15 @@ def _finish_test(rt: Runtime, vpg: VPG, op_id: str, *, success: bool | None, not
     result_notes = text_notes
     if not cleanup_ok:
         result_notes = "; ".join(x for x in (text_notes, "clean-up failed: " + "; ".join(problems)) if x)
+    # The RTO objective does not decide success: a test that verified proves the VPG can be
+    # recovered (it resets the test-overdue clock); a missed target is recorded beside it.
+    rto = _rto_of(store, op_id)
     store.add_test_result(op_id, vpg.name, started_at=started, success=bool(success),
                           checkpoint_id=plan.checkpoint_id if plan else None,
                           checkpoint_time=datetime.fromisoformat(plan.checkpoint_time) if plan else None,
                           verification_ok=ver_ok, cleanup_ok=cleanup_ok, notes=result_notes,
-                          tested_by=op.started_by)
+                          tested_by=op.started_by, rto_seconds=rto, rto_target_seconds=vpg.rto_target_seconds,
+                          rto_met=rto_met(rto, vpg.rto_target_seconds))
     store.update_runtime(vpg.name, last_test_at=started, last_test_success=bool(success))
     if success:  # only a passed test resets the test-overdue clock (vmrep.health.gather_facts)
         _clear(store, vpg.name, {"TEST_OVERDUE"})
@@ -190,8 +195,8 @@ def _finish_test(rt: Runtime, vpg: VPG, op_id: str, *, success: bool | None, not
         _, per = verification(store, op_id)
         bad = [f"{per[vm].get('error')}" for vm in per if not per[vm]["ok"]]
         err_text = "test did not succeed" + (f": {'; '.join(bad)}" if bad else " (as recorded)")
-    store.finish_operation(op_id, result, error=err_text, rto_seconds=_rto_of(store, op_id), notes=text_notes,
-                           **_cp_fields(rt, vpg.name, op, plan))
+    store.finish_operation(op_id, result, error=err_text, rto_seconds=rto, rto_target_seconds=vpg.rto_target_seconds,
+                           notes=text_notes, **_cp_fields(rt, vpg.name, op, plan))
     store.unlock(vpg.name, op_id)
     steps.forget(rt, op_id)
     return operation_summary(store, op_id)

@@ -7,7 +7,9 @@
 
 from vmrep.state.models import (
     Alert,
+    CommitPolicyDeadline,
     EmailDelivery,
+    EventOutbox,
     Operation,
     OperationStep,
     Sample,
@@ -20,7 +22,9 @@ from vmrep.state.store import StateStore, StepHandle, alert_key, default_url, ma
 
 __all__ = [
     "Alert",
+    "CommitPolicyDeadline",
     "EmailDelivery",
+    "EventOutbox",
     "Operation",
     "OperationStep",
     "Sample",

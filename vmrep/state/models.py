@@ -53,6 +53,7 @@ OPERATION_KINDS = (
     "commit",
     "rollback",
     "reverse_protect",
+    "cleanup",  # a failed test clean-up tried again by the monitor (vmrep.recovery.policy)
 )
 OPERATION_RESULTS = ("running", "succeeded", "failed", "cancelled")
 STEP_RESULTS = ("running", "ok", "failed", "skipped")
@@ -231,6 +232,11 @@ class TestResult(Base):
     cleanup_ok: Mapped[bool | None] = mapped_column(Boolean)
     notes: Mapped[str | None] = mapped_column(Text)
     tested_by: Mapped[str | None] = mapped_column(String(200))
+    # The RTO objective beside the result: a test whose verification passed is a success
+    # even when it missed the target (rto_met false); the compliance report counts the miss.
+    rto_seconds: Mapped[float | None] = mapped_column(Float)
+    rto_target_seconds: Mapped[float | None] = mapped_column(Float)
+    rto_met: Mapped[bool | None] = mapped_column(Boolean)
 
 
 class EmailDelivery(Base):
@@ -248,6 +254,52 @@ class EmailDelivery(Base):
     report_path: Mapped[str | None] = mapped_column(Text)
 
 
+class CommitPolicyDeadline(Base):
+    """When the commit policy of a failover awaiting commit acts (vmrep.recovery.policy).
+
+    Kept here, not in the process that ran the failover, so that whichever process runs
+    the next monitor pass (or the next command on the VPG) applies it. `applied_at` is
+    set once the policy's commit or rollback succeeded (`applied_operation_id`), or when
+    someone ended the failover by hand first (`outcome` "by hand").
+    """
+
+    __tablename__ = "commit_policy_deadlines"
+    __table_args__ = (Index("ix_commit_policy_deadlines_due_at", "due_at"),)
+
+    operation_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("operations.id", ondelete="CASCADE"), primary_key=True
+    )
+    vpg: Mapped[str] = mapped_column(String(200), index=True)
+    policy: Mapped[str] = mapped_column(String(20))
+    due_at: Mapped[datetime]
+    created_at: Mapped[datetime]
+    applied_at: Mapped[datetime | None]
+    applied_operation_id: Mapped[str | None] = mapped_column(String(36))
+    outcome: Mapped[str | None] = mapped_column(String(40))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class EventOutbox(Base):
+    """Alert and status transitions waiting to become Prefect events.
+
+    `StateStore` writes a row in the same transaction as the alert or status change it
+    describes (whoever makes it: the monitor, a failover, a commit); the control plane
+    drains the table (`tasks.monitoring.emit_recorded`), so no transition goes unheard
+    because the process that made it has no Prefect client. `emitted_at` is null until
+    an emitter claimed the row."""
+
+    __tablename__ = "event_outbox"
+    __table_args__ = (Index("ix_event_outbox_emitted_at_id", "emitted_at", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime]
+    vpg: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(20))  # raised, cleared, status
+    payload: Mapped[dict[str, Any]]
+    emitted_at: Mapped[datetime | None]
+
+
 TABLES: dict[str, type[Base]] = {
     m.__tablename__: m
     for m in (
@@ -259,5 +311,7 @@ TABLES: dict[str, type[Base]] = {
         OperationStep,
         TestResult,
         EmailDelivery,
+        CommitPolicyDeadline,
+        EventOutbox,
     )
 }

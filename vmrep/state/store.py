@@ -38,7 +38,9 @@ from vmrep.state.models import (
     STEP_RESULTS,
     TABLES,
     Alert,
+    CommitPolicyDeadline,
     EmailDelivery,
+    EventOutbox,
     Operation,
     OperationStep,
     Sample,
@@ -65,6 +67,8 @@ TIME_COLUMN = {
     "operation_steps": "started_at",
     "test_results": "started_at",
     "email_deliveries": "attempted_at",
+    "commit_policy_deadlines": "due_at",
+    "event_outbox": "at",
 }
 
 
@@ -214,6 +218,8 @@ class StateStore:
                 return None
             rt.status, rt.substatus, rt.updated_at = status, substatus, at
             s.add(StatusHistory(vpg=vpg, at=at, status=status, substatus=substatus, detail=detail))
+            self._outbox(s, vpg, "status", at, status=status, substatus=substatus, previous_status=before[0],
+                         previous_substatus=before[1], detail=detail)
             return before
 
     def status_history(self, vpg: str) -> list[StatusHistory]:
@@ -489,6 +495,9 @@ class StateStore:
         cleanup_ok: bool | None = None,
         notes: str | None = None,
         tested_by: str | None = None,
+        rto_seconds: float | None = None,
+        rto_target_seconds: float | None = None,
+        rto_met: bool | None = None,
     ) -> int:
         """Record a DR test; the runtime row keeps the newest one (`last_test_at` = its start,
         `last_test_success`). The test-overdue clock runs from the newest test that passed
@@ -507,6 +516,9 @@ class StateStore:
                 cleanup_ok=cleanup_ok,
                 notes=notes,
                 tested_by=tested_by,
+                rto_seconds=rto_seconds,
+                rto_target_seconds=rto_target_seconds,
+                rto_met=rto_met,
             )
             s.add(row)
             self._ensure_runtime(s, vpg)
@@ -595,20 +607,114 @@ class StateStore:
         try:
             with self.session() as s:
                 s.add(row)
+                s.flush()
+                self._outbox(s, vpg, "raised", row.raised_at, code=code, level=level, text=text, vm=vm,
+                             subject=subject, alert_id=row.id)
         except IntegrityError:
             return None
         return row
 
     def clear_alert(self, alert_id: int, *, at: datetime | None = None) -> bool:
         """Close an open alert; False if it was closed already."""
+        at = at or utcnow()
         with self.session() as s:
-            return bool(
+            done = bool(
                 s.execute(
                     update(Alert)
                     .where(Alert.id == alert_id, Alert.cleared_at.is_(None))
-                    .values(cleared_at=at or utcnow())
+                    .values(cleared_at=at)
                 ).rowcount
             )
+            if done:
+                a = s.get_one(Alert, alert_id)
+                self._outbox(s, a.vpg, "cleared", at, code=a.code, level=a.level, text=a.text, vm=a.vm,
+                             subject=(a.data or {}).get("subject"), alert_id=a.id)
+            return done
+
+    # --- the event outbox (alert and status transitions, drained by the control plane) ---
+
+    def _outbox(self, s: Session, vpg: str, kind: str, at: datetime, **payload: Any) -> None:
+        """One transition to be emitted as a Prefect event, in the caller's transaction:
+        recorded exactly when the change it describes is."""
+        s.add(EventOutbox(at=at, vpg=vpg, kind=kind, payload=payload, emitted_at=None))
+
+    def claim_events(self, limit: int = 500) -> list[EventOutbox]:
+        """Take the oldest transitions not emitted yet (marked emitted in the same
+        transaction, so two emitters never send one twice); `unclaim_events` gives back
+        those that could not be sent."""
+        now = literal(utcnow(), UTCDateTime())
+        with self.session() as s:
+            ids = list(s.scalars(select(EventOutbox.id).where(EventOutbox.emitted_at.is_(None))
+                                 .order_by(EventOutbox.id).limit(limit)))
+            if not ids:
+                return []
+            s.execute(update(EventOutbox).where(EventOutbox.id.in_(ids), EventOutbox.emitted_at.is_(None))
+                      .values(emitted_at=now))
+            return list(s.scalars(select(EventOutbox).where(EventOutbox.id.in_(ids)).order_by(EventOutbox.id)))
+
+    def unclaim_events(self, ids: Iterable[int]) -> None:
+        ids = list(ids)
+        if ids:
+            with self.session() as s:
+                s.execute(update(EventOutbox).where(EventOutbox.id.in_(ids)).values(emitted_at=None))
+
+    def pending_events(self, vpg: str | None = None) -> list[EventOutbox]:
+        q = select(EventOutbox).where(EventOutbox.emitted_at.is_(None))
+        if vpg is not None:
+            q = q.where(EventOutbox.vpg == vpg)
+        with self.session(readonly=True) as s:
+            return list(s.scalars(q.order_by(EventOutbox.id)))
+
+    def purge_events(self, before: datetime) -> int:
+        """Forget emitted transitions older than `before` (the alerts and status history
+        keep the record; the outbox is only a queue)."""
+        with self.session() as s:
+            return int(s.execute(EventOutbox.__table__.delete().where(  # type: ignore[attr-defined]
+                EventOutbox.emitted_at.is_not(None), EventOutbox.emitted_at < before)).rowcount)
+
+    # --- commit policy deadlines -------------------------------------------------------
+
+    def set_policy_deadline(self, operation_id: str, vpg: str, policy: str, due_at: datetime) -> None:
+        """The failover `operation_id` awaits commit: its policy acts at `due_at`."""
+        _check(policy, ("commit", "rollback"), "commit policy")
+        with self.session() as s:
+            s.merge(CommitPolicyDeadline(operation_id=operation_id, vpg=vpg, policy=policy, due_at=due_at,
+                                         created_at=utcnow(), attempts=0))
+
+    def policy_deadline(self, operation_id: str) -> CommitPolicyDeadline | None:
+        with self.session(readonly=True) as s:
+            return s.get(CommitPolicyDeadline, operation_id)
+
+    def due_policies(self, now: datetime, vpg: str | None = None) -> list[CommitPolicyDeadline]:
+        """Deadlines passed and not applied yet, oldest first."""
+        q = select(CommitPolicyDeadline).where(CommitPolicyDeadline.applied_at.is_(None),
+                                               CommitPolicyDeadline.due_at <= now)
+        if vpg is not None:
+            q = q.where(CommitPolicyDeadline.vpg == vpg)
+        with self.session(readonly=True) as s:
+            return list(s.scalars(q.order_by(CommitPolicyDeadline.due_at)))
+
+    def policy_attempted(self, operation_id: str, error: str | None) -> None:
+        with self.session() as s:
+            row = s.get_one(CommitPolicyDeadline, operation_id)
+            row.attempts = (row.attempts or 0) + 1
+            row.last_error = error
+
+    def policy_done(self, operation_id: str, outcome: str, applied_operation_id: str | None = None) -> bool:
+        """Mark the deadline dealt with (once: False if it was already)."""
+        with self.session() as s:
+            return bool(s.execute(
+                update(CommitPolicyDeadline)
+                .where(CommitPolicyDeadline.operation_id == operation_id, CommitPolicyDeadline.applied_at.is_(None))
+                .values(applied_at=literal(utcnow(), UTCDateTime()), outcome=outcome,
+                        applied_operation_id=applied_operation_id)).rowcount)
+
+    def update_test_result(self, operation_id: str, **fields: Any) -> bool:
+        """Change the result of the test `operation_id` (a clean-up retried later)."""
+        _columns(TestResult, fields, "update_test_result")
+        with self.session() as s:
+            return bool(s.execute(update(TestResult).where(TestResult.operation_id == operation_id)
+                                  .values(**fields)).rowcount)
 
     def record_email(
         self,
