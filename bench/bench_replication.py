@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _peers import drop_tree, du, ensure_peers, peer_env, run  # noqa: E402
 
 from vmrep.journal import Journal  # noqa: E402
-from vmrep.replication.blocks import LocalFileSource, sync_disk  # noqa: E402
+from vmrep.replication.blocks import LocalFileSource, resident_fraction, sync_disk  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -136,6 +137,46 @@ def scatter_small_writes(path: Path, size: int, count: int, rng: random.Random) 
     return out
 
 
+def meminfo_mib() -> tuple[int, int]:
+    """(Dirty, Writeback) of the whole machine, MiB: pages other writers leave to flush."""
+    d: dict[str, int] = {}
+    for line in open("/proc/meminfo"):
+        k, v = line.split(":", 1)
+        d[k] = int(v.split()[0]) // 1024
+    return d.get("Dirty", -1), d.get("Writeback", -1)
+
+
+def cached_share(path: Path) -> float:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return resident_fraction(fd, 0, os.fstat(fd).st_size) or 0.0
+    finally:
+        os.close(fd)
+
+
+def set_regime(image: Path, regime: str) -> str:
+    """Put the image in the page-cache regime asked for (untimed) and say what it is.
+
+    hot: read once (every page cached, as right after the guest wrote it); cold: dirty
+    pages written out, then the image's pages dropped (POSIX_FADV_DONTNEED: this file
+    only, nobody else's cache), as for a disk not read since the host booted."""
+    os.sync()
+    if regime == "cold":
+        fd = os.open(image, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    else:
+        subprocess.run(f"cat '{image}' > /dev/null", shell=True, check=True)
+    dirty, wb = meminfo_mib()
+    # The machine's load too: on 2 shared CPUs the same work's CPU seconds grow with it
+    # (cache and memory bandwidth shared with the other runs), hot or cold alike.
+    load = os.getloadavg()[0]
+    return (f"{regime}: {cached_share(image):.0%} of the image in the page cache, dirty {dirty} MiB, "
+            f"writeback {wb} MiB, load {load:.1f}")
+
+
 class VmrepPeer:
     """A journal kept across cycles, as the replication service keeps one."""
 
@@ -158,6 +199,7 @@ class VmrepPeer:
             w.commit()
         dt = time.perf_counter() - t0
         stop()
+        self.reads = dict(src.reads)
         return dt, st.bytes_read, du(self.root) - before
 
 
@@ -203,6 +245,117 @@ def bench_vmrep_only(args: argparse.Namespace, work: Path, image: Path, size: in
     (Path(args.out) / "bench_block_sizes.md").write_text("\n".join(lines) + "\n")
 
 
+def bench_lab(args: argparse.Namespace, out: Path) -> int:
+    """A VPG of `--lab-vms` VMs with one `--lab-disk-mib` disk each in a two-site lab, its
+    protected site read over HTTPS (/folder, as from a vCenter without NFS). Between
+    cycles the guest of every VM writes 1 % (then 10 %) of its disk through the launcher
+    (/guest/write, 1 MiB writes at random 1 MiB-aligned offsets); then one cycle by CBT
+    and one by hash scan (two journals, same VMs), each's bytes read counted by the
+    launcher (/served), and the floor: the changed bytes alone read over the same
+    interface (2 threads, as a transfer). Medians of `--repeat`."""
+    import tempfile
+
+    import yaml
+    from bench_recovery import lab_with_vpg
+
+    from lab import manage
+    from vmrep.replication import engine
+    from vmrep.runtime import forget_runtime, get_runtime
+
+    work = Path(tempfile.mkdtemp(prefix="vmrep-bench-lab-"))
+    sites, cfg_path = lab_with_vpg(work, args.lab_vms, args.lab_disk_mib)
+    ctl_url = sites["siteA"].control_url
+    import requests
+
+    http = requests.Session()
+    rows: list[dict[str, object]] = []
+    try:
+        base = yaml.safe_load(cfg_path.read_text())
+        base["sites"]["siteA"]["datastore_mounts"] = {}  # every read through /folder
+        paths = {}
+        for mode, tracking in (("cbt", "enable"), ("scan", "off")):
+            c = json.loads(json.dumps(base))
+            c["database_url"] = f"sqlite:///{work / f'state-{mode}.db'}"
+            c["journal"] = {"path": str(work / f"journal-{mode}")}
+            c["vpgs"][0]["change_tracking"] = tracking
+            paths[mode] = work / f"vmrep-{mode}.yaml"
+            paths[mode].write_text(yaml.safe_dump(c, sort_keys=False))
+        rts = {m: get_runtime(p) for m, p in paths.items()}
+        from vmrep.recovery import vms as vmops
+
+        client = rts["cbt"].client("siteA")
+        for sv in vmops.site_vms(client):  # production VMs run; their guests write
+            if sv.name.startswith("app-"):
+                vmops.power_on(client, sv.name, sv.ref)
+        for m, rt in rts.items():
+            t0 = time.perf_counter()
+            r = engine.initial_sync(rt, rt.config.vpg("bench"))
+            print(f"initial sync ({m}): {time.perf_counter() - t0:.2f} s, read {human(r.bytes_read)}", flush=True)
+        vms = engine.vpg_vms(rts["cbt"], rts["cbt"].config.vpg("bench"))
+        flats = {name: vm.disks[0].flat for name, vm in vms.items()}
+        ds = rts["cbt"].datastores("siteA")
+        rng = random.Random(3)
+        disk_bytes = args.lab_disk_mib * MiB
+
+        def served() -> int:
+            return int(http.get(f"{ctl_url}/served", timeout=5).json()["DatastoreFile.GET"])
+
+        for pct in (1, 10):
+            for _ in range(args.repeat):
+                written: list[tuple[str, int]] = []
+                for name in vms:
+                    n = max(1, disk_bytes * pct // 100 // MiB)
+                    for b in rng.sample(range(args.lab_disk_mib), n):
+                        r = http.post(f"{ctl_url}/guest/write", params={"vm": name, "disk": 0, "offset": b * MiB},
+                                      data=os.urandom(MiB), timeout=60)
+                        r.raise_for_status()
+                        written.append((name, b * MiB))
+                row: dict[str, object] = {"percent": pct, "changed": len(written) * MiB}
+                for m, rt in rts.items():
+                    http.delete(f"{ctl_url}/served", timeout=5)
+                    t0 = time.perf_counter()
+                    c = engine.run_cycle(rt, rt.config.vpg("bench"))
+                    row[f"{m}_seconds"] = time.perf_counter() - t0
+                    row[f"{m}_transfer_seconds"] = c.transfer_seconds
+                    row[f"{m}_read"] = served()
+                    row[f"{m}_methods"] = sorted({s.method for t in c.vms.values() for s in t.disks.values()})
+                http.delete(f"{ctl_url}/served", timeout=5)
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(2) as pool:
+                    list(pool.map(lambda w: ds.read(flats[w[0]], w[1], MiB), written))
+                row["floor_seconds"] = time.perf_counter() - t0
+                row["floor_read"] = served()
+                rows.append(row)
+                print(f"  +{pct} %: changed {human(int(row['changed']))}  "  # type: ignore[call-overload]
+                      f"CBT {row['cbt_seconds']:.2f} s read {human(int(row['cbt_read']))}  "  # type: ignore[call-overload]
+                      f"scan {row['scan_seconds']:.2f} s read {human(int(row['scan_read']))}  "  # type: ignore[call-overload]
+                      f"floor {row['floor_seconds']:.2f} s", flush=True)
+    finally:
+        for p in list(locals().get("paths", {}).values()):
+            forget_runtime(p)
+        for site in sites.values():
+            manage.stop_site(site)
+        drop_tree(work)
+    lines = [f"lab: VPG of {args.lab_vms} VMs x {args.lab_disk_mib} MiB disk, protected site read over /folder, "
+             f"medians of {args.repeat}", "",
+             "| guest writes | changed | CBT read | CBT cycle s | scan read | scan cycle s | floor s | "
+             "CBT / floor | scan / CBT |", "|---|---|---|---|---|---|---|---|---|"]
+    for pct in (1, 10):
+        def med(k: str, pct: int = pct) -> float:
+            return statistics.median(float(r[k]) for r in rows if r["percent"] == pct)  # type: ignore[arg-type]
+
+        lines.append(f"| {pct} % of each disk | {human(int(med('changed')))} | {human(int(med('cbt_read')))} | "
+                     f"{med('cbt_seconds'):.2f} | {human(int(med('scan_read')))} | {med('scan_seconds'):.2f} | "
+                     f"{med('floor_seconds'):.2f} | {med('cbt_seconds') / med('floor_seconds'):.1f}× | "
+                     f"{med('scan_seconds') / med('cbt_seconds'):.1f}× |")
+    text = "\n".join(lines)
+    print()
+    print(text)
+    (out / "bench_replication_lab.md").write_text(text + "\n")
+    (out / "bench_replication_lab.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gib", type=float, default=2.0)
@@ -211,8 +364,16 @@ def main() -> int:
     ap.add_argument("--block-size", default="1M")
     ap.add_argument("--block-sizes", default=None, help="sweep vmrep alone over these block sizes")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--regimes", default="hot,cold",
+                    help="page-cache regimes of the initial copy: hot (image cached), cold (dropped)")
+    ap.add_argument("--lab", action="store_true", help="the lab VPG: CBT against hash scan against the floor")
+    ap.add_argument("--lab-vms", type=int, default=3)
+    ap.add_argument("--lab-disk-mib", type=int, default=1024)
     args = ap.parse_args()
     out = Path(args.out).resolve()
+    if args.lab:
+        out.mkdir(parents=True, exist_ok=True)
+        return bench_lab(args, out)
     work = out / "work"
     out.mkdir(parents=True, exist_ok=True)
     drop_tree(work)
@@ -256,32 +417,43 @@ def main() -> int:
         stop()
         rec("read", "cat image > /dev/null", dt, size, 0)
 
-    # initial copies
-    scan = VmrepPeer(work / "vmrep-scan", bs, cbt=False)
-    cbt = VmrepPeer(work / "vmrep-cbt", bs, cbt=True)
-    for p in (scan, cbt):
-        t, rd, st = p.cycle(image, None)
-        rec("initial", "vmrep", t, rd, st)
-    extra = VmrepPeer(work / "vmrep-extra", bs, cbt=False)  # a third sample of the initial copy
-    t, rd, st = extra.cycle(image, None)
-    rec("initial", "vmrep", t, rd, st)
-    extra.j.close()
-    drop_tree(extra.root)
+    # initial copies, in each page-cache regime asked for: the same copy costs 2-6x the
+    # CPU when the image is not in the page cache (faulting it in page by page through
+    # mmap, or for borg reading it through the cache); each line says which regime it ran in
     borg_repo, restic_repo, rsync_copy = work / "borg", work / "restic", work / "rsync-copy.img"
-    if "borg" in peers:
-        run(["borg", "init", "--encryption=none", str(borg_repo)], env, on_start=mark, on_end=stop)
-        b0 = du(borg_repo)
-        t, _ = run(["borg", "create", "--chunker-params", "fixed,1048576", f"{borg_repo}::c0", str(image)], env,
-                   on_start=mark, on_end=stop)
-        rec("initial", "borg", t, size, du(borg_repo) - b0)
+    regimes = [r for r in args.regimes.split(",") if r]
+    keep: list[VmrepPeer] = []
+    for regime in regimes:
+        scn = f"initial {regime}"
+        for k in range(3):
+            p = VmrepPeer(work / f"vmrep-{regime}-{k}", bs, cbt=False)
+            print(f"  {set_regime(image, regime)}", flush=True)
+            t, rd, st = p.cycle(image, None)
+            rec(scn, "vmrep", t, rd, st, note=f"{regime}; chunks {p.reads}")
+            if len(keep) < 2:
+                keep.append(p)  # the journals the incremental cycles go on with
+            else:
+                p.j.close()
+                drop_tree(p.root)
+        if "borg" in peers:
+            drop_tree(borg_repo)
+            run(["borg", "init", "--encryption=none", str(borg_repo)], env, on_start=mark, on_end=stop)
+            b0 = du(borg_repo)
+            print(f"  {set_regime(image, regime)}", flush=True)
+            t, _ = run(["borg", "create", "--chunker-params", "fixed,1048576", f"{borg_repo}::c0", str(image)],
+                       env, on_start=mark, on_end=stop)
+            rec(scn, "borg", t, size, du(borg_repo) - b0, note=regime)
+    scan, cbt = keep
+    cbt.cbt = True
+    set_regime(image, "hot")  # the rest as before: everything in the page cache
     if "restic" in peers:
         run(["restic", "init", "--repo", str(restic_repo)], env, on_start=mark, on_end=stop)
         r0 = du(restic_repo)
         t, _ = run(["restic", "backup", "--repo", str(restic_repo), str(image)], env, on_start=mark, on_end=stop)
-        rec("initial", "restic", t, size, du(restic_repo) - r0)
+        rec("initial hot", "restic", t, size, du(restic_repo) - r0)
     if "rsync" in peers:
         t, _ = run(["rsync", "--inplace", str(image), str(rsync_copy)], env, on_start=mark, on_end=stop)
-        rec("initial", "rsync", t, size, size)
+        rec("initial hot", "rsync", t, size, size)
 
     # incremental cycles
     rng = random.Random(42)
@@ -339,8 +511,8 @@ def main() -> int:
     cbt.j.close()
 
     # table
-    ref = {"initial": "vmrep", "+1 %": "vmrep hash scan", "+10 %": "vmrep hash scan",
-           "restore": "vmrep restore_disk", "read": "cat image > /dev/null"}
+    ref = {**{f"initial {r}": "vmrep" for r in regimes}, "initial hot": "vmrep", "+1 %": "vmrep hash scan",
+           "+10 %": "vmrep hash scan", "restore": "vmrep restore_disk", "read": "cat image > /dev/null"}
     lines = [
         f"image {human(size)} (half random, half zeros), block size {human(bs)}, {os.cpu_count()} CPUs, "
         f"medians of {args.repeat}",

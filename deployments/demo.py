@@ -7,8 +7,10 @@
    (aiosmtpd) so the emails are real and land in <out>/mail/*.eml,
 3. validate, initial sync of every VPG (flows),
 4. replication of every VPG while guests write into their disks,
-5. a monitor pass, a DR test of `erp` (flow: test VMs created, verified, removed,
-   report written and emailed),
+4b. ransomware: the guest of erp-db "encrypts" part of its disk (random bytes through
+   the lab's /guest/write), two cycles, ENCRYPTION_SUSPECTED fires (docs/ransomware.md),
+5. a monitor pass, a DR test of `erp` from `latest-clean` (flow: test VMs created,
+   verified, removed, report written and emailed, saying which checkpoint and why),
 6. the compliance report over the demo's period,
 7. a summary table; then the lab, the SMTP sink and the server are stopped, also after
    a failure or Ctrl-C.
@@ -39,6 +41,7 @@ from rich.table import Table  # noqa: E402
 console = Console(highlight=False, soft_wrap=True)
 
 TEST_VPG = "erp"
+ATTACKED_VM = "erp-db"  # its guest "encrypts" part of its first disk (the ransomware step)
 GUEST_RATE = 2 * 1024 * 1024  # bytes/s per writing VM
 
 
@@ -286,13 +289,37 @@ def run(demo: Demo, keep_server: bool) -> int:
             demo.facts["monitor"] = res
             return "; ".join(f"{r['vpg']}: {r['status']}, RPO {r['rpo_seconds'] or 0:.0f}s" for r in res)
 
+        def ransomware() -> str:
+            import random
+
+            from flows.replicate import replicate as flow
+            from lab.guest import find_guest
+            from vmrep.ransomware.service import latest_clean
+
+            guest = find_guest(rt.config, ATTACKED_VM)
+            disk = guest.disks()[0]
+            rng = random.Random(13)
+            n = (disk.capacity // 2) // 2**20 * 2**20
+            for off in range(0, n, 2**20):  # whole files rewritten encrypted, as ransomware does
+                guest.write(disk.index, off, rng.randbytes(2**20))
+            flow(TEST_VPG, config, cycles=2, interval_seconds=2.0)
+            alerts = [a for a in rt.store.open_alerts(TEST_VPG) if a.code == "ENCRYPTION_SUSPECTED"]
+            if not alerts:
+                raise RuntimeError(f"{ATTACKED_VM}: ENCRYPTION_SUSPECTED did not fire within two cycles")
+            cp, why = latest_clean(rt.journal, TEST_VPG)
+            demo.facts["latest_clean"] = (cp.id, why)
+            return f"{n // 2**20} MiB of {ATTACKED_VM} encrypted: {alerts[0].level} alert; {why}"
+
+        demo.step(f"Ransomware: the guest of {ATTACKED_VM} encrypts half its disk", ransomware)
+
         demo.step("Monitor pass", monitor)
 
         def dr_test() -> str:
             from flows.dr_test import dr_test as flow
 
             try:
-                res = flow(TEST_VPG, config, notes="make demo: automatic DR test")
+                res = flow(TEST_VPG, config, checkpoint="latest-clean",
+                           notes="make demo: DR test from the last clean checkpoint")
             finally:
                 demo.facts["dr_test_html"] = sorted(out.glob(f"dr-test-{TEST_VPG}-*.html"))
             demo.facts["dr_test"] = res
@@ -300,7 +327,8 @@ def run(demo: Demo, keep_server: bool) -> int:
             return (f"VPG {TEST_VPG}: success {res.get('success')}, verification {res.get('verification_ok')}, "
                     f"RTO {rto:.1f}s" if rto is not None else f"VPG {TEST_VPG}: {res.get('result')}")
 
-        demo.step(f"DR test of {TEST_VPG} (flow: recover into the test network, verify, clean up, report)", dr_test)
+        demo.step(f"DR test of {TEST_VPG} from latest-clean (flow: recover into the test network, verify, "
+                  "clean up, report)", dr_test)
 
         def compliance() -> str:
             from flows.reports import compliance_report
@@ -339,6 +367,7 @@ def summary(demo: Demo, rt: Any) -> None:
         k.add_row("result", str(dr.get("result")))
         k.add_row("RPO achieved (checkpoint age)", f"{age:.1f}s" if age is not None else "-")
         k.add_row("RTO measured", f"{dr['rto_seconds']:.1f}s" if dr.get("rto_seconds") is not None else "-")
+        k.add_row("checkpoint", f"{dr.get('checkpoint_id')}: {dr.get('checkpoint_reason') or ''}")
         k.add_row("verification", str(dr.get("verification_ok")))
         k.add_row("test VMs cleaned up", str(dr.get("cleanup_ok")))
         k.add_row("operation", str(dr.get("operation_id")))

@@ -25,7 +25,8 @@ VPG_LIST_FIELDS = ("vpgs",)
 
 CHECKPOINT_HELP = (
     "Which recovery point to use: 'latest' (the newest checkpoint), 'latest-tagged' (the "
-    "newest checkpoint with a tag, e.g. one taken 'before upgrade'), a checkpoint id as "
+    "newest checkpoint with a tag, e.g. one taken 'before upgrade'), 'latest-clean' (the "
+    "newest checkpoint before suspected encryption: ransomware recovery), a checkpoint id as "
     "`vmrep checkpoints <vpg>` lists it, or a time (ISO 8601, UTC if no zone: the newest "
     "checkpoint at or before it)."
 )

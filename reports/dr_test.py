@@ -253,6 +253,7 @@ def build_dr_test_report(
             "operation_result": op["result"],
             "checkpoint_id": _val(op.get("checkpoint_id")),
             "checkpoint_time": _val(op.get("checkpoint_time")),
+            "checkpoint_reason": _val(params.get("checkpoint_reason")),  # why this checkpoint (latest-clean)
             "rpo_achieved_seconds": rpo_achieved,
             "rpo_target_seconds": rpo_target,
             "rpo_met": rpo_met,

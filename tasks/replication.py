@@ -24,6 +24,11 @@ def read_vpg_inventory(config: str, vpg: str) -> dict[str, VMInfo]:
     return s.read_vpg_inventory(config, vpg)
 
 
+@task(name="enable-change-tracking", **step_options())
+def enable_change_tracking(config: str, vpg: str, vms: dict[str, VMInfo]) -> dict[str, bool]:
+    return s.enable_change_tracking(config, vpg, vms)
+
+
 @task(name="consistency-point", **step_options())
 def consistency_point(config: str, vpg: str, vms: dict[str, VMInfo]) -> datetime:
     return s.consistency_point(config, vpg, vms)
@@ -61,8 +66,14 @@ def validate_vpg(config: str, vpg: str) -> None:
     s.validate_vpg(config, vpg)
 
 
+@task(name="verify-against-source", **step_options())
+def verify_against_source(config: str, vpg: str, vms: dict[str, VMInfo], checkpoint_id: str) -> dict[str, Any]:
+    return s.verify_against_source(config, vpg, vms, checkpoint_id)
+
+
 TASKS = {
     "read-vpg-inventory": read_vpg_inventory,
+    "enable-change-tracking": enable_change_tracking,
     "consistency-point": consistency_point,
     "release-consistency-points": release_consistency_points,
     "transfer-vm": transfer_vm,
@@ -70,6 +81,7 @@ TASKS = {
     "commit-checkpoint": commit_checkpoint,
     "apply-retention": apply_retention,
     "validate-vpg": validate_vpg,
+    "verify-against-source": verify_against_source,
 }
 assert set(TASKS) == set(s.STEPS), set(TASKS) ^ set(s.STEPS)
 

@@ -53,6 +53,8 @@ MINIMAL: dict[str, list[str]] = {
     "lab write": [VM, "--for", "1s"],
     "exporter": ["--listen", "127.0.0.1:19496"],  # the config is read before it listens
     "journal repair-index": [],
+    "ransomware status": [VPG],
+    "ransomware dismiss": [VPG, "--vm", VM, "--reason", "backup job"],  # refused: nothing suspected
 }
 # `lab up --config` is the file it writes, not one it reads: see its path cases below.
 WRITES_CONFIG = {"lab up"}
@@ -151,6 +153,9 @@ EXPLICIT: list[Case] = [
     c("lab write", VM, "--disk", "7", names="--disk 7"),
     c("lab write", VM, "--disk", "-1", names="--disk -1"),
     c("report compliance", "--vpg", BAD_VPG, names=repr(BAD_VPG)),
+    c("ransomware dismiss", VPG, "--vm", "no-such-vm", "--reason", "x", names="'no-such-vm'"),
+    c("ransomware dismiss", VPG, "--vm", VM, "--disk", "scsi9:9", "--reason", "x", names="'scsi9:9'"),
+    c("ransomware dismiss", VPG, "--vm", VM, "--reason", "  ", names="--reason '  '"),
     c("validate", VPG, BAD_VPG, names=repr(BAD_VPG)),
     # paths that cannot be written
     c("restore-disk", VPG, VM, "0", "--out", "/no/such/dir/x.img", names="/no/such/dir/x.img"),

@@ -98,3 +98,16 @@ def test_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, data))
     assert cfg.sites["a"].tls.ca_file == (tmp_path / "certs" / "ca.pem").resolve()
     assert cfg.journal_path == (tmp_path / "j").resolve()
+
+
+def test_change_tracking_and_source_verification_settings() -> None:
+    v = parse_config(BASE).vpg("web")
+    assert v.change_tracking == "enable" and v.verify_against_source_hours == 0
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    data["vpgs"][0]["change_tracking"] = "maybe"
+    with pytest.raises(ConfigError, match=r"^vpgs\[web\].change_tracking: Input should be 'enable', 'use-if-present'"):
+        parse_config(data)
+    data["vpgs"][0]["change_tracking"] = "use-if-present"
+    data["vpgs"][0]["verify_against_source_hours"] = -1
+    with pytest.raises(ConfigError, match=r"^vpgs\[web\].verify_against_source_hours: Input should be greater"):
+        parse_config(data)

@@ -40,7 +40,9 @@ def test_initial_sync_then_cycles_rebuild_exactly(fresh_lab, tmp_path: Path) -> 
     files = flat_files(rt, "erp")
     first = synced(rt, "erp")
     total = sum(p.stat().st_size for p in files.values())
-    assert first.bytes_read == total
+    # CBT on: only the allocated areas (changeId "*") are read; the seeded zeros are holes.
+    assert 0 < first.bytes_read < total
+    assert {s.method for t in first.vms.values() for s in t.disks.values()} == {"full"}
     # Zero regions cost nothing; random regions are stored once, the block shared by all VMs once.
     assert 0 < first.bytes_stored < total // 2
     saved = {first.checkpoint_id: {k: p.read_bytes() for k, p in files.items()}}
@@ -125,7 +127,8 @@ def test_kill_mid_initial_sync_then_rerun_sends_only_the_rest(fresh_lab) -> None
     # Only the VM whose read failed (and what it alone holds) is stored by the rerun.
     assert r.vms["erp-db"].bytes_stored == 0 and r.vms["erp-app"].bytes_stored == 0
     assert r.vms["erp-web"].bytes_stored > 0
-    assert full == sum(d.capacity for vm in engine.vpg_vms(rt, v).values() for d in vm.disks)
+    # the rerun read every allocated area again (changeId "*"), the holes not at all
+    assert 0 < full < sum(d.capacity for vm in engine.vpg_vms(rt, v).values() for d in vm.disks)
     forget_runtime(cfg_path)
 
 
@@ -151,6 +154,8 @@ def test_fault_mid_cycle_leaves_no_snapshot_and_next_cycle_succeeds(lab, method:
     if not rt.store.runtime("erp").initial_sync_done:
         synced(rt, "erp")
     before = [c.id for c in rt.journal.checkpoints("erp")]
+    for vm in ("erp-db", "erp-app", "erp-web"):  # something for CBT to read on every VM
+        lab.guest_write(vm, "scsi0:0", 4096, random.Random(vm).randbytes(4096))
     ctl = lab.control("siteA")
     ctl.fault(method, "fault", "SystemError", count=1)  # one VM fails, the others got theirs
     try:
@@ -207,7 +212,8 @@ def test_sync_and_replicate_flows(fresh_lab, prefect_harness) -> None:  # type: 
     cfg = str(fresh_lab.config_path)
     rt = fresh_lab.runtime()
     s = initial_sync("files", cfg, who="flow-test")
-    assert len(s["disks"]) == 2 and s["bytes_read"] == 32 * MiB
+    # changeId "*": the allocated areas only (15 of the 32 MiB were seeded)
+    assert len(s["disks"]) == 2 and s["bytes_read"] == 15 * MiB
     row = rt.store.runtime("files")
     assert row.initial_sync_done and (row.status, row.lock_holder) == ("MeetingSLA", None)
     op = rt.store.operations("files", kind="initial_sync")[0]

@@ -201,6 +201,9 @@ class VPG(Strict):
     journal_history_hours: float = 24.0
     journal_hard_limit_gb: float = 150.0
     journal_warning_percent: float = Field(default=75.0, gt=0, le=100)
+    # Checkpoints younger than this are removed by nothing: not retention, the hard limit,
+    # a shortened journal_history_hours, nor GC (docs/ransomware.md). 0: no lock.
+    retention_lock_hours: float = Field(default=0.0, ge=0, le=30 * 24)
     test_interval_months: TestInterval = 6
     wan_compression: bool = True
     recovery: RecoveryDefaults = RecoveryDefaults()
@@ -210,6 +213,12 @@ class VPG(Strict):
     commit_policy: CommitPolicy = CommitPolicy()
     shutdown_policy: Literal["none", "graceful", "force"] = "none"
     email_to: list[str] = []
+    # How changed blocks are found (docs/configuration.md): enable = turn CBT on at initial
+    # sync and use it; use-if-present = use it where the VM already tracks; off = hash scan.
+    change_tracking: Literal["enable", "use-if-present", "off"] = "enable"
+    # Every this many hours a replication cycle ends with `verify --against-source` (the
+    # guard against changes CBT lost); 0 = never on its own.
+    verify_against_source_hours: float = Field(default=0.0, ge=0)
     # Live failover and move started from a deployment (the UI, a schedule, the API) wait
     # for a person to approve them in the Prefect UI when `required`; see docs/recovery.md.
     approval: Literal["none", "required"] = "none"

@@ -64,6 +64,10 @@ if TYPE_CHECKING:
     from vmrep.state import StateStore, VpgRuntime
 
 
+# The statuses under which a replication cycle's DeltaSync mark is read back as a fact.
+_DELTA_SYNC_STATUSES = (Status.MEETING_SLA, Status.RPO_NOT_MEETING_SLA, Status.HISTORY_NOT_MEETING_SLA,
+                        Status.NOT_MEETING_SLA)
+
 WARNING, ERROR = "warning", "error"
 ALERT_LEVEL = {
     "RPO_OVER_TARGET": WARNING,
@@ -77,6 +81,8 @@ ALERT_LEVEL = {
     "RECOVERY_NETWORK_MISSING": ERROR,
     "VM_NOT_PROTECTED": ERROR,
     "TEST_CLEANUP_FAILED": ERROR,
+    # Raised at medium suspicion as a warning, at high as an error (EncryptionSuspicion.level)
+    "ENCRYPTION_SUSPECTED": ERROR,
 }
 ALERT_CODES = frozenset(ALERT_LEVEL)
 
@@ -107,6 +113,41 @@ class UnprotectedVM:
 
 
 @dataclass(frozen=True)
+class EncryptionSuspicion:
+    """An open ransomware suspicion on one disk (vmrep.ransomware, docs/ransomware.md)."""
+
+    vm: str
+    disk: str
+    level: str  # medium | high
+    began_checkpoint: str
+    began_at: datetime
+    share: float  # encrypted share of the changed bytes where it began
+    baseline: float
+    last_clean_checkpoint: str | None = None
+    last_clean_at: datetime | None = None
+
+
+def encryption_alerts(vpg: str, suspicions: Iterable[EncryptionSuspicion]) -> list["DesiredAlert"]:
+    """One ENCRYPTION_SUSPECTED per suspect disk (the disk is the alert's subject).
+    Used by `evaluate` and by the replication cycle, which raises it as soon as the
+    checkpoint that shows it is published (`vmrep.ransomware.service`)."""
+    out = []
+    for s in suspicions:
+        clean = (f"last clean checkpoint {s.last_clean_checkpoint} ({s.last_clean_at:%Y-%m-%d %H:%M:%S} UTC)"
+                 if s.last_clean_checkpoint and s.last_clean_at else "no clean checkpoint kept")
+        text = (f"VPG {vpg}: encryption suspected on VM {s.vm} disk {s.disk} since checkpoint "
+                f"{s.began_checkpoint} ({s.began_at:%Y-%m-%d %H:%M:%S} UTC): {100 * s.share:.0f} % of its "
+                f"changed bytes look encrypted (baseline {100 * s.baseline:.0f} %); {clean}")
+        out.append(DesiredAlert(
+            "ENCRYPTION_SUSPECTED", ERROR if s.level == "high" else WARNING, text, vm=s.vm, subject=s.disk,
+            data={"disk": s.disk, "suspicion": s.level, "began_checkpoint": s.began_checkpoint,
+                  "began_at": s.began_at.isoformat(), "encrypted_share": round(s.share, 4),
+                  "baseline": round(s.baseline, 4), "last_clean_checkpoint": s.last_clean_checkpoint,
+                  "last_clean_at": s.last_clean_at.isoformat() if s.last_clean_at else None}))
+    return out
+
+
+@dataclass(frozen=True)
 class Facts:
     """What is known about a VPG at `now`. Times are aware UTC datetimes."""
 
@@ -133,6 +174,7 @@ class Facts:
     recovery_networks_missing: Sequence[str] = ()
     unprotected_vms: Sequence[UnprotectedVM] = ()
     error: str | None = None  # replication failing for a reason of its own
+    encryption_suspected: Sequence[EncryptionSuspicion] = ()  # open ransomware suspicions
 
     @classmethod
     def from_runtime(cls, rt: "VpgRuntime", now: datetime, **facts: Any) -> "Facts":
@@ -146,6 +188,9 @@ class Facts:
             paused=rt.paused,
             operation_kind=rt.lock_kind,
             last_test_at=rt.last_test_at if rt.last_test_success else None,  # the row keeps the newest test
+            # set by a replication cycle while a CBT fallback compares whole disks
+            # (vmrep.replication.engine.mark_delta_sync), cleared when the cycle ends
+            delta_sync=rt.substatus == Substatus.DELTA_SYNC and rt.status in _DELTA_SYNC_STATUSES,
         )
         base.update(facts)
         return cls(now=now, **base)
@@ -344,6 +389,8 @@ def evaluate(cfg: "VPG", f: Facts) -> Evaluation:
     if f.test_cleanup_failed:
         left = f": {f.test_cleanup_failed}" if isinstance(f.test_cleanup_failed, str) else ""
         alert("TEST_CLEANUP_FAILED", f"test clean-up failed, test VMs or scratch data left{left}")
+    if f.operation_kind != "delete":
+        alerts.extend(encryption_alerts(vpg, f.encryption_suspected))
 
     return Evaluation(
         vpg=vpg,
@@ -399,10 +446,13 @@ def apply_transitions(
     vpg: str,
     desired: Evaluation | Iterable[DesiredAlert],
     now: datetime,
+    codes: frozenset[str] = ALERT_CODES,
 ) -> list[Transition]:
     """Make the store match `desired`: status (when an Evaluation), then clear the alerts
-    (of `ALERT_CODES`) no longer desired, then raise the new ones. Returns what changed,
-    in that order; nothing when everything is as desired already."""
+    (of `codes`, by default all of `ALERT_CODES`) no longer desired, then raise the new
+    ones. Returns what changed, in that order; nothing when everything is as desired
+    already. A narrower `codes` lets one concern (a replication cycle's
+    ENCRYPTION_SUSPECTED) be brought up to date without judging the others."""
     out: list[Transition] = []
     if isinstance(desired, Evaluation):
         before = store.set_status(vpg, desired.status, desired.substatus, desired.detail, at=now)
@@ -415,7 +465,7 @@ def apply_transitions(
         wanted = {a.key: a for a in desired.alerts}
     else:
         wanted = {a.key: a for a in desired}
-    open_now = {a.key: a for a in store.open_alerts(vpg) if a.code in ALERT_CODES}
+    open_now = {a.key: a for a in store.open_alerts(vpg) if a.code in codes}
     for key, row in open_now.items():
         if key not in wanted and store.clear_alert(row.id, at=now):
             out.append(

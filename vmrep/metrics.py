@@ -68,6 +68,7 @@ METRICS: dict[str, tuple[str, ...]] = {
     "vmrep_vpg_last_test_timestamp_seconds": ("vpg",),
     "vmrep_vpg_last_test_success": ("vpg",),
     "vmrep_alerts_open": ("vpg", "level", "code"),
+    "vmrep_disk_encrypted_share": ("vpg", "vm", "disk"),
 }
 
 
@@ -139,7 +140,8 @@ def _age(now: datetime, then: datetime | None) -> float | None:
 
 
 def families(config: "Config", snap: Snapshot, now: datetime,
-             stored_bytes: dict[str, int] | None = None) -> list[Metric]:
+             stored_bytes: dict[str, int] | None = None,
+             encrypted_share: dict[tuple[str, str, str], float] | None = None) -> list[Metric]:
     """The metric families for the configured VPGs as of `now` (alerts: every VPG with one
     open). A value the database does not have yet (no checkpoint, no sample, never tested)
     is left out rather than reported as 0."""
@@ -196,6 +198,8 @@ def families(config: "Config", snap: Snapshot, now: datetime,
 
     for (vpg, level, code), n in sorted(open_count.items()):
         g["vmrep_alerts_open"].add_metric([vpg, level, code], n)
+    for (vpg, vm, disk), share in sorted((encrypted_share or {}).items()):
+        g["vmrep_disk_encrypted_share"].add_metric([vpg, vm, disk], share)
     return list(g.values())
 
 
@@ -238,6 +242,24 @@ class StateCollector(Collector):
                 self._note(f"journal {getattr(self.journal, 'root', '')}, VPG {v.name}: {exc}")
         return out
 
+    def _encrypted_share(self) -> dict[tuple[str, str, str], float] | None:
+        """Per disk, the encrypted share of its newest checkpoint with enough changed bytes
+        to judge (vmrep.ransomware), read from the journal like the stored bytes."""
+        if self.journal is None:
+            return None
+        from vmrep.ransomware.service import assess_vpg
+
+        out: dict[tuple[str, str, str], float] = {}
+        for v in self.config.vpgs:
+            try:
+                for view in assess_vpg(self.journal, v.name).checkpoints:
+                    for p in view.disks:
+                        if p.share is not None:
+                            out[(v.name, p.vm, p.disk)] = round(p.share, 4)
+            except Exception as exc:  # the journal is optional to the exporter: the rest still answers
+                self._note(f"journal {getattr(self.journal, 'root', '')}, VPG {v.name}: {exc}")
+        return out
+
     def _note(self, reason: str | None) -> None:
         if reason is not None and reason != self._last_error:
             log.warning("%s", reason)
@@ -259,7 +281,7 @@ class StateCollector(Collector):
             return
         self._note(None)
         yield up(True)
-        yield from families(self.config, snap, now, self._stored_bytes())
+        yield from families(self.config, snap, now, self._stored_bytes(), self._encrypted_share())
 
     def close(self) -> None:
         if self._store is not None:
@@ -287,4 +309,6 @@ HELP: dict[str, str] = {
     "vmrep_vpg_last_test_success": "1 if the newest DR test (test_results.success) passed, else 0",
     "vmrep_alerts_open": "Open alerts (alerts with cleared_at null) per VPG, level and code; 0 for the monitor's "
                          "codes that are not open",
+    "vmrep_disk_encrypted_share": "Share of the disk's changed bytes that looked encrypted in its newest checkpoint "
+                                  "with enough change to judge (docs/ransomware.md), read from the journal",
 }

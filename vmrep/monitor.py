@@ -19,6 +19,13 @@ from vmrep.recovery.operations import live_facts
 from vmrep.runtime import Runtime
 from vmrep.vsphere.inventory import Inventory
 
+def ransomware_suspicions(journal: object, vpg: str, cps: list) -> list:
+    """The VPG's open ENCRYPTION_SUSPECTED facts, from the checkpoints already read."""
+    from vmrep.ransomware.service import assess_vpg, suspicions
+
+    return suspicions(assess_vpg(journal, vpg, cps))
+
+
 @dataclass
 class VpgHealth:
     vpg: str
@@ -78,6 +85,7 @@ def monitor_pass(rt: Runtime, now: datetime | None = None, vpgs: list[str] | Non
             journal_bytes=usage.total_bytes,
             **live_facts(rt.store, vpg.name),  # awaiting commit since, failover or move, committed
         )
+        facts["encryption_suspected"] = ransomware_suspicions(rt.journal, vpg.name, cps)
         if prot is None:
             facts["error"] = f"protected site unreachable: {errors[vpg.protected_site]}"
         else:

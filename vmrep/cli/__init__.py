@@ -25,7 +25,7 @@ from vmrep.cli import lab as _lab  # noqa: F401,E402  # registers its commands
 from vmrep.cli import config as _config  # noqa: F401,E402  # registers its commands
 from vmrep.cli import server as _server  # noqa: F401,E402  # registers its commands
 
-for _optional in ("replication", "recovery", "monitor", "report", "journal", "exporter"):
+for _optional in ("replication", "recovery", "monitor", "report", "journal", "exporter", "ransomware"):
     try:
         __import__(f"vmrep.cli.{_optional}")
     except ModuleNotFoundError as _exc:  # a module not written yet must not break the others

@@ -26,7 +26,8 @@ from vmrep.cli.server import run_flow
 from vmrep.cli.values import reach_sites
 from vmrep.errors import VmrepError
 
-CheckpointOpt = Annotated[str, typer.Option("--checkpoint", help="latest, latest-tagged, an id or a time (ISO)")]
+CheckpointOpt = Annotated[str, typer.Option(
+    "--checkpoint", help="latest, latest-tagged, latest-clean, an id or a time (ISO)")]
 DirectOpt = Annotated[bool, typer.Option("--direct", help="run in this process without Prefect")]
 VerifyOpt = Annotated[float, typer.Option("--verify-timeout", help="seconds to wait for each VM's guest", min=0)]
 

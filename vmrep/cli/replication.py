@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
@@ -97,15 +97,31 @@ def checkpoints(
     rt = get_runtime(_config_path(config))
     rt.config.vpg(vpg)
     cps = rt.journal.checkpoints(vpg)
-    rows = [{"id": c.id, "time": c.time.isoformat(), "tags": list(c.tags), "added_bytes": c.added_bytes,
-             "changed_blocks": c.changed_blocks} for c in cps]
+    rows = [checkpoint_row(c) for c in cps]
+    from vmrep.ransomware.service import annotate, assess_vpg
+
+    rows = annotate(rows, assess_vpg(rt.journal, vpg, cps))  # suspicion, encrypted_share (also per disk)
     if json_out:
         print_json(rows)
         return
     if not rows:
         console.print(f"VPG {vpg}: no checkpoints", markup=False)
     for r in rows:
-        console.print(f"{r['id']}  {r['time']}  {r['added_bytes']:>12} B  {', '.join(r['tags'])}", markup=False)
+        mark = f"  suspicion {r['suspicion']}" if r.get("suspicion", "none") != "none" else ""
+        console.print(f"{r['id']}  {r['time']}  {r['added_bytes']:>12} B  {', '.join(r['tags'])}{mark}",
+                      markup=False)
+
+
+def checkpoint_row(c: Any) -> dict[str, Any]:
+    """One checkpoint of `vmrep checkpoints --json`. The transfer keys come from the
+    checkpoint's meta (docs/journal-format.md); a checkpoint written before they existed
+    reads as null totals and no disks, never as an error."""
+    meta = c.meta if isinstance(c.meta, dict) else {}
+    disks = [{"vm": d.get("vm"), "disk": d.get("disk"), "method": d.get("method"), "bytes_read": d.get("bytes_read")}
+             for d in meta.get("disks") or [] if isinstance(d, dict)]
+    return {"id": c.id, "time": c.time.isoformat(), "tags": list(c.tags), "added_bytes": c.added_bytes,
+            "changed_blocks": c.changed_blocks, "bytes_read": meta.get("bytes_read"),
+            "bytes_sent": meta.get("bytes_sent"), "bytes_changed": meta.get("bytes_changed"), "disks": disks}
 
 
 checkpoint_app = typer.Typer(help="Work with one checkpoint.", no_args_is_help=True)
@@ -144,14 +160,22 @@ def checkpoint_tag(
 def verify(
     vpg: Annotated[str, typer.Argument()],
     checkpoint: Annotated[str | None, typer.Option(help="only this checkpoint (default: all kept)")] = None,
+    against_source: Annotated[bool, typer.Option(
+        "--against-source", help="take a checkpoint now and compare it with the source disks block by block")] = False,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Re-read and re-hash every block the journal's index references."""
+    """Re-read and re-hash every block the journal's index references; or, with
+    --against-source, compare the latest checkpoint with the protected VMs' disks."""
     from vmrep.runtime import get_runtime
 
     rt = get_runtime(_config_path(config))
-    rt.config.vpg(vpg)
+    v = rt.config.vpg(vpg)
+    if against_source:
+        if checkpoint is not None:
+            raise UsageError("--against-source compares a checkpoint taken now: give no --checkpoint")
+        _verify_against_source(rt, v, json_out)
+        return
     cp = rt.journal.checkpoint(vpg, checkpoint).id if checkpoint is not None else None
     bad = rt.journal.verify(vpg, cp)
     rows = [{"vm": m.vm, "disk": m.disk, "offset": m.offset, "reason": m.reason} for m in bad]
@@ -166,12 +190,36 @@ def verify(
         raise VmrepError(f"VPG {vpg}: {len(bad)} block(s) do not match the index")
 
 
+def _verify_against_source(rt: Any, v: Any, json_out: bool) -> None:
+    """A cycle whose checkpoint is compared, while its snapshots still freeze the disks,
+    with what the source holds: an older checkpoint cannot be compared with disks that
+    moved on since."""
+    from vmrep.replication import engine
+
+    engine.ensure_replicable(rt, v)
+    reach_sites(rt, v.protected_site, v.recovery_site)
+    r = engine.run_cycle(rt, v, verify_source=True)
+    out = r.verified or {}
+    if json_out:
+        print_json(out)
+    else:
+        for d in out.get("disks", []):
+            state = "ok" if not d["blocks_differing"] else f"{d['blocks_differing']} block(s) differ"
+            console.print(f"VM {d['vm']} disk {d['disk']}: {d['blocks']} blocks compared, {state}", markup=False)
+    if not out.get("ok"):
+        bad = sum(d["blocks_differing"] for d in out.get("disks", []))
+        raise VmrepError(f"VPG {v.name}: checkpoint {out.get('checkpoint')}: {bad} block(s) differ from the source; "
+                         "the next cycle compares those disks block by block")
+    if not json_out:
+        console.print(f"VPG {v.name}: checkpoint {out['checkpoint']} matches the source", markup=False)
+
+
 @app.command("restore-disk")
 def restore_disk(
     vpg: Annotated[str, typer.Argument()],
     vm: Annotated[str, typer.Argument()],
     disk: Annotated[str, typer.Argument(help="disk id (scsi0:0), index (0) or label (Hard disk 1)")],
-    checkpoint: Annotated[str, typer.Option(help="id, latest, latest-tagged or a time")] = "latest",
+    checkpoint: Annotated[str, typer.Option(help="id, latest, latest-tagged, latest-clean or a time")] = "latest",
     out: Annotated[Path, typer.Option(help="file to write (sparse where zero)")] = Path("disk.img"),
     config: ConfigOpt = None,
     json_out: JsonOpt = False,

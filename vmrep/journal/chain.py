@@ -286,6 +286,17 @@ class Chains:
             raise JournalError(f"VPG {vpg}: no checkpoint in the journal (ref {ref!r})")
         if ref == "latest":
             return chain, infos[-1]
+        if ref == "latest-clean":
+            # The newest checkpoint before any suspected encryption (docs/ransomware.md);
+            # imported here: the rule reads these infos, the journal does not need it otherwise.
+            from vmrep.ransomware.baseline import assess
+            from vmrep.ransomware.dismissals import load_dir, load_incidents_dir
+
+            a = assess(infos, load_dir(self.vpg_dir(vpg)), recorded=load_incidents_dir(self.vpg_dir(vpg)))
+            if a.last_clean is None:
+                raise JournalError(f"VPG {vpg}: no clean checkpoint kept (ref 'latest-clean'): encryption is "
+                                   "suspected since the oldest kept checkpoint")
+            return chain, next(i for i in infos if i.id == a.last_clean.id)
         if ref == "latest-tagged":
             tagged = [i for i in infos if i.tags]
             if not tagged:
@@ -303,7 +314,7 @@ class Chains:
             t = parse_time(ref)
         except ValueError:
             raise JournalError(f"VPG {vpg}: checkpoint ref {ref!r} is not an id, 'latest', "
-                               "'latest-tagged' or an ISO time") from None
+                               "'latest-tagged', 'latest-clean' or an ISO time") from None
         before = [i for i in infos if i.time <= t]
         if not before:
             raise JournalError(f"VPG {vpg}: no kept checkpoint at or before {ref!r} "

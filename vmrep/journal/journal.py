@@ -148,8 +148,9 @@ class Journal:
         return self.chains.infos(self.chains.chain(vpg))
 
     def checkpoint(self, vpg: str, ref: str) -> CheckpointInfo:
-        """`ref`: an id, a unique id prefix, 'latest', 'latest-tagged' or an ISO time
-        (the newest kept checkpoint at or before it)."""
+        """`ref`: an id, a unique id prefix, 'latest', 'latest-tagged', 'latest-clean'
+        (the newest before suspected encryption, vmrep.ransomware) or an ISO time (the
+        newest kept checkpoint at or before it)."""
         return self.chains.resolve(vpg, ref)[1]
 
     def disks(self, vpg: str, checkpoint_id: str) -> dict[tuple[str, str], int]:
@@ -277,9 +278,10 @@ class Journal:
 
     # ---- retention and maintenance (see retention.py, maintenance.py) ----------------------
     def apply_retention(
-        self, vpg: str, keep_since: datetime, hard_limit_bytes: int | None = None
+        self, vpg: str, keep_since: datetime, hard_limit_bytes: int | None = None,
+        lock_since: datetime | None = None,
     ) -> RetentionResult:
-        return retention.apply_retention(self, vpg, keep_since, hard_limit_bytes)
+        return retention.apply_retention(self, vpg, keep_since, hard_limit_bytes, lock_since)
 
     def gc(self) -> GCStats | None:
         """Remove blocks no kept checkpoint of any VPG references (see

@@ -52,6 +52,9 @@ class CheckpointInfo:
     added_bytes: int = 0
     changed_blocks: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    # Per-disk counts of changed / encrypted-looking bytes (vmrep.ransomware.detect), kept
+    # in the file as meta["encryption"]; empty for checkpoints written before detection.
+    encryption: dict[str, Any] = field(default_factory=dict)
 
 
 def info_from_header(h: dict[str, Any], tags: list[str]) -> CheckpointInfo:
@@ -64,7 +67,8 @@ def info_from_header(h: dict[str, Any], tags: list[str]) -> CheckpointInfo:
         tags=list(c.get("tags", [])) + [t for t in tags if t not in c.get("tags", [])],
         added_bytes=c.get("added_bytes", 0),
         changed_blocks=c.get("changed_blocks", 0),
-        meta=c.get("meta", {}),
+        meta={k: v for k, v in c.get("meta", {}).items() if k != "encryption"},
+        encryption=c.get("meta", {}).get("encryption", {}),
     )
 
 
@@ -94,6 +98,12 @@ class RetentionResult:
     gc_deferred: bool = False  # some garbage is condemned but not deleted yet (sessions older
     # than its condemnation are still running): a later run reclaims the space
     compacted: bool = False  # a new base file was written
+    # retention_lock_hours: checkpoints at or after this time were never candidates
+    locked_since: datetime | None = None
+    locked: int = 0  # how many kept checkpoints are locked
+    # the hard limit is exceeded and only locked history is left to drop: nothing locked
+    # was dropped; the caller pauses replication with an error alert
+    lock_blocked_limit: bool = False
 
     @property
     def dropped(self) -> list[str]:

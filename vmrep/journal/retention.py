@@ -24,8 +24,14 @@ if TYPE_CHECKING:
 
 
 def apply_retention(j: Journal, vpg: str, keep_since: datetime,
-                    hard_limit_bytes: int | None = None) -> RetentionResult:
+                    hard_limit_bytes: int | None = None, lock_since: datetime | None = None) -> RetentionResult:
+    """Move the history start to the oldest checkpoint at or after `keep_since`, further
+    if the hard limit needs it; never past the oldest checkpoint at or after
+    `lock_since` (retention_lock_hours): a locked checkpoint is removed by nothing."""
     keep_since = utc(keep_since)
+    if lock_since is not None:
+        lock_since = utc(lock_since)
+        keep_since = min(keep_since, lock_since)  # a shortened history window cannot cut the lock
     chains = j.chains
     vlock = vpg_lock(chains.vpg_dir(vpg), vpg, j.lock_timeout, "retention")
     try:
@@ -37,6 +43,10 @@ def apply_retention(j: Journal, vpg: str, keep_since: datetime,
             if not infos:
                 return res
             k = next((k for k, i in enumerate(infos) if i.time >= keep_since), len(infos) - 1)
+            # Index of the oldest locked checkpoint (len(infos): none is locked)
+            kl = len(infos) if lock_since is None else \
+                next((n for n, i in enumerate(infos) if i.time >= lock_since), len(infos))
+            res.locked_since, res.locked = lock_since, len(infos) - kl
             res.bytes_before = chains.usage_at(chain, infos[0].seq)[0]
             final = k
             if hard_limit_bytes is not None and hard_limit_bytes > 0:
@@ -49,6 +59,9 @@ def apply_retention(j: Journal, vpg: str, keep_since: datetime,
                             final, hi = mid, mid - 1
                         else:
                             lo = mid + 1
+                    if final > kl:
+                        final = kl  # the limit would cut locked history: keep it, say so
+                        res.lock_blocked_limit = True
                     res.hard_limit_hit = final > k
                     res.over_limit = chains.usage_at(chain, infos[final].seq)[0] > hard_limit_bytes
             res.promoted = [i.id for i in infos[:k]]

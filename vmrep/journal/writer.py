@@ -31,6 +31,7 @@ from vmrep.journal._sessions import Session
 from vmrep.journal.codec import encode_blob
 from vmrep.journal.results import CheckpointInfo, info_from_header, is_zero, utc
 from vmrep.journal.store import BlockStore, PackWriter
+from vmrep.ransomware.detect import ChangeStats
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,9 @@ class CheckpointWriter:
         self._removed: set[tuple[str, str]] = set()
         self._reset: set[tuple[str, str]] = set()
         self.added_bytes = 0
+        # Per-disk counts of changed and encrypted-looking bytes (docs/ransomware.md),
+        # kept with the checkpoint as its `encryption` entry.
+        self.stats = ChangeStats()
         self._broken: BaseException | None = None
         self._closed = False
 
@@ -125,6 +129,7 @@ class CheckpointWriter:
         key = (vm, disk)
         store = self._store
         if bid in self._pending or store.has(bid):
+            self.stats.block(key, data, None)  # a dedup hit: not compressed this cycle
             self._record(key, index, bid)
             return 0
         with self._lock:
@@ -133,12 +138,15 @@ class CheckpointWriter:
                 self._inflight.add(bid)
         # Recorded outside the lock: _record takes it itself (a plain Lock: never nest it).
         if duplicate:
+            self.stats.block(key, data, None)
             self._record(key, index, bid)
             return 0
         stored = 0
         try:
             blob, codec = encode_blob(memoryview(data) if isinstance(data, bytearray) else data,
                                       self.target.compression_level)
+            # The codec's attempt is the detector's first signal (raw = incompressible)
+            self.stats.block(key, data, (codec != fmt.CODEC_RAW) if self.target.compression_level > 0 else None)
             full = None
             with self._lock:
                 if self._pack is None:
@@ -199,6 +207,7 @@ class CheckpointWriter:
                 if d is not None:
                     d.pop(index, None)
             return False
+        self.stats.zero(key, self.block_size)
         self._record(key, index, fmt.ZERO_ID)
         return True
 
@@ -218,6 +227,7 @@ class CheckpointWriter:
         self._sizes.pop(key, None)
         self._entries.pop(key, None)
         self._reset.discard(key)
+        self.stats.forget(key)
 
     def _drain(self) -> None:
         with self._cond:
@@ -288,13 +298,18 @@ class CheckpointWriter:
                 reset = (vm, disk) not in self._prev_disks or (vm, disk) in self._reset
                 hdisks.append({"vm": vm, "disk": disk, "size": size, "reset": reset})
                 maps.append(m)
+            for key in disks:
+                if not self._disk_known(key):
+                    self.stats.mark_full(key)  # a full copy says nothing about the write stream
             cp_id = fmt.checkpoint_id(self.seq, rand_hex(3))
             info = {
                 "id": cp_id,
                 "seq": self.seq,
                 "time": t.isoformat(),
                 "tags": [tag] if tag else [],
-                "meta": meta or {},
+                # The detector's counts ride in the meta (free-form: readers of this format
+                # version accept it); CheckpointInfo hands them out as `.encryption`.
+                "meta": {**(meta or {}), "encryption": self.stats.to_meta()},
                 "added_bytes": self.added_bytes,
                 "changed_blocks": changed,
                 "parent": self._prev_id,

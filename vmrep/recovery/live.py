@@ -138,9 +138,12 @@ def run_failover(config: str, vpg: str, *, confirm: str | None, checkpoint: str 
     if moving and shutdown == "none":
         raise Refused(f"VPG {vpg}: move refused: a move shuts the source down (graceful or force)")
     preflight(rt, v, operation, confirm=confirm, check_lock=False)
-    cp = None if moving else rt.journal.checkpoint(vpg, checkpoint)
+    from vmrep.ransomware.service import choose
+
+    cp, why = (None, "final: the move's own checkpoint") if moving else choose(rt.journal, vpg, checkpoint)
     with begin(rt, v, operation, who=who, flow_run_id=flow_run_id, runner=runner, confirm=confirm,
-               params={"checkpoint": "final" if moving else checkpoint, "shutdown": shutdown,
+               params={"checkpoint": "final" if moving else checkpoint, "checkpoint_reason": why,
+                       "shutdown": shutdown,
                        "commit_policy": policy, "commit_after_minutes": after,
                        "reverse_protection": reverse_protection, "keep_source_vms": keep_source_vms,
                        "verify_timeout": verify_timeout,

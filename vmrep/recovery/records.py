@@ -70,6 +70,7 @@ def operation_summary(store: Any, op_id: str) -> dict[str, Any]:
         "flow_run_id": op.flow_run_id, "checkpoint_id": op.checkpoint_id, "checkpoint_time": op.checkpoint_time,
         "checkpoint_age_seconds": op.checkpoint_age_seconds, "rto_seconds": op.rto_seconds, "notes": op.notes,
         "verification_ok": ok, "verification": per, "steps": by_vm,
+        "checkpoint_reason": (op.params or {}).get("checkpoint_reason"),
         "wall_seconds": round(wall, 3), "steps_seconds": round(steps_sum, 3),
         # a live operation approved in the Prefect UI: requested_by/at, approved_by/at, reason
         "approval": (op.params or {}).get("approval"),

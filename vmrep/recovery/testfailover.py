@@ -51,10 +51,13 @@ def run_test(config: str, vpg: str, *, checkpoint: str = "latest", keep_minutes:
     v = rt.config.vpg(vpg)
     runner = runner or DirectRunner()
     preflight(rt, v, "test", check_lock=False)
-    cp = rt.journal.checkpoint(vpg, checkpoint)
+    from vmrep.ransomware.service import choose
+
+    cp, why = choose(rt.journal, vpg, checkpoint)  # and why: latest-clean says which suspicion it avoids
     with begin(rt, v, "test", who=who, flow_run_id=flow_run_id, runner=runner,
-               params={"checkpoint": checkpoint, "checkpoint_id": cp.id, "keep_minutes": keep_minutes,
-                       "stop": stop, "notes": notes, "verify_timeout": verify_timeout}) as op:
+               params={"checkpoint": checkpoint, "checkpoint_id": cp.id, "checkpoint_reason": why,
+                       "keep_minutes": keep_minutes, "stop": stop, "notes": notes,
+                       "verify_timeout": verify_timeout}) as op:
         try:
             runner.one("cleanup-leftovers", config, vpg, op)
             results = _recover(rt, config, v, op, "test", cp.id, runner, verify_timeout, sleep)

@@ -18,16 +18,18 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
 
 from vmrep.config import VPG
 from vmrep.errors import JournalError, JournalLocked, NotFound, Refused
-from vmrep.replication.blocks import DiskSyncStats, sync_disk
+from vmrep.replication.blocks import DiskSyncStats, sync_disk, verify_disk
 from vmrep.runtime import Runtime
+from vmrep.vsphere import cbt
 from vmrep.vsphere.datastore import DatastoreAccess
 from vmrep.vsphere.inventory import DiskInfo, VMInfo
+from vmrep.vsphere.property import retrieve_one
 from vmrep.stamps import utcnow
 from vmrep.status import Status, Substatus
 from vmrep.vsphere import vm as vmops
@@ -170,29 +172,243 @@ def previous_map(rt: Runtime, vpg: str, previous: str | None, vm: str, disk: Dis
     return rt.journal.block_map(vpg, previous, vm, disk.id)
 
 
+# --------------------------------------------------------------------------------------
+# Change tracking: which blocks a transfer reads
+
+
+def enable_change_tracking(rt: Runtime, vpg: VPG, vms: dict[str, VMInfo]) -> dict[str, bool]:
+    """At initial sync, per the VPG's `change_tracking`: `enable` turns tracking on
+    (ReconfigVM_Task) on every VM, `use-if-present` and `off` leave the VMs as they are.
+    Returns VM -> tracking on now; a VM that cannot track is logged, and its disks go by
+    hash scan (recorded per disk in each checkpoint)."""
+    client = rt.client(vpg.protected_site)
+    out: dict[str, bool] = {}
+    for name, vm in vms.items():
+        if vpg.change_tracking == "enable":
+            out[name] = cbt.enable_tracking(client, vm.ref, name)
+            if not out[name]:
+                log.warning("VPG %s: VM %s cannot have change tracking; its disks are replicated by hash scan",
+                            vpg.name, name)
+        else:
+            out[name] = cbt.tracking_enabled(client, vm.ref)
+    return out
+
+
+def find_snapshot(rt: Runtime, vpg: VPG, vm: VMInfo) -> Any | None:
+    """This cycle's replication snapshot of `vm` (read afresh: the step runs after the
+    consistency point, with the inventory read before it)."""
+    tree = retrieve_one(rt.client(vpg.protected_site), vm.ref, ["snapshot"]).get("snapshot")
+    found = vmops.find_snapshots(tree, snapshot_label(vpg.name))
+    return found[0] if found else None
+
+
+def previous_change_ids(rt: Runtime, vpg: str, previous: str | None) -> dict[tuple[str, str], str | None]:
+    """(vm, disk) -> change id the previous checkpoint recorded (absent in checkpoints
+    written before change tracking: the reader rule of docs/journal-format.md)."""
+    if previous is None:
+        return {}
+    meta = rt.journal.checkpoint(vpg, previous).meta
+    return {(d["vm"], d["disk"]): d.get("change_id") for d in meta.get("disks") or []
+            if isinstance(d, dict) and "vm" in d and "disk" in d}
+
+
+@dataclass
+class DiskPlan:
+    """How one disk's changed blocks are found this time, and why."""
+
+    method: str  # cbt | scan | full
+    ranges: list[tuple[int, int]] | None  # areas to read; None: every block
+    previous: Any  # the previous checkpoint's block map (None: no comparison)
+    change_id: str | None  # the disk's id at this snapshot, kept for the next cycle
+    fallback: str | None = None  # why not CBT (None: CBT, or an initial copy)
+    bytes_changed: int | None = None  # the CBT areas' length
+
+
+def plan_disk(rt: Runtime, vpg: VPG, vm: VMInfo, disk: DiskInfo, previous: str | None,
+              snapshot: Any | None, new_ids: dict[int, str], prev_ids: dict[tuple[str, str], str | None],
+              *, preseeded: bool = False) -> DiskPlan:
+    """CBT where it can be trusted, else the hash scan, per disk.
+
+    CBT: the areas written since the previous checkpoint's change id, at this snapshot.
+    Fallbacks: tracking off (VPG setting, or the VM cannot track), no id in the previous
+    checkpoint, the id refused (tracking reset: FileFault), disk new or resized (full
+    scan: the old map does not describe it). A first copy reads only the allocated areas
+    (changeId "*"), except over a pre-seed, whose blocks elsewhere must be overwritten."""
+    new_id = new_ids.get(disk.key) if vpg.change_tracking != "off" else None
+    client = rt.client(vpg.protected_site)
+    prev_map = previous_map(rt, vpg.name, previous, vm.name, disk)
+    if prev_map is None:
+        if previous is None and new_id and snapshot is not None and not preseeded:
+            areas, _ = cbt.changed_areas(client, vm.ref, vm.name, snapshot, disk.key, cbt.ALL_ALLOCATED,
+                                         disk.capacity)
+            return DiskPlan("full", areas, None, new_id, None, sum(n for _, n in areas))
+        why = None if previous is None else "disk new or resized since the previous checkpoint"
+        return DiskPlan("full", None, None, new_id, why)
+    prev_id = prev_ids.get((vm.name, disk.id))
+    if (vm.name, disk.id) in source_mismatch_disks(rt, vpg.name):
+        why = "the last verification against the source found this disk differed"
+    elif vpg.change_tracking == "off":
+        why = "change tracking is off for this VPG"
+    elif new_id is None:
+        why = "the VM does not track changes"
+    elif not prev_id:
+        why = "the previous checkpoint has no change id for this disk"
+    else:
+        try:
+            areas, _ = cbt.changed_areas(client, vm.ref, vm.name, snapshot, disk.key, prev_id, disk.capacity)
+        except cbt.ChangeIdRefused as exc:
+            why = f"change id {prev_id} refused ({exc})"
+        else:
+            return DiskPlan("cbt", areas, prev_map, new_id, None, sum(n for _, n in areas))
+    return DiskPlan("scan", None, prev_map, new_id, why)
+
+
+def snapshot_ids(rt: Runtime, vpg: VPG, vm: VMInfo) -> tuple[Any | None, dict[int, str]]:
+    """The VM's replication snapshot and its disks' change ids (none when off)."""
+    if vpg.change_tracking == "off":
+        return None, {}
+    snap = find_snapshot(rt, vpg, vm)
+    if snap is None:
+        return None, {}
+    return snap, cbt.snapshot_change_ids(rt.client(vpg.protected_site), snap)
+
+
+# The DeltaSync sub-status: set while a cycle compares whole disks (a CBT fallback),
+# cleared when a cycle ends. `vmrep.health.Facts.from_runtime` reads it back, so the
+# monitor shows DeltaSync exactly while a fallback runs (or until the next cycle ends
+# after one that broke off).
+_SLA_STATUSES = (Status.MEETING_SLA, Status.RPO_NOT_MEETING_SLA, Status.HISTORY_NOT_MEETING_SLA,
+                 Status.NOT_MEETING_SLA)
+
+
+def mark_delta_sync(rt: Runtime, vpg: str, detail: str) -> None:
+    row = rt.store.runtime(vpg)
+    if row.status in _SLA_STATUSES and row.substatus != Substatus.DELTA_SYNC:
+        rt.store.set_status(vpg, row.status, Substatus.DELTA_SYNC, detail=detail)
+
+
+def clear_delta_sync(rt: Runtime, vpg: str) -> None:
+    row = rt.store.runtime(vpg)
+    if row.status in _SLA_STATUSES and row.substatus == Substatus.DELTA_SYNC:
+        rt.store.set_status(vpg, row.status, None, detail="delta sync done: changes found by CBT again")
+
+
 def transfer_disk(rt: Runtime, vpg: VPG, vm: VMInfo, disk: DiskInfo, writer: Any, previous: str | None, *,
                   threads: int = 2, progress: Callable[[int], None] | None = None,
-                  preseed: Any = None) -> DiskSyncStats:
+                  preseed: Any = None, snapshot: Any | None = None, new_ids: dict[int, str] | None = None,
+                  prev_ids: dict[tuple[str, str], str | None] | None = None) -> DiskSyncStats:
     """Send the changed blocks of one disk into the open checkpoint.
 
     `preseed` is a DiskSource holding a copy already at the recovery site: its blocks
-    are stored from there first, so only the blocks that differ travel."""
+    are stored from there first, so only the blocks that differ travel. `snapshot` and
+    `new_ids` (the VM's replication snapshot and its change ids) let CBT find the
+    changed areas; without them the disk is hash-scanned."""
     writer.set_disk_size(vm.name, disk.id, disk.capacity)
-    if preseed is not None and preseed.size == disk.capacity and previous is None:
+    seeded = preseed is not None and preseed.size == disk.capacity and previous is None
+    if seeded:
         sync_disk(writer, vm.name, disk.id, preseed, previous=None, threads=threads)
+    plan = plan_disk(rt, vpg, vm, disk, previous, snapshot, new_ids or {}, prev_ids or {}, preseeded=seeded)
+    if plan.fallback is not None:
+        # a warning unless the VPG asked for it (change_tracking: off): then every cycle scans
+        level = logging.INFO if vpg.change_tracking == "off" else logging.WARNING
+        log.log(level, "VPG %s: VM %s disk %s: %s by hash scan: %s", vpg.name, vm.name, disk.id,
+                "full copy" if plan.method == "full" else "changes found", plan.fallback)
+        mark_delta_sync(rt, vpg.name, f"VM {vm.name} disk {disk.id}: hash scan ({plan.fallback})")
     src = VMDiskSource(rt.datastores(vpg.protected_site), disk)
-    return sync_disk(writer, vm.name, disk.id, src, previous=previous_map(rt, vpg.name, previous, vm.name, disk),
-                     threads=threads, progress=progress or progress_hook())
+    st = sync_disk(writer, vm.name, disk.id, src, previous=plan.previous, changed_ranges=plan.ranges,
+                   threads=threads, progress=progress or progress_hook())
+    st.method, st.change_id, st.fallback = plan.method, plan.change_id, plan.fallback
+    st.bytes_changed = plan.bytes_changed if plan.bytes_changed is not None else \
+        min(st.blocks_changed * writer.block_size, disk.capacity)
+    return st
+
+
+SOURCE_MISMATCH = "SOURCE_MISMATCH"  # alert: a disk's checkpoint differs from its source
+
+
+def source_mismatch_disks(rt: Runtime, vpg: str) -> dict[tuple[str, str], int]:
+    """(vm, disk) -> alert id of each open SOURCE_MISMATCH: those disks are hash-scanned
+    by the next cycle whatever CBT says (CBT lost changes there)."""
+    return {(a.vm, str((a.data or {}).get("subject"))): a.id for a in rt.store.open_alerts(vpg)
+            if a.code == SOURCE_MISMATCH and a.vm}
+
+
+def verify_against_source(rt: Runtime, vpg: VPG, vms: dict[str, VMInfo], checkpoint_id: str) -> dict[str, Any]:
+    """Compare checkpoint `checkpoint_id` with the source disks as frozen by the snapshot
+    it was taken at (call it while the cycle's consistency points exist). Each differing
+    disk opens alert SOURCE_MISMATCH (cleared by the cycle that scanned it again); the
+    result is recorded as a `replicate` operation with params verify_against_source, whose
+    time the schedule (`verify_against_source_hours`) runs from."""
+    store = rt.store
+    op = store.start_operation(vpg.name, "replicate", params={"verify_against_source": True,
+                                                              "checkpoint": checkpoint_id})
+    bs = rt.journal.block_size
+    rows: list[dict[str, Any]] = []
+    try:
+        ds = rt.datastores(vpg.protected_site)
+        for name, vm in vms.items():
+            for disk in vm.disks:
+                ids = rt.journal.block_map(vpg.name, checkpoint_id, name, disk.id)
+                check = verify_disk(VMDiskSource(ds, disk), ids, bs)
+                bad = check.differing
+                rows.append({"vm": name, "disk": disk.id, "bytes_read": check.bytes_read, "blocks": check.blocks,
+                             "blocks_differing": len(bad), "offsets": [i * bs for i in bad[:20]]})
+                if bad:
+                    log.error("VPG %s: VM %s disk %s: %d block(s) of checkpoint %s differ from the source",
+                              vpg.name, name, disk.id, len(bad), checkpoint_id)
+                    store.raise_alert(vpg.name, SOURCE_MISMATCH, "error",
+                                      f"VPG {vpg.name}: VM {name} disk {disk.id}: {len(bad)} block(s) of "
+                                      f"checkpoint {checkpoint_id} differ from the source; the next cycle "
+                                      "compares the whole disk", vm=name, subject=disk.id,
+                                      data={"checkpoint": checkpoint_id, "blocks": len(bad)})
+    except BaseException as exc:
+        store.finish_operation(op, "failed", error=str(exc), checkpoint_id=checkpoint_id)
+        raise
+    differing = sum(r["blocks_differing"] for r in rows)
+    store.finish_operation(op, "succeeded" if not differing else "failed",
+                           error=f"{differing} block(s) differ from the source" if differing else None,
+                           checkpoint_id=checkpoint_id)
+    return {"vpg": vpg.name, "checkpoint": checkpoint_id, "ok": not differing,
+            "bytes_read": sum(r["bytes_read"] for r in rows), "disks": rows}
+
+
+def source_verification_due(rt: Runtime, vpg: VPG, now: datetime | None = None) -> bool:
+    """Whether `verify_against_source_hours` asks for a verification in this cycle."""
+    if vpg.verify_against_source_hours <= 0:
+        return False
+    now = now or utcnow()
+    for op in rt.store.operations(vpg.name, kind="replicate"):
+        if (op.params or {}).get("verify_against_source") and op.result in ("succeeded", "failed"):
+            started = op.started_at if op.started_at.tzinfo else op.started_at.replace(tzinfo=timezone.utc)
+            return now - started >= timedelta(hours=vpg.verify_against_source_hours)
+    return True
 
 
 def transfer_vm(rt: Runtime, vpg: VPG, vm: VMInfo, writer: Any, previous: str | None, *,
                 threads: int = 2, progress: Callable[[int], None] | None = None,
                 preseed: dict[str, Any] | None = None) -> VMTransfer:
     out = VMTransfer(vm.name)
+    snap, ids = snapshot_ids(rt, vpg, vm)
+    prev_ids = previous_change_ids(rt, vpg.name, previous)
     for disk in vm.disks:
         out.disks[disk.id] = transfer_disk(rt, vpg, vm, disk, writer, previous, threads=threads,
-                                           progress=progress, preseed=(preseed or {}).get(disk.id))
+                                           progress=progress, preseed=(preseed or {}).get(disk.id),
+                                           snapshot=snap, new_ids=ids, prev_ids=prev_ids)
     return out
+
+
+def checkpoint_meta(transfers: dict[str, VMTransfer]) -> dict[str, Any]:
+    """The per-checkpoint transfer record (docs/journal-format.md, "Checkpoint meta"):
+    totals and one row per disk with its method and change id. Until replication has a
+    WAN link of its own, bytes_sent is what was stored."""
+    disks = [{"vm": vm, "disk": d, "method": s.method, "bytes_read": s.bytes_read,
+              "bytes_changed": s.bytes_changed, "bytes_sent": s.bytes_stored, "change_id": s.change_id,
+              **({"fallback": s.fallback} if s.fallback else {})}
+             for vm, t in sorted(transfers.items()) for d, s in sorted(t.disks.items())]
+    return {"bytes_read": sum(r["bytes_read"] for r in disks),
+            "bytes_sent": sum(r["bytes_sent"] for r in disks),
+            "bytes_changed": sum(r["bytes_changed"] for r in disks),
+            "disks": disks}
 
 
 _progress: list[Callable[[int], None]] = []
@@ -322,10 +538,28 @@ def latest_checkpoint_id(rt: Runtime, vpg: str) -> str | None:
     return cps[-1].id if cps else None
 
 
+LOCK_ALERT = "JOURNAL_LIMIT_LOCKED"
+
+
+def retention_bounds(rt: Runtime, vpg: VPG, now: datetime) -> tuple[datetime, datetime | None]:
+    """(keep since, locked since) for retention. Locked: checkpoints younger than
+    retention_lock_hours, and while encryption is suspected everything back to the last
+    clean checkpoint (vmrep.ransomware): both are held even against the hard limit."""
+    from vmrep.ransomware.service import keep_since as clean_since
+
+    keep = now - timedelta(seconds=vpg.history_seconds)
+    lock = now - timedelta(hours=vpg.retention_lock_hours) if vpg.retention_lock_hours > 0 else None
+    held = clean_since(rt.journal, vpg.name)
+    if held is not None:
+        lock = held if lock is None else min(lock, held)
+    return keep, lock
+
+
 def apply_retention(rt: Runtime, vpg: VPG, now: datetime | None = None) -> Any:
     now = now or utcnow()
     limit = vpg.hard_limit_bytes or None
-    result = rt.journal.apply_retention(vpg.name, now - timedelta(seconds=vpg.history_seconds), limit)
+    keep, lock = retention_bounds(rt, vpg, now)
+    result = rt.journal.apply_retention(vpg.name, keep, limit, lock)
     if result.hard_limit_hit:
         # An event, not a state: recorded raised and cleared at once, so it shows in the
         # history and the reports without staying open.
@@ -335,7 +569,36 @@ def apply_retention(rt: Runtime, vpg: VPG, now: datetime | None = None) -> Any:
             f"{len(result.dropped_by_limit)} oldest checkpoint(s) dropped", data={"dropped": result.dropped_by_limit})
         if row is not None:
             rt.store.clear_alert(row.id)
+    open_lock = [a for a in rt.store.open_alerts(vpg.name) if a.code == LOCK_ALERT]
+    if result.lock_blocked_limit:
+        # A state, not an event: open until retention can honour the limit again (the lock
+        # window moved on, a suspicion was dismissed, the limit was raised); replication
+        # refuses to run meanwhile (`ensure_not_blocked`) instead of dropping locked history.
+        if not open_lock:
+            why = (f"the {result.locked} newest checkpoint(s) are locked (retention_lock_hours "
+                   f"{vpg.retention_lock_hours:g}, or kept back to the last clean checkpoint while "
+                   "ENCRYPTION_SUSPECTED is open)")
+            rt.store.raise_alert(
+                vpg.name, LOCK_ALERT, "error",
+                f"VPG {vpg.name}: replication paused: journal hard limit {vpg.journal_hard_limit_gb:g} GB reached "
+                f"and {why}; raise the limit or wait for the lock to pass",
+                data={"locked": result.locked,
+                      "locked_since": result.locked_since.isoformat() if result.locked_since else None})
+    else:
+        for a in open_lock:
+            rt.store.clear_alert(a.id)
     return result
+
+
+def ensure_not_blocked(rt: Runtime, vpg: VPG) -> None:
+    """Replication is paused while the hard limit can only be met by dropping locked
+    history; retention is tried again first (the lock may have passed meanwhile)."""
+    if not any(a.code == LOCK_ALERT for a in rt.store.open_alerts(vpg.name)):
+        return
+    if apply_retention(rt, vpg).lock_blocked_limit:
+        raise Refused(f"VPG {vpg.name}: replication paused: journal hard limit "
+                      f"{vpg.journal_hard_limit_gb:g} GB reached and the oldest history is locked "
+                      f"({LOCK_ALERT} is open)")
 
 
 @dataclass
@@ -346,6 +609,7 @@ class CycleResult:
     vms: dict[str, VMTransfer]
     seconds: float
     tag: str | None = None
+    verified: dict[str, Any] | None = None  # the verification against the source, when one ran
 
     @property
     def bytes_read(self) -> int:
@@ -369,7 +633,8 @@ class CycleResult:
         return {"vpg": self.vpg, "checkpoint": self.checkpoint_id, "time": self.time.isoformat(),
                 "bytes_read": self.bytes_read, "bytes_stored": self.bytes_stored,
                 "blocks_changed": self.blocks_changed, "seconds": round(self.seconds, 3),
-                "transfer_seconds": round(self.transfer_seconds, 3)}
+                "transfer_seconds": round(self.transfer_seconds, 3),
+                **({"verified_against_source": self.verified} if self.verified is not None else {})}
 
     def disk_rows(self) -> list[dict[str, Any]]:
         return [{"vm": vm, "disk": d, "bytes_read": s.bytes_read, "bytes_stored": s.bytes_stored,
@@ -383,6 +648,7 @@ def ensure_replicable(rt: Runtime, vpg: VPG) -> None:
         raise Refused(f"VPG {vpg.name}: initial sync has not completed; run 'vmrep sync {vpg.name}' first")
     if runtime.paused:
         raise Refused(f"VPG {vpg.name}: replication is paused")
+    ensure_not_blocked(rt, vpg)
 
 
 # --------------------------------------------------------------------------------------
@@ -414,24 +680,32 @@ def _transfers(rows: list[dict[str, Any]]) -> dict[str, VMTransfer]:
     return out
 
 
-def run_cycle(rt: Runtime, vpg: VPG, *, tag: str | None = None, runner: Any = None) -> CycleResult:
+def run_cycle(rt: Runtime, vpg: VPG, *, tag: str | None = None, runner: Any = None,
+              verify_source: bool | None = None) -> CycleResult:
     """One replication cycle: leftovers removed, consistency point, every VM's changed
     blocks (VMs in parallel), one checkpoint, snapshots removed (also when the cycle
     failed), retention."""
     runner = runner or direct_runner()
     config, name = str(rt.config.source), vpg.name
     t0 = time.monotonic()
+    ensure_not_blocked(rt, vpg)  # paused by a locked journal at its hard limit
     vms = runner.one("read-vpg-inventory", config, name)
     runner.one("release-consistency-points", config, name)  # leftovers of a crashed cycle
     previous = latest_checkpoint_id(rt, name)
     cycle = new_cycle()
     committed: dict[str, Any] | None = None
+    verified: dict[str, Any] | None = None
     failure: BaseException | None = None
     try:
         at = runner.one("consistency-point", config, name, vms)
         rows = runner.each("transfer-vm", [(config, name, vm, previous, cycle) for vm in vms.values()])
+        transfers = _transfers(rows)
         committed = runner.one("commit-checkpoint", config, name, cycle, at, tag,
-                               {"kind": "cycle", "previous": previous})
+                               {"kind": "cycle", "previous": previous, **checkpoint_meta(transfers)})
+        if verify_source is None:
+            verify_source = source_verification_due(rt, vpg)
+        if verify_source:  # while the snapshots still freeze what the checkpoint holds
+            verified = runner.one("verify-against-source", config, name, vms, committed["id"])
     except BaseException as exc:
         failure = exc
         raise
@@ -439,8 +713,15 @@ def run_cycle(rt: Runtime, vpg: VPG, *, tag: str | None = None, runner: Any = No
         if committed is None:
             discard_writer(rt, name, cycle)
         _cleanup_runner(runner, failure).one("release-consistency-points", config, name)
+    clear_delta_sync(rt, name)  # every disk's changes are in the checkpoint: no scan runs now
+    rescanned = {(vm, d) for vm, t in transfers.items() for d, st in t.disks.items() if st.method != "cbt"}
+    for key, alert_id in source_mismatch_disks(rt, name).items():
+        if key in rescanned and not (verified and any(
+                (r["vm"], r["disk"]) == key and r["blocks_differing"] for r in verified["disks"])):
+            rt.store.clear_alert(alert_id)  # compared block by block again: the checkpoint is exact
     runner.one("apply-retention", config, name)
-    return CycleResult(name, committed["id"], committed["time"], _transfers(rows), time.monotonic() - t0, tag)
+    return CycleResult(name, committed["id"], committed["time"], transfers, time.monotonic() - t0, tag,
+                       verified)
 
 
 def initial_sync(rt: Runtime, vpg: VPG, *, runner: Any = None, who: str | None = None,
@@ -471,19 +752,29 @@ def initial_sync(rt: Runtime, vpg: VPG, *, runner: Any = None, who: str | None =
             store.set_status(name, Status.INITIALIZING, Substatus.INITIAL_SYNC)
             vms = runner.one("read-vpg-inventory", config, name)
             discard_writer(rt, name)  # an open checkpoint of a crashed run in this process
+            runner.one("release-consistency-points", config, name)  # leftovers of a crashed run
+            # Tracking on before the first snapshot, so that this snapshot's change ids
+            # are the base of the first cycle's QueryChangedDiskAreas.
+            runner.one("enable-change-tracking", config, name, vms)
+            at = runner.one("consistency-point", config, name, vms)
             rows = runner.each("transfer-disk", [
                 (config, name, vm, disk, None, vpg.vm(vm_name).preseed.get(disk.id), cycle)
                 for vm_name, vm in vms.items() for disk in vm.disks])
-            cp = runner.one("commit-checkpoint", config, name, cycle, utcnow(), "initial sync",
-                            {"kind": "initial_sync"})
+            transfers = _transfers([{"vm": r["vm"], "disks": {r["disk"]: r}} for r in rows])
+            cp = runner.one("commit-checkpoint", config, name, cycle, at, "initial sync",
+                            {"kind": "initial_sync", **checkpoint_meta(transfers)})
         except BaseException as exc:
             discard_writer(rt, name, cycle)
             store.set_status(name, Status.INITIALIZING, Substatus.INITIAL_SYNC, detail=f"initial sync failed: {exc}")
+            try:
+                _cleanup_runner(runner, exc).one("release-consistency-points", config, name)
+            except Exception as cleanup:  # noqa: BLE001 - the sync's own failure is what the user must see
+                log.warning("VPG %s: consistency points not released after the failed sync: %s", name, cleanup)
             raise
+        runner.one("release-consistency-points", config, name)
         store.update_runtime(name, initial_sync_done=True)
         store.set_status(name, Status.MEETING_SLA, Substatus.DELTA_SYNC)
         store.finish_operation(op, "succeeded")
-    transfers = _transfers([{"vm": r["vm"], "disks": {r["disk"]: r}} for r in rows])
     return CycleResult(name, cp["id"], cp["time"], transfers, time.monotonic() - t0, "initial sync")
 
 
