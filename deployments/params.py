@@ -79,6 +79,11 @@ class MonitorParams(Params):
 
     vpgs: list[str] | None = Field(
         default=None, title="VPGs", description="Only these VPGs (leave empty for all).")
+    lifetime_seconds: float = Field(
+        default=0, ge=0, le=86400, title="Lifetime (s)",
+        description="Keep making passes for this long (0: one pass). The scheduled run lives 30 minutes.")
+    interval_seconds: float = Field(
+        default=60, gt=0, le=3600, title="Interval (s)", description="Seconds between two passes.")
 
 
 # --------------------------------------------------------------------------------------

@@ -310,8 +310,41 @@ def power_on(client: Any, names: list[str], timeout: float = 30.0) -> dict[str, 
     return ips
 
 
+def journal_service_files(d: Path) -> dict[str, Any]:
+    """The recovery site's journal service (`vmrep journal serve`): a CA and a server
+    certificate (as the launcher makes the vCenters'), a writer token for siteA and an
+    admin token for siteB, and a free port. Returns the config's `journal.service`; the
+    matching client setting for siteA's workers (`sites.siteB.journal_service`) is in
+    `journal-service/client.yaml`, to add when replication should cross the service
+    (the demo replicates without it: docs/journal-service.md)."""
+    import socket
+
+    from vmrep.journal.service import make_certificate
+
+    sd = d / "journal-service"
+    ca, cert, key, thumb = make_certificate(sd, ["127.0.0.1", "localhost"])
+    tokens = {}
+    for name in ("siteA-writer", "siteB-admin"):
+        f = sd / f"{name}.token"
+        f.write_text(secrets.token_hex(24))
+        f.chmod(0o600)
+        tokens[name] = f
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = {"url": f"https://127.0.0.1:{port}", "credential": f"file:{tokens['siteA-writer']}",
+              "tls": {"ca_file": str(ca)}}
+    (sd / "client.yaml").write_text(yaml.safe_dump({"journal_service": client}, sort_keys=False))
+    (sd / "thumbprint").write_text(thumb + "\n")
+    return {"listen": f"127.0.0.1:{port}", "cert_file": str(cert), "key_file": str(key),
+            "credentials": [
+                {"name": "siteA-writer", "role": "writer", "site": "siteA", "token": f"file:{tokens['siteA-writer']}"},
+                {"name": "siteB-admin", "role": "admin", "token": f"file:{tokens['siteB-admin']}"}]}
+
+
 def lab_config(a: SiteProcess, b: SiteProcess, password_file: Path, journal: Path,
-               database_url: str | None = None, notifications: dict[str, Any] | None = None) -> dict[str, Any]:
+               database_url: str | None = None, notifications: dict[str, Any] | None = None,
+               journal_service: dict[str, Any] | None = None) -> dict[str, Any]:
     def nic(live: str, test: str, base: int, i: int) -> dict[str, Any]:
         return {"live_network": live, "test_network": test,
                 "live_ip": {"dhcp": False, "ip": f"10.20.{base}.{10 + i}", "netmask": "255.255.255.0",
@@ -325,7 +358,7 @@ def lab_config(a: SiteProcess, b: SiteProcess, password_file: Path, journal: Pat
     return {
         **extra,
         "sites": {"siteA": _site_config(a, password_file), "siteB": _site_config(b, password_file)},
-        "journal": {"path": str(journal)},
+        "journal": {"path": str(journal), **({"service": journal_service} if journal_service else {})},
         "vpgs": [
             {
                 "name": "erp",
@@ -411,7 +444,7 @@ def up(base: Path | None = None, config_path: Path | None = None, *, boot_delay:
         config_path.write_text(
             "# Written by 'vmrep lab up': a two-site lab (siteA protected, siteB recovery).\n"
             + yaml.safe_dump(lab_config(lab.sites["siteA"], lab.sites["siteB"], password_file, d / "journal",
-                                        database_url, notifications),
+                                        database_url, notifications, journal_service_files(d)),
                              sort_keys=False))
         (d / "lab.json").write_text(json.dumps(lab.state(), indent=2))
         return lab
@@ -435,14 +468,61 @@ def down(base: Path | None = None) -> list[str]:
     return stopped
 
 
+SITE_STATES = ("up", "down", "hang")
+
+
+def _site_state(control_url: str) -> str | None:
+    """What the launcher's site switch says ('up', 'down', 'hang'), None if it does not answer."""
+    import requests
+
+    try:
+        r = requests.get(f"{control_url.rstrip('/')}/site", timeout=5)
+        r.raise_for_status()
+        return str(r.json()["state"])
+    except (requests.RequestException, ValueError, KeyError):
+        return None
+
+
+def set_site_state(site: str, state: str, base: Path | None = None) -> dict[str, Any]:
+    """Take a lab site off the network ('down': connections refused; 'hang': connections
+    accepted, never answered) or bring it back ('up': same port, same inventory, disks and
+    power states: the launcher process keeps running throughout)."""
+    import requests
+
+    if state not in SITE_STATES:
+        raise LabError(f"site state {state!r}: not one of {', '.join(SITE_STATES)}")
+    d = lab_dir(base)
+    if not (d / "lab.json").exists():
+        raise LabError(f"lab site {site!r}: no lab running (run 'vmrep lab up' first)")
+    sites = json.loads((d / "lab.json").read_text())["sites"]
+    if site not in sites:
+        raise LabError(f"lab site {site!r} not found (sites: {', '.join(sorted(sites))})")
+    s = sites[site]
+    if not _is_our_launcher(int(s["pid"])):
+        raise LabError(f"lab site {site} is not running (pid {s['pid']} gone); run 'vmrep lab up'")
+    try:
+        r = requests.post(f"{s['control_url'].rstrip('/')}/site", json={"state": state}, timeout=15)
+    except requests.RequestException as exc:
+        raise LabError(f"lab site {site}: control endpoint {s['control_url']} not answering: {exc}") from None
+    if r.status_code != 200:
+        raise LabError(f"lab site {site}: {state} failed: {r.text.strip()}")
+    return {"site": site, **r.json()}
+
+
 def status(base: Path | None = None) -> dict[str, Any]:
     d = lab_dir(base)
     state_file = d / "lab.json"
     if not state_file.exists():
         return {"running": False, "sites": {}}
     state = json.loads(state_file.read_text())
-    sites = {name: {"url": s["url"], "pid": s["pid"], "running": _is_our_launcher(int(s["pid"]))}
-             for name, s in state["sites"].items()}
+    sites: dict[str, dict[str, Any]] = {}
+    for name, s in state["sites"].items():
+        alive = _is_our_launcher(int(s["pid"]))
+        # A site taken down by 'lab site-down' keeps its process: running, but not reachable.
+        site_state = _site_state(s["control_url"]) if alive else None
+        sites[name] = {"url": s["url"], "pid": s["pid"], "running": alive,
+                       "state": site_state if alive else "stopped",
+                       "reachable": alive and site_state == "up"}
     return {"running": all(s["running"] for s in sites.values()), "config": state.get("config"), "sites": sites}
 
 

@@ -53,6 +53,7 @@ MINIMAL: dict[str, list[str]] = {
     "lab write": [VM, "--for", "1s"],
     "exporter": ["--listen", "127.0.0.1:19496"],  # the config is read before it listens
     "journal repair-index": [],
+    "journal serve": ["--port", "0"],  # the config is read before it listens
     "ransomware status": [VPG],
     "ransomware dismiss": [VPG, "--vm", VM, "--reason", "backup job"],  # refused: nothing suspected
 }
@@ -106,6 +107,9 @@ EXPLICIT: list[Case] = [
     c("failover", VPG, "--confirm", VPG, "--commit-policy", "later", names="'later'"),
     c("move", VPG, "--confirm", VPG, "--shutdown", "gently", names="'gently'"),
     c("move", VPG, "--confirm", VPG, "--verify-timeout", "x", names="'x'"),
+    c("status", "--watch", "--interval", "0", names="--interval 0"),
+    c("status", "--watch", "--json", names="--watch and --json"),
+    c("status", "--watch", "--interval", "often", names="'often'"),
     c("monitor", "--once", "--interval", "0", names="--interval 0"),
     c("monitor", "--interval", "-1", names="--interval -1"),
     c("monitor", "--once", "--interval", "often", names="'often'"),
@@ -150,6 +154,9 @@ EXPLICIT: list[Case] = [
     c("failover", VPG, "--confirm", VPG, "--checkpoint", "cp-99999999", names="'cp-99999999'"),
     c("report dr-test", "no-such-run", names="'no-such-run'"),
     c("lab write", "no-such-vm", names="'no-such-vm'"),
+    c("lab site-down", "no-such-site", names="'no-such-site'"),
+    c("lab site-down", "no-such-site", "--hang", names="'no-such-site'"),
+    c("lab site-up", "no-such-site", names="'no-such-site'"),
     c("lab write", VM, "--disk", "7", names="--disk 7"),
     c("lab write", VM, "--disk", "-1", names="--disk -1"),
     c("report compliance", "--vpg", BAD_VPG, names=repr(BAD_VPG)),

@@ -126,8 +126,12 @@ def test_schedules(built):
     # a run ends before the next is due; one at a time, a late one waits (back to back)
     assert rep.parameters["for_seconds"] < serve.REPLICATE_RUN_SECONDS
     assert rep.concurrency_limit == 1 and rep.concurrency_options.collision_strategy.value == "ENQUEUE"
-    assert deps["monitor/every-minute"].concurrency_options.collision_strategy.value == "CANCEL_NEW"
-    assert serve.schedule_text(by_name["monitor/every-minute"]) == "every minute"
+    # the monitor: one long run of a pass a minute, the next run as it ends (back to back)
+    mon = deps["monitor/every-minute"]
+    assert mon.concurrency_options.collision_strategy.value == "ENQUEUE"
+    assert mon.parameters["interval_seconds"] == 60
+    assert mon.parameters["lifetime_seconds"] == serve.MONITOR_RUN_SECONDS - 60
+    assert serve.schedule_text(by_name["monitor/every-minute"]) == "a pass every 1 min, in runs of 30 min"
     assert serve.schedule_text(by_name["compliance-report/monthly"]) == "monthly, 1st 06:00 UTC"
     assert deps["compliance-report/monthly"].parameters["period"] == "previous-month"
     dr = by_name["dr-test/dr-test"].schedules

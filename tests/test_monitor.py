@@ -87,12 +87,13 @@ def test_test_overdue_and_missing_recovery_network(fresh_lab) -> None:  # type: 
 
 def test_monitor_pass_reads_each_site_in_one_round_trip(lab) -> None:  # type: ignore[no-untyped-def]
     rt = lab.runtime()
-    monitor_pass(rt)  # warm: container views exist for the session
+    monitor_pass(rt)  # warm: the watch of each site made its full read
     for site in ("siteA", "siteB"):
         lab.control(site).reset_calls()
     monitor_pass(rt)
-    assert lab.control("siteA").calls() == {"RetrievePropertiesEx": 1}
-    assert lab.control("siteB").calls() == {"RetrievePropertiesEx": 1}
+    # nothing changed (or only guest state): the changes since the last pass, one call
+    assert lab.control("siteA").calls() == {"WaitForUpdatesEx": 1}
+    assert lab.control("siteB").calls() == {"WaitForUpdatesEx": 1}
 
 
 def test_monitor_flow_emits_events_read_back_from_prefect(lab, prefect_harness) -> None:  # type: ignore[no-untyped-def]

@@ -103,14 +103,66 @@ class Site(Strict):
     connect_timeout_seconds: float = Field(default=10.0, gt=0)
     # Lab only: the simulator's fault-injection control endpoint.
     lab_control_url: str | None = None
+    # The journal of VPGs recovered at this site, as the other sites reach it: over the
+    # WAN through this site's journal service (docs/journal-service.md). None: the journal
+    # directory is reached directly (one machine, or both sites the same).
+    journal_service: "JournalServiceClient | None" = None
 
     _secret = field_validator("password", mode="before")(_secret_ref)
+
+
+class JournalServiceClient(Strict):
+    """How a protected site reaches a recovery site's journal service."""
+
+    url: str = Field(description="https://host:port of `vmrep journal serve` at the recovery site")
+    credential: Annotated[SecretRef, Field(description="reference to this site's writer token")]
+    tls: TLSSettings = TLSSettings()
+    timeout_seconds: float = Field(default=120.0, gt=0)
+
+    _secret = field_validator("credential", mode="before")(_secret_ref)
+
+    @field_validator("url")
+    @classmethod
+    def _https(cls, v: str) -> str:
+        if not v.startswith("https://"):
+            raise ValueError("must be an https:// URL (the journal service speaks only TLS)")
+        return v.rstrip("/")
+
+
+class ServiceCredential(Strict):
+    """One credential of the journal service: a name (logged), a role and a token reference.
+    A writer is bound to the protected site whose VPGs it may write."""
+
+    name: str
+    role: Literal["writer", "admin"]
+    site: str | None = None
+    token: Annotated[SecretRef, Field(description="reference to the bearer token")]
+
+    _secret = field_validator("token", mode="before")(_secret_ref)
+
+    @model_validator(mode="after")
+    def _site(self) -> "ServiceCredential":
+        if self.role == "writer" and not self.site:
+            raise ValueError("a writer credential needs 'site' (the protected site it writes for)")
+        return self
+
+
+class JournalServiceSettings(Strict):
+    """`vmrep journal serve` at the recovery site (docs/journal-service.md)."""
+
+    listen: str = "127.0.0.1:8443"
+    cert_file: Path
+    key_file: Path
+    credentials: list[ServiceCredential] = []
+    # An open checkpoint whose writer sent nothing for this long is aborted (its lock freed).
+    session_idle_seconds: float = Field(default=900.0, gt=0)
 
 
 class JournalSettings(Strict):
     path: Path = Path("journal")
     block_size: int = 1024 * 1024
     compression_level: int = 1
+    service: "JournalServiceSettings | None" = None
 
     @field_validator("block_size")
     @classmethod
@@ -328,6 +380,11 @@ class Config(Strict):
                 site = getattr(vpg, field)
                 if site not in self.sites:
                     raise ValueError(f"VPG {vpg.name}: {field} {site!r} is not a site in 'sites'")
+        if self.journal.service is not None:
+            for cred in self.journal.service.credentials:
+                if cred.site is not None and cred.site not in self.sites:
+                    raise ValueError(f"journal.service.credentials[{cred.name}]: site {cred.site!r} "
+                                     "is not a site in 'sites'")
         return self
 
     def vpg(self, name: str) -> VPG:
@@ -398,6 +455,18 @@ def parse_config(data: Any, source: Path | None = None) -> Config:
             if site.password.file is not None:
                 site.password.file = cfg.resolve(site.password.file)
             site.datastore_mounts = {k: cfg.resolve(v) for k, v in site.datastore_mounts.items()}
+            js = site.journal_service
+            if js is not None:
+                if js.tls.ca_file is not None:
+                    js.tls.ca_file = cfg.resolve(js.tls.ca_file)
+                if js.credential.file is not None:
+                    js.credential.file = cfg.resolve(js.credential.file)
+        svc = cfg.journal.service
+        if svc is not None:
+            svc.cert_file, svc.key_file = cfg.resolve(svc.cert_file), cfg.resolve(svc.key_file)
+            for c in svc.credentials:
+                if c.token.file is not None:
+                    c.token.file = cfg.resolve(c.token.file)
     return cfg
 
 

@@ -83,6 +83,9 @@ ALERT_LEVEL = {
     "TEST_CLEANUP_FAILED": ERROR,
     # Raised at medium suspicion as a warning, at high as an error (EncryptionSuspicion.level)
     "ENCRYPTION_SUSPECTED": ERROR,
+    # A source VM running while its recovered twin runs (vmrep.splitbrain): a warning while
+    # the failover awaits commit, an error once committed (the level each alert carries).
+    "SPLIT_BRAIN": ERROR,
 }
 ALERT_CODES = frozenset(ALERT_LEVEL)
 
@@ -175,6 +178,7 @@ class Facts:
     unprotected_vms: Sequence[UnprotectedVM] = ()
     error: str | None = None  # replication failing for a reason of its own
     encryption_suspected: Sequence[EncryptionSuspicion] = ()  # open ransomware suspicions
+    split_brain: Sequence[Any] = ()  # vmrep.splitbrain.SplitBrainVM, judged by the monitor
 
     @classmethod
     def from_runtime(cls, rt: "VpgRuntime", now: datetime, **facts: Any) -> "Facts":
@@ -391,6 +395,10 @@ def evaluate(cfg: "VPG", f: Facts) -> Evaluation:
         alert("TEST_CLEANUP_FAILED", f"test clean-up failed, test VMs or scratch data left{left}")
     if f.operation_kind != "delete":
         alerts.extend(encryption_alerts(vpg, f.encryption_suspected))
+    for sb in f.split_brain:
+        # The phase is the subject: committing turns the warning into an error (a new alert).
+        alerts.append(DesiredAlert("SPLIT_BRAIN", sb.level, f"VPG {vpg}: {sb.text(vpg)}", vm=sb.vm,
+                                   subject=sb.phase, data={"phase": sb.phase, "twin": sb.twin}))
 
     return Evaluation(
         vpg=vpg,

@@ -2,14 +2,21 @@
 by `vmrep.health` into a status and the alerts that should be open; transitions are
 recorded (and emitted as Prefect events by the flow), one sample per VPG is stored.
 
-vSphere is read with one PropertyCollector round trip per site, whatever the number
-of VMs: the VMs with their devices and the networks come back together.
+vSphere is read through a watch per site (`vmrep.vsphere.watch.InventoryWatch`), kept on
+the runtime between passes: the first pass reads the whole inventory, each later one takes
+only what changed (`WaitForUpdatesEx`: one round trip per site when nothing did), and only
+changed VMs are decoded again. A fault drops the watch; the next read is full again.
+
+The store's part of the pass (runtime rows, status, alerts, samples) is one transaction
+(`StateStore.batch`), not five per VPG.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any, Callable
 
 from vmrep.config import VPG
 from vmrep.errors import VmrepError
@@ -17,7 +24,10 @@ from vmrep.health import Evaluation, Transition, UnprotectedVM, apply_transition
 from vmrep.protection import exclusions
 from vmrep.recovery.operations import live_facts
 from vmrep.runtime import Runtime
+from vmrep.splitbrain import judge as split_brain
+from vmrep.vsphere.connection import unreachable
 from vmrep.vsphere.inventory import Inventory
+from vmrep.vsphere.watch import InventoryWatch
 
 def ransomware_suspicions(journal: object, vpg: str, cps: list) -> list:
     """The VPG's open ENCRYPTION_SUSPECTED facts, from the checkpoints already read."""
@@ -33,11 +43,15 @@ class VpgHealth:
     transitions: list[Transition] = field(default_factory=list)
 
 
-def unprotected(vpg: VPG, inv: Inventory, rt: Runtime) -> list[UnprotectedVM]:
+def unprotected(vpg: VPG, inv: Inventory, rt: Runtime, tags: dict[str, set[str]] | None = None
+                ) -> list[UnprotectedVM]:
+    """The VPG's VMs that cannot be protected now. `tags` (VM moid -> tag names): read
+    by the caller for many VPGs at once, else read here for this VPG's VMs."""
     from vmrep.validate import vm_tags
 
     vms = inv.vms_by_name()
-    tags = vm_tags(inv, [vms[s.name] for s in vpg.vms if s.name in vms], rt.config)
+    if tags is None:
+        tags = vm_tags(inv, [vms[s.name] for s in vpg.vms if s.name in vms], rt.config)
     out = []
     for spec in vpg.vms:
         vm = vms.get(spec.name)
@@ -57,24 +71,166 @@ def missing_networks(vpg: VPG, names: set[str]) -> list[str]:
     return sorted(n for n in wanted if n and n not in names)
 
 
+class SiteWatches:
+    """One InventoryWatch per site of a runtime, kept between passes. A watch is made
+    again when the runtime's client for the site changed (closed and reconnected)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.watches: dict[str, InventoryWatch] = {}
+        self.lock = threading.Lock()  # two passes at once (threads) must not share a poll
+
+    def inventory(self, site: str) -> Inventory:
+        client = self.rt.client(site)
+        w = self.watches.get(site)
+        if w is None or w.client is not client:
+            w = self.watches[site] = InventoryWatch(client)
+        try:
+            return w.refresh()
+        except BaseException:
+            # the watch tried once more from scratch inside refresh(); next pass: a new one
+            self.watches.pop(site, None)
+            w.close()
+            raise
+
+    def close(self) -> None:
+        for w in self.watches.values():
+            w.close()
+        self.watches.clear()
+
+
+def site_watches(rt: Runtime) -> SiteWatches:
+    """The runtime's watches (made on first use): a runtime lives as long as its process's
+    monitor run, so they last from pass to pass."""
+    d: dict[str, Any] = rt.__dict__
+    with _watches_lock:
+        w = d.get("_site_watches")
+        if w is None:
+            w = d["_site_watches"] = SiteWatches(rt)
+        return w
+
+
+_watches_lock = threading.Lock()
+
+
 def monitor_pass(rt: Runtime, now: datetime | None = None, vpgs: list[str] | None = None) -> list[VpgHealth]:
     now = now or datetime.now(timezone.utc)
     chosen = [rt.config.vpg(n) for n in vpgs] if vpgs else rt.config.vpgs
+    watches = site_watches(rt)
+    with watches.lock:
+        return _pass(rt, watches, now, chosen)
+
+
+def _pass(rt: Runtime, watches: SiteWatches, now: datetime, chosen: list[VPG]) -> list[VpgHealth]:
     inventories: dict[str, Inventory | None] = {}
     errors: dict[str, str] = {}
 
     def inventory(site: str) -> Inventory | None:
         if site not in inventories:
+            gone = unreachable(rt.config.site(site))  # bounded by the connect timeout
+            if gone is not None:
+                inventories[site], errors[site] = None, gone
+                return None
             try:
-                inv = rt.inventory(site)
-                inv.vms()  # the one round trip: VMs, devices, networks
-                inventories[site] = inv
+                inventories[site] = watches.inventory(site)  # changes only, after the first pass
             except VmrepError as exc:
                 inventories[site] = None
                 errors[site] = str(exc)
         return inventories[site]
 
+    tags: dict[str, dict[str, set[str]]] = {}
+    for vpg in chosen:  # vSphere first: no site read while the store's write lock is held
+        inventory(vpg.protected_site), inventory(vpg.recovery_site)
+    for site in {v.protected_site for v in chosen}:
+        inv = inventories.get(site)
+        if inv is not None:  # the tags of every protected VM of the site: one request, not one per VPG
+            tags[site] = _site_tags(rt, inv, [v for v in chosen if v.protected_site == site])
+    with rt.store.batch():
+        view = PassView(rt.store, [v.name for v in chosen])
+        return _judge(rt, view, now, chosen, inventory, errors, tags)
+
+
+def _site_tags(rt: Runtime, inv: Inventory, vpgs: list[VPG]) -> dict[str, set[str]]:
+    from vmrep.validate import vm_tags
+
+    vms = inv.vms_by_name()
+    return vm_tags(inv, [vms[s.name] for v in vpgs for s in v.vms if s.name in vms], rt.config)
+
+
+class PassView:
+    """The store as one pass sees it: runtime rows, test results, open alerts and
+    operations read once for all VPGs (four queries, not ~20 per VPG), writes passed
+    through to the store. Made inside the pass's transaction (`StateStore.batch`): on
+    SQLite that holds the write lock, so no other process changes these rows under the
+    pass. `set_status` to the status a VPG has already is answered from the rows read
+    (no statement: what it would have done). A VPG's cached alerts are dropped when an
+    alert of it is raised or cleared through the view, so a later step reads them again."""
+
+    def __init__(self, store: Any, vpgs: list[str]) -> None:
+        self._store = store
+        runtimes = {r.vpg: r for r in store.runtimes()}
+        for v in vpgs:
+            if v not in runtimes:
+                runtimes[v] = store.runtime(v)  # created (Initializing) on first use
+        self._runtimes = runtimes
+        self._tests: dict[str, list[Any]] = {}
+        for t in store.test_results():  # newest first, kept in that order per VPG
+            self._tests.setdefault(t.vpg, []).append(t)
+        self._alerts: dict[str, list[Any]] = {v: [] for v in vpgs}
+        for a in store.open_alerts():
+            self._alerts.setdefault(a.vpg, []).append(a)
+        self._ops: list[Any] = store.operations()  # human-started operations: a short table
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def runtime(self, vpg: str) -> Any:
+        r = self._runtimes.get(vpg)
+        return r if r is not None else self._store.runtime(vpg)
+
+    def test_results(self, vpg: str | None = None) -> list[Any]:
+        if vpg is None:
+            return self._store.test_results()  # type: ignore[no-any-return]
+        return list(self._tests.get(vpg, []))
+
+    def open_alerts(self, vpg: str | None = None) -> list[Any]:
+        if vpg is None or vpg not in self._alerts:
+            return self._store.open_alerts(vpg)  # type: ignore[no-any-return]
+        return list(self._alerts[vpg])
+
+    def operations(self, vpg: str | None = None, kind: str | None = None, result: str | None = None
+                   ) -> list[Any]:
+        return [o for o in self._ops if (vpg is None or o.vpg == vpg) and (kind is None or o.kind == kind)
+                and (result is None or o.result == result)]
+
+    def set_status(self, vpg: str, status: str, substatus: str | None = None, detail: str | None = None, *,
+                   at: datetime | None = None) -> tuple[str, str | None] | None:
+        r = self._runtimes.get(vpg)
+        if r is not None and (r.status, r.substatus) == (status, substatus):
+            return None
+        before = self._store.set_status(vpg, status, substatus, detail, at=at)
+        if r is not None:
+            r.status, r.substatus = status, substatus
+        return before  # type: ignore[no-any-return]
+
+    def raise_alert(self, vpg: str, *args: Any, **kwargs: Any) -> Any:
+        self._alerts.pop(vpg, None)
+        return self._store.raise_alert(vpg, *args, **kwargs)
+
+    def clear_alert(self, alert_id: int, **kwargs: Any) -> bool:
+        for v, rows in list(self._alerts.items()):
+            if any(a.id == alert_id for a in rows):
+                self._alerts.pop(v, None)
+        return self._store.clear_alert(alert_id, **kwargs)  # type: ignore[no-any-return]
+
+
+def _judge(rt: Runtime, store: Any, now: datetime, chosen: list[VPG],
+           inventory: Callable[[str], Inventory | None], errors: dict[str, str],
+           tags: dict[str, dict[str, set[str]]]) -> list[VpgHealth]:
+    """Per VPG: the facts, the evaluation, the transitions and the sample. `store` is the
+    pass's view of the store (PassView)."""
     out = []
+    samples: list[tuple[str, dict[str, Any]]] = []
     for vpg in chosen:
         prot, rec = inventory(vpg.protected_site), inventory(vpg.recovery_site)
         cps = rt.journal.checkpoints(vpg.name)
@@ -83,19 +239,22 @@ def monitor_pass(rt: Runtime, now: datetime | None = None, vpgs: list[str] | Non
             newest_checkpoint_at=cps[-1].time if cps else None,
             oldest_checkpoint_at=cps[0].time if cps else None,
             journal_bytes=usage.total_bytes,
-            **live_facts(rt.store, vpg.name),  # awaiting commit since, failover or move, committed
+            **live_facts(store, vpg.name),  # awaiting commit since, failover or move, committed
         )
         facts["encryption_suspected"] = ransomware_suspicions(rt.journal, vpg.name, cps)
         if prot is None:
             facts["error"] = f"protected site unreachable: {errors[vpg.protected_site]}"
         else:
-            facts["unprotected_vms"] = unprotected(vpg, prot, rt)
+            facts["unprotected_vms"] = unprotected(vpg, prot, rt, tags.get(vpg.protected_site))
         if rec is not None:
             facts["recovery_networks_missing"] = missing_networks(vpg, rec.network_names())
+        if prot is not None and rec is not None:
+            facts["split_brain"] = split_brain(rt.store, vpg, prot.vms(), rec.vms(), facts)
         elif prot is not None:
             facts["error"] = f"recovery site unreachable: {errors[vpg.recovery_site]}"
-        ev = evaluate(vpg, gather_facts(rt.store, vpg.name, now, **facts))
-        transitions = apply_transitions(rt.store, vpg.name, ev, now)
-        rt.store.add_sample(vpg.name, **ev.sample())
+        ev = evaluate(vpg, gather_facts(store, vpg.name, now, **facts))
+        transitions = apply_transitions(store, vpg.name, ev, now)
+        samples.append((vpg.name, ev.sample()))
         out.append(VpgHealth(vpg.name, ev, transitions))
+    store.add_samples(samples, at=now)  # one INSERT for the pass
     return out

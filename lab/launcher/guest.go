@@ -13,6 +13,7 @@ package main
 // PropertyCollector filters and WaitForUpdatesEx.
 
 import (
+	"encoding/json"
 	"fmt"
 	"hash/fnv"
 	"log"
@@ -50,6 +51,8 @@ type guestSim struct {
 	pending   map[types.ManagedObjectReference]customization
 	applied   map[types.ManagedObjectReference][]string
 	firstOn   map[types.ManagedObjectReference]time.Time
+	// seen: a fingerprint per VM and property of what configChanges reports
+	seen map[types.ManagedObjectReference]map[string]string
 
 	sweep time.Duration
 	tick  time.Duration
@@ -64,6 +67,7 @@ func newGuestSim(bootDelay time.Duration) *guestSim {
 		pending:   make(map[types.ManagedObjectReference]customization),
 		applied:   make(map[types.ManagedObjectReference][]string),
 		firstOn:   make(map[types.ManagedObjectReference]time.Time),
+		seen:      make(map[types.ManagedObjectReference]map[string]string),
 		sweep:     10 * time.Second,
 		tick:      100 * time.Millisecond,
 	}
@@ -115,6 +119,7 @@ func (g *guestSim) RemoveObject(ref types.ManagedObjectReference) {
 	delete(g.pending, ref)
 	delete(g.applied, ref)
 	delete(g.firstOn, ref)
+	delete(g.seen, ref)
 	g.mu.Unlock()
 }
 
@@ -404,9 +409,49 @@ func (g *guestSim) apply(vm *simulator.VirtualMachine) {
 		changes = append(changes, types.PropertyChange{Name: "runtime.bootTime", Val: *vm.Summary.Runtime.BootTime})
 	}
 
+	changes = append(changes, g.configChanges(vm)...)
 	if len(changes) != 0 {
 		simulator.Map.Update(vm, changes)
 	}
+}
+
+// configChanges: property changes vCenter reports to WaitForUpdatesEx that 0.24.2's
+// ReconfigVM_Task, snapshot and custom-value methods make without Map.Update (its
+// ReconfigVM reports config.hardware.device only: an annotation or extraConfig change
+// reached no PropertyCollector filter). Each property is compared with what this
+// function saw last (a JSON fingerprint: the values are nested and shared); the first
+// look at a VM only records. Runs with the VM locked, at every evaluation (a task on
+// the VM ended, a change, the sweep).
+func (g *guestSim) configChanges(vm *simulator.VirtualMachine) []types.PropertyChange {
+	props := []struct {
+		name string
+		val  interface{}
+	}{
+		{"config.annotation", vm.Config.Annotation},
+		{"config.extraConfig", vm.Config.ExtraConfig},
+		{"customValue", vm.CustomValue},
+		{"snapshot", vm.Snapshot},
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	seen, known := g.seen[vm.Self]
+	if !known {
+		seen = make(map[string]string)
+		g.seen[vm.Self] = seen
+	}
+	var out []types.PropertyChange
+	for _, p := range props {
+		b, err := json.Marshal(p.val)
+		if err != nil {
+			continue
+		}
+		fp := string(b)
+		if known && seen[p.name] != fp {
+			out = append(out, types.PropertyChange{Name: p.name, Op: types.PropertyChangeOpAssign, Val: p.val})
+		}
+		seen[p.name] = fp
+	}
+	return out
 }
 
 func networkName(backing types.BaseVirtualDeviceBackingInfo, fallback string) string {

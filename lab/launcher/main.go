@@ -173,7 +173,13 @@ func main() {
 		Datastores: datastoreDirs(),
 	}
 
-	ctlSrv := &http.Server{Handler: l.controlHandler(func() interface{} { return info }), ReadHeaderTimeout: 10 * time.Second}
+	// The site switch (/site) beside the other controls: it must answer while the
+	// vCenter endpoint is down.
+	site := newSiteSwitch(srv)
+	ctlMux := http.NewServeMux()
+	site.register(ctlMux)
+	ctlMux.Handle("/", l.controlHandler(func() interface{} { return info }))
+	ctlSrv := &http.Server{Handler: ctlMux, ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = ctlSrv.Serve(ctl) }()
 
 	stop := make(chan struct{})

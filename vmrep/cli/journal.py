@@ -1,6 +1,8 @@
-"""Journal maintenance commands: `vmrep journal repair-index`."""
+"""Journal commands: `vmrep journal repair-index`, `vmrep journal serve`."""
 
 from __future__ import annotations
+
+from typing import Annotated
 
 import typer
 
@@ -37,3 +39,30 @@ def repair_index(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
     if left_out:
         raise VmrepError(f"journal {cfg.journal_path}: {len(left_out)} pack(s) unreadable and not "
                          f"indexed (first: {left_out[0]}); run `vmrep verify` on each VPG")
+
+
+@journal_app.command("serve")
+def serve(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option("--host",
+                                             help="address to listen on (default: journal.service.listen)")] = None,
+    port: Annotated[int | None, typer.Option("--port", min=0, max=65535,
+                                             help="port to listen on (default: journal.service.listen)")] = None,
+) -> None:
+    """Serve this site's journal over HTTPS to the protected sites (append-only for their
+    writer credentials; see docs/journal-service.md). Runs until interrupted."""
+    import logging
+    import signal
+
+    from vmrep.cli import signals
+    from vmrep.journal.service import serve as run
+
+    cfg = config_from(config)
+    # A service: SIGTERM/Ctrl-C is how it ends (exit 0). uvicorn takes the signals while
+    # it runs and raises them again after its shutdown: nothing is left to do by then.
+    signals.stop_ends_successfully()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console_err.print(f"journal service for {cfg.journal_path}", markup=False, highlight=False)
+    run(cfg, host=host, port=port)

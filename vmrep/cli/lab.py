@@ -59,7 +59,46 @@ def lab_status(json_out: JsonOpt = False) -> None:
     if not st["sites"]:
         console.print("no lab running", markup=False)
     for name, s in st["sites"].items():
-        console.print(f"{name}: {'running' if s['running'] else 'stopped'} {s['url']} (pid {s['pid']})", markup=False)
+        what = "stopped"
+        if s["running"]:
+            what = {"up": "running", "down": "running, site down (connections refused)",
+                    "hang": "running, site hanging (connections never answered)"}.get(s.get("state") or "",
+                                                                                    "running, control not answering")
+        console.print(f"{name}: {what} {s['url']} (pid {s['pid']})", markup=False)
+
+
+def _switch_site(site: str, state: str, json_out: bool) -> None:
+    from lab import manage
+
+    out = manage.set_site_state(site, state)
+    if json_out:
+        print_json(out)
+        return
+    text = {"down": "down (its vCenter port refuses connections)",
+            "hang": "hanging (its vCenter port accepts connections and never answers)",
+            "up": "up (same port, inventory, disks and power states)"}[state]
+    console.print(f"{site}: {text} {out['host']}", markup=False)
+
+
+@lab_app.command("site-down")
+def lab_site_down(
+    site: Annotated[str, typer.Argument(help="lab site to take off the network, e.g. siteA")],
+    hang: Annotated[bool, typer.Option("--hang", help="accept connections and never answer (a connect that "
+                                                      "times out) instead of refusing them")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Take a lab site off the network: its vCenter port stops answering (the process, its
+    inventory and disks stay, for 'lab site-up')."""
+    _switch_site(site, "hang" if hang else "down", json_out)
+
+
+@lab_app.command("site-up")
+def lab_site_up(
+    site: Annotated[str, typer.Argument(help="lab site to bring back, e.g. siteA")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Bring a lab site back as it was: same port, inventory, disks, VMs powered as they were."""
+    _switch_site(site, "up", json_out)
 
 
 @lab_app.command("write")

@@ -11,19 +11,61 @@ from reports.status import short_seconds as _secs
 from reports.status import status_rows
 from vmrep.cli.common import ConfigOpt, JsonOpt, app, config_from, console, print_json
 from vmrep.cli.values import require_positive
+from vmrep.errors import UsageError
 from vmrep.cli.server import run_flow
 
 
 @app.command()
-def status(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
+def status(
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+    watch: Annotated[bool, typer.Option("--watch", help="refresh the table in place until Ctrl-C")] = False,
+    interval: Annotated[float, typer.Option(help="seconds between refreshes with --watch")] = 2.0,
+) -> None:
     """One row per VPG: status, RPO against target, history, last test, open alerts."""
     from vmrep.runtime import get_runtime
 
+    require_positive(interval, "--interval")
+    if watch and json_out:
+        raise UsageError("--watch and --json: choose one (--json prints once, for a program)")
     rt = get_runtime(config_from(config).source)
-    rows = status_rows(rt)
     if json_out:
-        print_json(rows)
+        print_json(status_rows(rt))
         return
+    if not watch:
+        console.print(_status_table(status_rows(rt)))
+        return
+    _watch_status(rt, interval)
+
+
+def _watch_status(rt: Any, interval: float) -> None:
+    """The table redrawn in place (rich Live) every `interval` seconds; Ctrl-C or SIGTERM
+    is how it ends, so that is a success (exit 0), with the last table left on screen."""
+    import time
+    from datetime import datetime, timezone
+
+    from rich.live import Live
+
+    from vmrep.cli import signals
+
+    signals.stop_ends_successfully()
+
+    def table() -> Table:
+        t = _status_table(status_rows(rt))
+        t.caption = f"refreshed {datetime.now(timezone.utc):%H:%M:%S} UTC, every {interval:g} s; Ctrl-C ends"
+        return t
+
+    # auto_refresh off: a redraw only when the rows were read again, not 4 times a second
+    with Live(table(), console=console, auto_refresh=False, transient=False) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                live.update(table(), refresh=True)
+        except KeyboardInterrupt:
+            return
+
+
+def _status_table(rows: list[dict[str, Any]]) -> Table:
     t = Table("VPG", "status", "RPO / target", "history / configured", "last test", "alerts")
     for r in rows:
         test = "never" if r["last_test_at"] is None else \
@@ -32,7 +74,7 @@ def status(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
                   f"{_secs(r['rpo_seconds'])} / {_secs(r['rpo_target_seconds'])}",
                   f"{_secs(r['history_seconds'])} / {_secs(r['history_target_seconds'])}", test,
                   ", ".join(a["code"] for a in r["alerts"]) or "-")
-    console.print(t)
+    return t
 
 
 @app.command()

@@ -85,6 +85,8 @@ def _show(summary: dict[str, Any]) -> None:
     if s["kind"] == "test" and "success" in s:
         console.print(f"  test success: {'yes' if s['success'] else 'no'}, clean-up: "
                       f"{'ok' if s.get('cleanup_ok') else 'FAILED'}", markup=False)
+    for w in s.get("warnings") or []:
+        console.print(f"  warning: {w}", markup=False)
     if s.get("error") and s["result"] != "succeeded":
         console.print(f"  error: {s['error']}", markup=False)
     rp = s.get("reverse_protection")
@@ -248,7 +250,10 @@ def commit(
     path, rt, v = _setup(config, vpg)
     from vmrep.recovery import operations as ops
 
-    ops.awaiting_commit(rt, v, "commit")
+    if not reverse_protection:  # with it, also a commit made while the protected site was gone
+        ops.awaiting_commit(rt, v, "commit")
+    # Before a flow starts: reverse protection needs the protected site (one line if gone).
+    ops.refuse_commit_without_source(rt, v, reverse_protection)
     if direct:
         summary = ops.commit(path, vpg, reverse_protection=reverse_protection, who=who())
     else:
@@ -303,6 +308,7 @@ def move(
     if reverse_protection and keep_source_vms:
         raise VmrepError(f"VPG {vpg}: move refused: --keep-source-vms needs --no-reverse-protection "
                          "(reverse protection pre-seeds from the source VMs' disks)")
+    ops.refuse_move_without_source(rt, v)  # one line naming the reason, bounded by the connect timeout
     reach_sites(rt, v.protected_site, v.recovery_site)  # a planned move needs both
     kw: dict[str, Any] = dict(shutdown=shutdown.value, reverse_protection=reverse_protection,
                               keep_source_vms=keep_source_vms,

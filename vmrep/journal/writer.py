@@ -173,6 +173,18 @@ class CheckpointWriter:
         self._record(key, index, bid)
         return stored
 
+    def has(self, bid: bytes) -> bool:
+        """Whether the block is stored, or pending in this checkpoint (the journal service
+        accepts a reference instead of the content for such a block)."""
+        return bid in self._pending or self._store.has(bid)
+
+    def record(self, vm: str, disk: str, index: int, bid: bytes) -> None:
+        """Map a block to an id `has` confirmed (a reference sent instead of the content)."""
+        self._check()
+        if not self.has(bid):
+            raise JournalError(f"{vm}/{disk}: block {index}: id {bid.hex()[:16]}… is not stored")
+        self._record((vm, disk), index, bid)
+
     def _finish_pack(self, pw: PackWriter) -> None:
         """Make a full pack durable and indexed, so a killed sync keeps it (dedup on rerun)."""
         try:

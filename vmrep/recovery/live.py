@@ -22,16 +22,20 @@ from vmrep.recovery.ownership import (
 )
 from vmrep.recovery.records import (
     _clear,
+    committed_since_protection,
     _cp_fields,
     _record_rto,
     _restore_status,
     operation_summary,
     utcnow,
 )
+from vmrep.recovery.reverse import with_current_source_info
+from vmrep.recovery.reach import SOURCE_NOT_SHUT_DOWN, protected_site_unreachable
 from vmrep.recovery.sequence import DirectRunner, _cleanup_runner, _recover
 from vmrep.recovery.steps import find_plan, get_plan
 from vmrep.runtime import Runtime, get_runtime
 from vmrep.state.holding import holding_vpg
+from vmrep.vsphere.connection import unreachable
 from vmrep.status import Status, Substatus
 
 log = logging.getLogger(__name__)
@@ -138,6 +142,8 @@ def run_failover(config: str, vpg: str, *, confirm: str | None, checkpoint: str 
     if moving and shutdown == "none":
         raise Refused(f"VPG {vpg}: move refused: a move shuts the source down (graceful or force)")
     preflight(rt, v, operation, confirm=confirm, check_lock=False)
+    if moving:
+        refuse_move_without_source(rt, v)
     from vmrep.ransomware.service import choose
 
     cp, why = (None, "final: the move's own checkpoint") if moving else choose(rt.journal, vpg, checkpoint)
@@ -151,15 +157,26 @@ def run_failover(config: str, vpg: str, *, confirm: str | None, checkpoint: str 
         store = rt.store
         status = Status.MOVING if moving else Status.FAILING_OVER
         names = [m.name for m in v.vms]
+        warnings: list[str] = []
         try:
             runner.one("cleanup-leftovers", config, vpg, op)
             runner.one("pause-replication", config, vpg, op, True)
             store.set_status(vpg, status, None, detail=f"{operation} {op[:8]} started")
-            outs = runner.each("shutdown-source", [(config, vpg, op, n, shutdown, shutdown_timeout) for n in names],
-                               settle=True)
-            bad = [r for r in outs if isinstance(r, BaseException)]
-            if bad:
-                raise bad[0]
+            # Decided once, bounded by the connect timeout: no later step of this
+            # failover contacts a protected site found gone (vmrep.recovery.reach).
+            gone = None if moving else protected_site_unreachable(rt, v, op)
+            if gone is not None:
+                for n in names:
+                    store.record_step(op, n, "shutdown-source", "skipped",
+                                      detail={"reason": SOURCE_NOT_SHUT_DOWN, "unreachable": True,
+                                              "powered_off": False, "policy": shutdown})
+                warnings.append(SOURCE_NOT_SHUT_DOWN)
+            else:
+                outs = runner.each("shutdown-source",
+                                   [(config, vpg, op, n, shutdown, shutdown_timeout) for n in names], settle=True)
+                bad = [r for r in outs if isinstance(r, BaseException)]
+                if bad:
+                    raise bad[0]
             if moving:
                 start = store.operation(op).started_at
                 cp_id = runner.one("final-checkpoint", config, vpg, op, f"Move at {start.isoformat()}")["id"]
@@ -186,6 +203,7 @@ def run_failover(config: str, vpg: str, *, confirm: str | None, checkpoint: str 
                               f"VPG {vpg}: {operation} to checkpoint {plan.checkpoint_id} awaiting commit or "
                               f"rollback{when}", data={"operation": op})
             store.finish_operation(op, "succeeded", rto_seconds=round(rto, 3), rto_target_seconds=v.rto_target_seconds,
+                                   **({"notes": "; ".join(warnings)} if warnings else {}),
                                    **_cp_fields(rt, vpg, store.operation(op), plan))
         except BaseException as exc:
             cleanup = _cleanup_runner(runner, exc)
@@ -201,6 +219,9 @@ def run_failover(config: str, vpg: str, *, confirm: str | None, checkpoint: str 
             steps.forget(rt, op)
             raise
     summary = operation_summary(store, op)
+    summary["warnings"] = warnings
+    for w in warnings:
+        log.warning("VPG %s: %s", vpg, w)
     if not moving:
         deadline = store.policy_deadline(op)
         if deadline is None:
@@ -230,12 +251,20 @@ def commit(config: str, vpg: str, *, reverse_protection: bool = False, remove_so
     v = rt.config.vpg(vpg)
     store = rt.store
     runner = runner or DirectRunner()
-    live = awaiting_commit(rt, v, "commit", runner=runner, apply_policy=not by_policy)
+    live = pending_live_operation(rt, v, runner=runner, apply_policy=not by_policy)
+    if live is None and reverse_protection:
+        # Committed while the protected site was gone: protect back once it is here again.
+        return _protect_back_committed(rt, v, who=who, flow_run_id=flow_run_id, runner=runner)
+    if live is None:
+        live = awaiting_commit(rt, v, "commit", runner=runner, apply_policy=False)  # the refusal, in one line
     if remove_source is None:
         remove_source = reverse_protection
     if reverse_protection and not remove_source:
         raise Refused(f"VPG {vpg}: commit refused: reverse protection removes the source VMs "
                       "(their disks pre-seed the reverse VPG)")
+    if remove_source:
+        _refuse_without_protected_site(rt, v, "removing the source VMs" if not reverse_protection
+                                       else "reverse protection")
     moving = live.kind == "move"
     names = [m.name for m in v.vms]
     with holding_vpg(store, vpg, "commit", who=who, flow_run_id=flow_run_id, take_from=(live.id, live.kind),
@@ -247,6 +276,8 @@ def commit(config: str, vpg: str, *, reverse_protection: bool = False, remove_so
                          detail=f"commit {op[:8]}")
         try:
             plan = get_plan(rt, live.id)
+            if reverse_protection:
+                plan = with_current_source_info(rt, v, plan)
             runner.each("mark-committed", [(config, vpg, op, n, live.id) for n in names])
             if remove_source:
                 runner.each("remove-source-vm", [(config, vpg, op, n, live.id) for n in names])
@@ -278,6 +309,60 @@ def commit(config: str, vpg: str, *, reverse_protection: bool = False, remove_so
     out["reverse_protection"] = reverse
     if reverse_error is not None:
         raise VmrepError(f"VPG {vpg}: committed, but reverse protection failed: {reverse_error}") from reverse_error
+    return out
+
+
+def refuse_move_without_source(rt: Runtime, v: VPG) -> None:
+    """A move is planned: it shuts the source down and takes a final checkpoint from it.
+    Without the protected site that is a failover, and must be asked for as one."""
+    gone = unreachable(rt.config.site(v.protected_site))
+    if gone is not None:
+        raise Refused(f"VPG {v.name}: move refused: protected site {v.protected_site} unreachable "
+                      f"(a move needs the source; 'vmrep failover {v.name}' recovers without it): {gone}")
+
+
+def refuse_commit_without_source(rt: Runtime, v: VPG, reverse_protection: bool) -> None:
+    """Reverse protection (and removing the source VMs) needs the protected site."""
+    if reverse_protection:
+        _refuse_without_protected_site(rt, v, "reverse protection")
+
+
+def _refuse_without_protected_site(rt: Runtime, v: VPG, what: str) -> None:
+    """One line, before anything is done, when `what` needs the protected site and it is gone."""
+    gone = unreachable(rt.config.site(v.protected_site))
+    if gone is not None:
+        raise Refused(f"VPG {v.name}: commit refused: {what} needs protected site {v.protected_site}, "
+                      f"unreachable now; commit without --reverse-protection, or again once it is back ({gone})")
+
+
+def _protect_back_committed(rt: Runtime, v: VPG, *, who: str | None, flow_run_id: str | None,
+                            runner: Any) -> dict[str, Any]:
+    """`commit --reverse-protection` after a commit without it (typically: committed while
+    the protected site was gone): the source VMs are removed now and the recovered VMs
+    protected back, pre-seeded from the original disks, as a commit with reverse
+    protection would have done. Recorded as a commit operation of its own."""
+    store = rt.store
+    config = str(rt.config.source)
+    done = committed_since_protection(store, v.name)
+    live_id = (done.params or {}).get("live_operation") if done is not None else None
+    if done is None or not live_id or (done.params or {}).get("reverse_protection"):
+        raise Refused(f"VPG {v.name}: commit refused: no failover or move is awaiting commit, "
+                      "nor one committed without reverse protection")
+    _refuse_without_protected_site(rt, v, "reverse protection")
+    plan = with_current_source_info(rt, v, get_plan(rt, live_id))
+    names = [m.name for m in v.vms]
+    with holding_vpg(store, v.name, "commit", who=who, flow_run_id=flow_run_id,
+                     params={"live_operation": live_id, "reverse_protection": True, "remove_source": True,
+                             "after_commit": done.id, "process": process_identity()},
+                     refusal=lambda held: f"VPG {v.name}: commit refused: {_describe_holder(store, held)}") as op:
+        runner.each("remove-source-vm", [(config, v.name, op, n, live_id) for n in names])
+        reverse = reverse_protect(rt, v, plan, op, runner=runner, who=who, flow_run_id=flow_run_id)
+        store.set_status(v.name, "Recovered", None, detail=f"committed; protected back by VPG {reverse['vpg']}")
+        store.finish_operation(op, "succeeded", notes=f"reverse protection: VPG {reverse['vpg']} "
+                                                      f"(after commit {done.id[:8]})")
+    steps.forget(rt, live_id)
+    out = operation_summary(store, op)
+    out["reverse_protection"] = reverse
     return out
 
 

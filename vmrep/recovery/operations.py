@@ -32,6 +32,8 @@ from vmrep.recovery.live import (
     awaiting_commit,
     commit,
     pending_live_operation,
+    refuse_commit_without_source,
+    refuse_move_without_source,
     reverse_protect,
     rollback,
     run_failover,
@@ -80,7 +82,8 @@ __all__ = [
     "DirectRunner", "LIVE_KINDS", "RECOVERY_KINDS", "TestFailed", "VerificationFailed", "after_flow_interrupted",
     "awaiting_commit", "begin", "commit", "committed_since_protection", "holder_is_stale", "leftovers", "live_facts",
     "operation_summary", "pending_live_operation", "preflight", "process_gone", "process_identity",
-    "recover_interrupted", "reverse_protect", "rollback", "run_failover", "run_move", "run_test", "running_test",
+    "recover_interrupted", "refuse_commit_without_source", "refuse_move_without_source",
+    "reverse_protect", "rollback", "run_failover", "run_move", "run_test", "running_test",
     "stop_test", "utcnow", "verification", "who_am_i",
 ]
 # the private names stay importable from here for code written against the single module

@@ -269,6 +269,10 @@ def build_plan(rt: Any, vpg: VPG, *, operation: str, operation_id: str, checkpoi
     kind = naming.KIND_TEST if operation == "test" else naming.KIND_LIVE
     cp = rt.journal.checkpoint(vpg.name, checkpoint_id)
     disks_at = rt.journal.disks(vpg.name, cp.id)
+    # A failover that found the protected site gone does not ask it again (reach.py).
+    from vmrep.recovery.reach import is_unreachable
+
+    refresh_hardware = refresh_hardware and not is_unreachable(rt.store, operation_id)
     hw, hw_from = hardware(rt, vpg, refresh=refresh_hardware)
     folder = naming.scratch_folder(vpg.name) if kind == naming.KIND_TEST else naming.live_folder(vpg.name,
                                                                                                  operation_id)

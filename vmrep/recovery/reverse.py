@@ -122,3 +122,23 @@ def save_generated(config: Config, vpg_dict: dict[str, Any], *, reverse_of: str,
     os.replace(tmp, p)
     config.vpgs = [v for v in config.vpgs if v.name != model.name] + [model]
     return model
+
+
+def with_current_source_info(rt: Any, vpg: VPG, plan: Plan) -> Plan:
+    """The plan, with each VM's `source_info` (placement, disks to pre-seed from) read from
+    the protected site now where the recovery could not read it: a failover while the
+    site was gone, with no hardware cached, planned from defaults. Called before the
+    source VMs are removed, once the site is back (the commit refuses earlier otherwise)."""
+    import copy
+
+    from vmrep.recovery.plan import capture_hardware
+
+    if all((m.source_info or {}).get("disks") for m in plan.vms):
+        return plan
+    hw = capture_hardware(rt, vpg)
+    fresh = copy.deepcopy(plan)
+    for m in fresh.vms:
+        if not (m.source_info or {}).get("disks") and m.source in hw:
+            h = hw[m.source]
+            m.source_info = {k: h.get(k) for k in ("host", "folder", "datastore", "disks", "uuid", "nics")}
+    return fresh

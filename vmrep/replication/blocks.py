@@ -253,6 +253,7 @@ class DiskSyncStats:
     bytes_changed: int = 0  # cbt: the changed areas' length; scan/full: the changed blocks' bytes
     change_id: str | None = None  # the disk's change id at this checkpoint's snapshot
     fallback: str | None = None  # why CBT was not used on this disk, when it was not
+    bytes_sent: int | None = None  # crossed the WAN to a journal service (None: written directly)
 
     @property
     def read_rate(self) -> float:

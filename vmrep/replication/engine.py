@@ -163,13 +163,43 @@ class VMTransfer:
         return sum(s.seconds for s in self.disks.values())
 
 
+# The journal service clients of this process, per Runtime and recovery site.
+_remotes: dict[tuple[int, str], Any] = {}
+_remotes_lock = threading.Lock()
+
+
+def journal_for(rt: Runtime, vpg: str) -> Any:
+    """The journal a VPG's replication writes to: the recovery site's journal service
+    when that site has one and the VPG crosses sites (the WAN is crossed only through
+    it), else the journal directory (local replication, the demo)."""
+    if not is_remote(rt, vpg):
+        return rt.journal
+    from vmrep.journal.remote import RemoteJournal
+
+    site = rt.config.site(rt.config.vpg(vpg).recovery_site)
+    assert site.journal_service is not None  # is_remote said so
+    key = (id(rt), site.name)
+    with _remotes_lock:
+        j = _remotes.get(key)
+        if j is None:
+            j = _remotes[key] = RemoteJournal(site.journal_service, where=f"sites.{site.name}.journal_service")
+        return j
+
+
+def is_remote(rt: Runtime, vpg: str) -> bool:
+    """Whether the VPG's journal is reached through its recovery site's journal service."""
+    v = rt.config.vpg(vpg)
+    return v.protected_site != v.recovery_site and rt.config.site(v.recovery_site).journal_service is not None
+
+
 def previous_map(rt: Runtime, vpg: str, previous: str | None, vm: str, disk: DiskInfo) -> Any:
     if previous is None:
         return None
-    disks = rt.journal.disks(vpg, previous)
+    j = journal_for(rt, vpg)
+    disks = j.disks(vpg, previous)
     if disks.get((vm, disk.id)) != disk.capacity:
         return None  # new or resized disk: full scan (dedup still avoids storing known blocks)
-    return rt.journal.block_map(vpg, previous, vm, disk.id)
+    return j.block_map(vpg, previous, vm, disk.id)
 
 
 # --------------------------------------------------------------------------------------
@@ -207,7 +237,7 @@ def previous_change_ids(rt: Runtime, vpg: str, previous: str | None) -> dict[tup
     written before change tracking: the reader rule of docs/journal-format.md)."""
     if previous is None:
         return {}
-    meta = rt.journal.checkpoint(vpg, previous).meta
+    meta = journal_for(rt, vpg).checkpoint(vpg, previous).meta
     return {(d["vm"], d["disk"]): d.get("change_id") for d in meta.get("disks") or []
             if isinstance(d, dict) and "vm" in d and "disk" in d}
 
@@ -305,7 +335,14 @@ def transfer_disk(rt: Runtime, vpg: VPG, vm: VMInfo, disk: DiskInfo, writer: Any
     changed areas; without them the disk is hash-scanned."""
     writer.set_disk_size(vm.name, disk.id, disk.capacity)
     seeded = preseed is not None and preseed.size == disk.capacity and previous is None
-    if seeded:
+    seed_map = None
+    remote_seed = getattr(writer, "preseed", None)
+    if seeded and remote_seed is not None and isinstance(preseed, DatastoreFileSource):
+        # Through the journal service: the copy is hashed next to it at the recovery site
+        # and its blocks stored there; the source is compared with its map here and only
+        # the blocks that differ cross (docs/journal-service.md).
+        seed_map = remote_seed(vm.name, disk.id, preseed.path, preseed.size)
+    elif seeded:
         sync_disk(writer, vm.name, disk.id, preseed, previous=None, threads=threads)
     plan = plan_disk(rt, vpg, vm, disk, previous, snapshot, new_ids or {}, prev_ids or {}, preseeded=seeded)
     if plan.fallback is not None:
@@ -315,8 +352,17 @@ def transfer_disk(rt: Runtime, vpg: VPG, vm: VMInfo, disk: DiskInfo, writer: Any
                 "full copy" if plan.method == "full" else "changes found", plan.fallback)
         mark_delta_sync(rt, vpg.name, f"VM {vm.name} disk {disk.id}: hash scan ({plan.fallback})")
     src = VMDiskSource(rt.datastores(vpg.protected_site), disk)
-    st = sync_disk(writer, vm.name, disk.id, src, previous=plan.previous, changed_ranges=plan.ranges,
+    hint = getattr(writer, "hint_extents", None)
+    if hint is not None and plan.method == "cbt" and plan.ranges is not None:
+        # Through the journal service: a changed block may cross as its changed extents
+        # only, rebuilt at the recovery site on the previous block (docs/journal-service.md).
+        hint(vm.name, disk.id, plan.ranges, plan.previous)
+    st = sync_disk(writer, vm.name, disk.id, src, previous=plan.previous if seed_map is None else seed_map,
+                   changed_ranges=plan.ranges,
                    threads=threads, progress=progress or progress_hook())
+    sent_for = getattr(writer, "sent_for", None)
+    if sent_for is not None:
+        st.bytes_sent = sent_for(vm.name, disk.id)
     st.method, st.change_id, st.fallback = plan.method, plan.change_id, plan.fallback
     st.bytes_changed = plan.bytes_changed if plan.bytes_changed is not None else \
         min(st.blocks_changed * writer.block_size, disk.capacity)
@@ -342,13 +388,14 @@ def verify_against_source(rt: Runtime, vpg: VPG, vms: dict[str, VMInfo], checkpo
     store = rt.store
     op = store.start_operation(vpg.name, "replicate", params={"verify_against_source": True,
                                                               "checkpoint": checkpoint_id})
-    bs = rt.journal.block_size
+    j = journal_for(rt, vpg.name)
+    bs = j.block_size
     rows: list[dict[str, Any]] = []
     try:
         ds = rt.datastores(vpg.protected_site)
         for name, vm in vms.items():
             for disk in vm.disks:
-                ids = rt.journal.block_map(vpg.name, checkpoint_id, name, disk.id)
+                ids = j.block_map(vpg.name, checkpoint_id, name, disk.id)
                 check = verify_disk(VMDiskSource(ds, disk), ids, bs)
                 bad = check.differing
                 rows.append({"vm": name, "disk": disk.id, "bytes_read": check.bytes_read, "blocks": check.blocks,
@@ -399,10 +446,12 @@ def transfer_vm(rt: Runtime, vpg: VPG, vm: VMInfo, writer: Any, previous: str | 
 
 def checkpoint_meta(transfers: dict[str, VMTransfer]) -> dict[str, Any]:
     """The per-checkpoint transfer record (docs/journal-format.md, "Checkpoint meta"):
-    totals and one row per disk with its method and change id. Until replication has a
-    WAN link of its own, bytes_sent is what was stored."""
+    totals and one row per disk with its method and change id. bytes_sent: what crossed
+    the WAN to the recovery site's journal service (block batches), or, where the journal
+    is written directly (no WAN link of its own), what was stored."""
     disks = [{"vm": vm, "disk": d, "method": s.method, "bytes_read": s.bytes_read,
-              "bytes_changed": s.bytes_changed, "bytes_sent": s.bytes_stored, "change_id": s.change_id,
+              "bytes_changed": s.bytes_changed,
+              "bytes_sent": s.bytes_stored if s.bytes_sent is None else s.bytes_sent, "change_id": s.change_id,
               **({"fallback": s.fallback} if s.fallback else {})}
              for vm, t in sorted(transfers.items()) for d, s in sorted(t.disks.items())]
     return {"bytes_read": sum(r["bytes_read"] for r in disks),
@@ -468,7 +517,13 @@ def open_writer(rt: Runtime, vpg: str, cycle: str | None = None) -> Any:
             raise JournalLocked(f"VPG {vpg}: locked by another writer in this process "
                                f"(cycle {e.cycle} is open)")
         if e is None:
-            e = _writers[key] = _OpenCheckpoint(rt.journal.begin(vpg), cycle)
+            j = journal_for(rt, vpg)
+            if not is_remote(rt, vpg):
+                w = j.begin(vpg)
+            else:  # compressed at the sender when the VPG says so (docs/journal-service.md)
+                w = j.begin(vpg, compress=rt.config.vpg(vpg).wan_compression,
+                            compression_level=max(1, rt.config.journal.compression_level))
+            e = _writers[key] = _OpenCheckpoint(w, cycle)
         return e.writer
 
 
@@ -500,7 +555,7 @@ def discard_writer(rt: Runtime, vpg: str, cycle: str | None = None) -> None:
 
 def published_checkpoint(rt: Runtime, vpg: str, cycle: str) -> Any | None:
     """The checkpoint that cycle `cycle` published, if it did."""
-    for cp in reversed(rt.journal.checkpoints(vpg)):
+    for cp in reversed(journal_for(rt, vpg).checkpoints(vpg)):
         if cp.meta.get("cycle") == cycle:
             return cp
     return None
@@ -534,7 +589,7 @@ def commit_checkpoint(rt: Runtime, vpg: str, cycle: str, *, at: datetime | None,
 
 
 def latest_checkpoint_id(rt: Runtime, vpg: str) -> str | None:
-    cps = rt.journal.checkpoints(vpg)
+    cps = journal_for(rt, vpg).checkpoints(vpg)
     return cps[-1].id if cps else None
 
 
@@ -556,6 +611,12 @@ def retention_bounds(rt: Runtime, vpg: VPG, now: datetime) -> tuple[datetime, da
 
 
 def apply_retention(rt: Runtime, vpg: VPG, now: datetime | None = None) -> Any:
+    if is_remote(rt, vpg.name):
+        # The recovery site's service applies retention after each commit: the protected
+        # site's credential may not shorten history.
+        from vmrep.journal.results import RetentionResult
+
+        return RetentionResult(vpg.name, None)
     now = now or utcnow()
     limit = vpg.hard_limit_bytes or None
     keep, lock = retention_bounds(rt, vpg, now)

@@ -69,7 +69,9 @@ def commit_checkpoint(config: str, vpg: str, cycle: str, at: datetime | None, ta
     # in the cycle that shows it, not at the next monitor pass. Safe to repeat.
     from vmrep.ransomware.service import refresh_alerts
 
-    changes = refresh_alerts(rt.store, rt.journal, vpg)
+    # Through a journal service the journal is not here (and its files are the recovery
+    # site's to write): the recovery site's monitor pass judges the checkpoint instead.
+    changes = [] if engine.is_remote(rt, vpg) else refresh_alerts(rt.store, rt.journal, vpg)
     return {"id": cp.id, "time": cp.time, "added_bytes": cp.added_bytes,
             "alerts_raised": [t.text for t in changes if t.kind == "raised"]}
 

@@ -18,6 +18,7 @@ two modules; the methods are short and grouped by table, so the file reads top t
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -108,6 +109,7 @@ class StateStore:
         self._read_sessions = sessionmaker(
             engine.execution_options(vmrep_readonly=True), expire_on_commit=False
         )
+        self._batch = threading.local()  # .session: the open batch() transaction of a thread
 
     @classmethod
     def open(cls, url: str | None = None, *, migrate_schema: bool = True) -> "StateStore":
@@ -135,9 +137,36 @@ class StateStore:
 
     @contextmanager
     def session(self, *, readonly: bool = False) -> Iterator[Session]:
-        """A transaction: committed at the end, rolled back on an exception."""
+        """A transaction: committed at the end, rolled back on an exception. Inside
+        `batch()` (same thread), a savepoint of the batch's transaction instead."""
+        batch = getattr(self._batch, "session", None)
+        if batch is not None:
+            # A savepoint, so a method that catches its own failure (raise_alert's
+            # IntegrityError) undoes only its statements, as with a transaction of its own.
+            with batch.begin_nested():
+                yield batch
+            return
         with (self._read_sessions if readonly else self._sessions)() as s, s.begin():
             yield s
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Every store call of this thread inside the block shares one write transaction,
+        committed at the end (rolled back as a whole on an exception).
+
+        For the monitor: a pass over 500 VPGs made ~2,500 transactions (runtime row,
+        status, sample, each its own BEGIN IMMEDIATE and commit); batched, it is one.
+        The write lock (SQLite) is held for the block: keep slow reads (vSphere) out of
+        it. Nested batches join the outer one."""
+        if getattr(self._batch, "session", None) is not None:
+            yield
+            return
+        with self._sessions() as s, s.begin():
+            self._batch.session = s
+            try:
+                yield
+            finally:
+                self._batch.session = None
 
     # --- runtime, status, lock -------------------------------------------------------
 
@@ -566,6 +595,20 @@ class StateStore:
             s.add(row)
             s.flush()
             return row.id
+
+    def add_samples(self, samples: Iterable[tuple[str, dict[str, Any]]], *, at: datetime | None = None) -> int:
+        """Many samples (vpg, fields as `add_sample` takes them) in one INSERT of many rows:
+        the monitor's samples of a pass. Returns how many."""
+        from sqlalchemy import insert
+
+        when = at or utcnow()
+        rows = [{"vpg": vpg, **{"at": when, "journal_bytes": None, "journal_limit_bytes": None, "status": None,
+                                "substatus": None}, **fields} for vpg, fields in samples]
+        if not rows:
+            return 0
+        with self.session() as s:
+            s.execute(insert(Sample), rows)
+        return len(rows)
 
     def open_alerts(self, vpg: str | None = None) -> list[Alert]:
         q = select(Alert).where(Alert.cleared_at.is_(None))

@@ -192,40 +192,8 @@ class Client:
         """Log in. A refused connection (a vCenter or its proxy restarting) is tried again
         for up to `refused_window` seconds; a site that does not answer at all fails after
         one connect timeout, so an unreachable site is reported quickly, in one line."""
-        deadline = time.monotonic() + self.refused_window
-        delay = 0.25
-        while True:
-            try:
-                self._probe()
-                break
-            except ConnectionRefusedError:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise ConnectionFailed(
-                        f"site {self.site.name} ({self.site.host}): cannot connect: connection refused "
-                        f"(still refused after {self.refused_window:g} s)"
-                    ) from None
-                log.warning("site %s: connection refused; trying again", self.site.name)
-                time.sleep(min(delay, left))
-                delay = min(delay * 2, 4.0)
+        wait_answering(self.site, self.refused_window)
         return self._login()
-
-    def _probe(self) -> None:
-        """One TCP connect, bounded by the site's connect timeout: refused, unreachable and
-        silent sites are told apart here, before pyvmomi (which has no connect bound)."""
-        timeout = self.site.connect_timeout_seconds
-        try:
-            socket.create_connection((self.host, self.port), timeout=timeout).close()
-        except ConnectionRefusedError:
-            raise
-        except (socket.timeout, TimeoutError):
-            raise ConnectionFailed(
-                f"site {self.site.name} ({self.site.host}): cannot connect: no answer within {timeout:g} s"
-            ) from None
-        except OSError as exc:
-            raise ConnectionFailed(
-                f"site {self.site.name} ({self.site.host}): cannot connect: {exc.strerror or exc}"
-            ) from None
 
     def _login(self) -> Any:
         try:
@@ -236,6 +204,9 @@ class Client:
                 pwd=self._password,
                 sslContext=ssl_context(self.site),
                 connectionPoolTimeout=int(self.site.timeout_seconds),
+                # Every socket operation bounded (pyvmomi's default is none: a site that
+                # accepts and never answers would hold a call forever).
+                httpConnectionTimeout=self.site.timeout_seconds,
             )
         except vim.fault.InvalidLogin:
             raise ConnectionFailed(
@@ -318,6 +289,10 @@ class Client:
             exc = state.outcome.exception() if state.outcome else None
             log.warning("site %s: %s on %s failed transiently (%s), retrying",
                         self.site.name, label, what, exc and faults.fault_name(exc))
+            if exc is not None and isinstance(exc, faults.CONNECTION_ERRORS):
+                # The connection itself failed: find out once, within the connect timeout,
+                # whether the site is there at all, instead of retrying into a site that is gone.
+                wait_answering(self.site, self.site.connect_timeout_seconds)
             if exc is not None and faults.is_session_lost(exc):
                 self.relogin()
 
@@ -358,6 +333,72 @@ def method_label(fn: Any) -> str:
             if info is not None and getattr(info, "wsdlName", None):
                 return info.wsdlName
     return name
+
+
+def _answers(host: str, port: int, timeout: float) -> None:
+    """One TCP connect and TLS handshake, both within `timeout`: a listener that accepts
+    and never answers (a proxy in front of a dead vCenter) times out here instead of
+    stalling pyvmomi for the whole request timeout. Only whether the site answers is
+    checked: the certificate is verified by the login that follows."""
+    deadline = time.monotonic() + timeout
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.wrap_socket(sock, server_hostname=host).close()
+    finally:
+        sock.close()
+
+
+def wait_answering(site: Site, refused_window: float = REFUSED_WINDOW_S) -> None:
+    """Return once the site's endpoint answers; raise ConnectionFailed (one line) when it
+    refuses for longer than `refused_window` or does not answer within the site's
+    `connect_timeout_seconds`. Bounded by about max(refused_window, connect timeout)."""
+    host, port = split_host(site.host)
+    timeout = site.connect_timeout_seconds
+    deadline = time.monotonic() + refused_window
+    delay = 0.25
+    while True:
+        try:
+            _answers(host, port, timeout)
+            return
+        except ConnectionRefusedError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConnectionFailed(
+                    f"site {site.name} ({site.host}): cannot connect: connection refused "
+                    f"(still refused after {refused_window:g} s)"
+                ) from None
+            log.debug("site %s: connection refused; trying again", site.name)  # the outcome is one line
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 4.0)
+        except (socket.timeout, TimeoutError):
+            raise ConnectionFailed(
+                f"site {site.name} ({site.host}): cannot connect: no answer within {timeout:g} s"
+            ) from None
+        except ssl.SSLError as exc:
+            # It answered, in TLS: whatever is wrong with it, the login reports it.
+            log.debug("site %s: TLS probe: %s", site.name, exc)
+            return
+        except OSError as exc:
+            raise ConnectionFailed(
+                f"site {site.name} ({site.host}): cannot connect: {exc.strerror or exc}"
+            ) from None
+
+
+def unreachable(site: Site, refused_window: float | None = None) -> str | None:
+    """Why the site cannot be reached now (one line), or None when it answers. Takes at
+    most about the site's `connect_timeout_seconds` (a refused connection is retried for
+    that long too, unless `refused_window` says otherwise): recovery operations call it
+    once and then stay away from a site that is gone, instead of paying every step's
+    connect and retries again."""
+    try:
+        wait_answering(site, site.connect_timeout_seconds if refused_window is None else refused_window)
+    except ConnectionFailed as exc:
+        return str(exc)
+    return None
 
 
 def connect(site: Site, password: str | None = None, **kw: Any) -> Client:

@@ -30,7 +30,11 @@ _CONNECTION_ERRORS: tuple[type, ...] = (
     TimeoutError,
     requests.ConnectionError,
     requests.Timeout,
+    # A pooled connection the server closed meanwhile (a site back after an outage, a
+    # vCenter restart): the next request on it fails in TLS; a new connection works.
+    ssl.SSLEOFError,
 )
+CONNECTION_ERRORS = _CONNECTION_ERRORS  # for callers that tell a lost connection from a fault
 
 
 _FINAL_TLS_TEXTS = ("CERTIFICATE_VERIFY_FAILED", "pinned thumbprint", "Fingerprints did not match")
