@@ -134,6 +134,9 @@ class NotifyParams(Params):
 
 
 WHO_HELP = "Your name or login, recorded as who started it and printed in the report (Prefect's UI does not say)."
+APPROVAL_TIMEOUT_HELP = (
+    "Only for a VPG with 'approval: required': how long this run waits, paused, for someone to approve it "
+    "(the run's Resume button) before it fails with nothing changed.")
 
 
 class _Confirmed(VpgChoice):
@@ -200,6 +203,8 @@ class FailoverParams(_Confirmed):
         default=None, gt=0, le=7 * 24 * 60, title="Commit policy applies after (minutes)",
         description="Empty: the VPG's commit_policy timeout.")
     who: str | None = Field(default=None, max_length=200, title="Started by", description=WHO_HELP)
+    approval_timeout_minutes: float = Field(default=60.0, gt=0, le=7 * 24 * 60, title="Wait for approval (minutes)",
+                                            description=APPROVAL_TIMEOUT_HELP)
 
 
 class MoveParams(_Confirmed):
@@ -217,6 +222,8 @@ class MoveParams(_Confirmed):
         default=False, title="Keep the source VMs",
         description="Leave the powered-off source VMs in the inventory instead of removing them.")
     who: str | None = Field(default=None, max_length=200, title="Started by", description=WHO_HELP)
+    approval_timeout_minutes: float = Field(default=60.0, gt=0, le=7 * 24 * 60, title="Wait for approval (minutes)",
+                                            description=APPROVAL_TIMEOUT_HELP)
 
 
 class CommitParams(VpgChoice):

@@ -6,7 +6,9 @@ the state database, where the monitor pass applies it (vmrep.recovery.policy), w
 or not this run still exists. `commit` and `rollback` end a failover or move awaiting
 commit. Each flow ends by emitting the alert and status transitions it recorded
 (AWAITING_COMMIT raised, cleared) as Prefect events. The confirmation parameter must
-repeat the VPG's name, so a stray click in the UI cannot start a failover."""
+repeat the VPG's name, so a stray click in the UI cannot start a failover; a VPG with
+`approval: required` also waits for a second person's approval in the UI
+(flows/approval.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._common import flow_run_id, hand_off
+from flows.approval import DEFAULT_TIMEOUT_MINUTES, gate
 from flows.dr_test import interrupted
 from tasks.monitoring import emit_recorded
 from tasks.recovery import PrefectRunner
@@ -28,17 +31,21 @@ from vmrep.stamps import started_by
 def failover(vpg: str, confirm: str, config: str = "vmrep.yaml", checkpoint: str = "latest",
              shutdown: str | None = None, commit_policy: str | None = None,
              commit_after_minutes: float | None = None, who: str | None = None,
-             verify_timeout: float = 600.0, shutdown_timeout: float = 300.0) -> dict[str, Any]:
-    """Live failover of a VPG (confirm: the VPG's name again)."""
+             verify_timeout: float = 600.0, shutdown_timeout: float = 300.0,
+             approval_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> dict[str, Any]:
+    """Live failover of a VPG (confirm: the VPG's name again); waits for approval in the
+    UI first when the VPG says `approval: required`."""
     if (handed := hand_off(config, vpg, "recovery")) is not None:  # on the recovery site's pool
         return handed
     logger = get_run_logger()
+    requested_by = started_by(who, fallback="prefect")
+    approval = gate(config, vpg, "failover", confirm, requested_by, approval_timeout_minutes)
     try:
         return ops.run_failover(config, vpg, confirm=confirm, checkpoint=checkpoint, shutdown=shutdown,
                                 commit_policy=commit_policy, commit_after_minutes=commit_after_minutes,
-                                who=started_by(who, fallback="prefect"), flow_run_id=flow_run_id(),
+                                who=requested_by, flow_run_id=flow_run_id(),
                                 runner=PrefectRunner(), verify_timeout=verify_timeout,
-                                shutdown_timeout=shutdown_timeout, notify=logger.warning)
+                                shutdown_timeout=shutdown_timeout, notify=logger.warning, approval=approval)
     finally:
         _emit(config)
 

@@ -235,6 +235,17 @@ def verdict(s: dict[str, Any]) -> tuple[str, list[str]]:
     return COMPLIANT, []
 
 
+def _with_approval(ops_df: pd.DataFrame) -> pd.DataFrame:
+    """Who approved each live operation, when and why (a VPG with approval: required,
+    started from a deployment: flows/approval.py); empty for one that needed no approval."""
+    out = ops_df.copy()
+    approvals = [(p.get("approval") if isinstance(p, dict) else None) or {}
+                 for p in (out["params"] if "params" in out.columns else [])]
+    for col, key in (("approved_by", "approved_by"), ("approved_at", "approved_at"), ("approval_reason", "reason")):
+        out[col] = pd.Series([a.get(key) for a in approvals], index=out.index, dtype=object)
+    return out
+
+
 def build_compliance_report(
     engine: Any,
     since: datetime,
@@ -261,7 +272,7 @@ def build_compliance_report(
     smp = frames.samples(engine, names, since_u, until_u)
     tests_all = frames.test_results(engine, names, None, as_of)
     tests_period = tests_all[(tests_all["started_at"] >= pd.Timestamp(since_u))] if len(tests_all) else tests_all
-    recoveries = frames.operations(engine, names, since_u, until_u, kinds=("failover", "move"))
+    recoveries = _with_approval(frames.operations(engine, names, since_u, until_u, kinds=("failover", "move")))
     alerts = frames.alerts(engine, names, since_u, until_u)
 
     summaries = []
@@ -323,7 +334,8 @@ def build_compliance_report(
                  "rto_seconds", "rto_target_seconds", "rto_met", "success", "verification_ok", "cleanup_ok",
                  "operation_result", "tested_by", "notes"]
     rec_cols = ["vpg", "id", "kind", "started_by", "started_at", "ended_at", "result", "checkpoint_id",
-                "checkpoint_age_seconds", "rto_seconds", "rto_target_seconds", "error"]
+                "checkpoint_age_seconds", "rto_seconds", "rto_target_seconds", "error",
+                "approved_by", "approved_at", "approval_reason"]
     alert_cols = ["vpg", "vm", "code", "level", "text", "raised_at", "cleared_at"]
     scope = ",".join(names)
     return Report(

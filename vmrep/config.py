@@ -274,6 +274,9 @@ class VPG(Strict):
     # Every this many hours a replication cycle ends with `verify --against-source` (the
     # guard against changes CBT lost); 0 = never on its own.
     verify_against_source_hours: float = Field(default=0.0, ge=0)
+    # Live failover and move started from a deployment (the UI, a schedule, the API) wait
+    # for a person to approve them in the Prefect UI when `required`; see docs/recovery.md.
+    approval: Literal["none", "required"] = "none"
 
     @field_validator("journal_history_hours")
     @classmethod

@@ -118,10 +118,12 @@ def run_failover(config: str, vpg: str, *, confirm: str | None, checkpoint: str 
                  flow_run_id: str | None = None, runner: Any = None, verify_timeout: float = 600.0,
                  shutdown_timeout: float = 300.0, operation: str = "failover", reverse_protection: bool = False,
                  keep_source_vms: bool = False, sleep: Callable[[float], None] = time.sleep,
-                 notify: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 notify: Callable[[str], None] | None = None,
+                 approval: dict[str, Any] | None = None) -> dict[str, Any]:
     """Live failover (or, with operation='move', a move): recover on the production
     network and wait for commit or rollback as the commit policy says. `notify` gets a
-    line for people when the failover awaits commit."""
+    line for people when the failover awaits commit. `approval` (who requested, who
+    approved, when, why: flows/approval.py) is kept in the operation's record."""
     rt = get_runtime(config)
     v = rt.config.vpg(vpg)
     runner = runner or DirectRunner()
@@ -150,7 +152,8 @@ def run_failover(config: str, vpg: str, *, confirm: str | None, checkpoint: str 
                        "shutdown": shutdown,
                        "commit_policy": policy, "commit_after_minutes": after,
                        "reverse_protection": reverse_protection, "keep_source_vms": keep_source_vms,
-                       "verify_timeout": verify_timeout}) as op:
+                       "verify_timeout": verify_timeout,
+                       **({"approval": approval} if approval else {})}) as op:
         store = rt.store
         status = Status.MOVING if moving else Status.FAILING_OVER
         names = [m.name for m in v.vms]
@@ -458,10 +461,11 @@ def _policy_acted(store: Any, vpg: str) -> str:
 def run_move(config: str, vpg: str, *, confirm: str | None, shutdown: str = "graceful",
              reverse_protection: bool = True, keep_source_vms: bool = False, who: str | None = None,
              flow_run_id: str | None = None, runner: Any = None, verify_timeout: float = 600.0,
-             shutdown_timeout: float = 300.0, sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+             shutdown_timeout: float = 300.0, sleep: Callable[[float], None] = time.sleep,
+             approval: dict[str, Any] | None = None) -> dict[str, Any]:
     """Move: graceful (or forced) shutdown, final checkpoint, failover to it, commit,
     reverse protection by default."""
     return run_failover(config, vpg, confirm=confirm, shutdown=shutdown, who=who, flow_run_id=flow_run_id,
                         runner=runner, verify_timeout=verify_timeout, shutdown_timeout=shutdown_timeout,
                         operation="move", reverse_protection=reverse_protection,
-                        keep_source_vms=keep_source_vms, sleep=sleep)
+                        keep_source_vms=keep_source_vms, sleep=sleep, approval=approval)

@@ -72,6 +72,8 @@ def operation_summary(store: Any, op_id: str) -> dict[str, Any]:
         "verification_ok": ok, "verification": per, "steps": by_vm,
         "checkpoint_reason": (op.params or {}).get("checkpoint_reason"),
         "wall_seconds": round(wall, 3), "steps_seconds": round(steps_sum, 3),
+        # a live operation approved in the Prefect UI: requested_by/at, approved_by/at, reason
+        "approval": (op.params or {}).get("approval"),
     }
     if op.kind == "test":
         tr = next((t for t in store.test_results(op.vpg) if t.operation_id == op.id), None)
