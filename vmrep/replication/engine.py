@@ -8,6 +8,11 @@ Plain functions over a `Runtime`; each is one retryable step (Prefect tasks in
     -> one VPG-wide checkpoint, timed at the consistency point
     -> snapshots removed (also when the cycle failed)
     -> retention.
+
+The parts live beside it: consistency points in `points.py`, the disk and journal ends
+of a transfer in `endpoints.py`, CBT and its fallbacks in `changes.py`, verification
+against the source in `source_check.py`, the block engine in `blocks.py`; this module
+holds the transfer, the checkpoint writers, retention and the sequences.
 """
 
 from __future__ import annotations
@@ -16,66 +21,39 @@ import logging
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, Callable
 
 
 from vmrep.config import VPG
 from vmrep.errors import JournalError, JournalLocked, NotFound, Refused
-from vmrep.replication.blocks import DiskSyncStats, sync_disk, verify_disk
+from vmrep.replication.blocks import DiskSyncStats, sync_disk
 from vmrep.runtime import Runtime
-from vmrep.vsphere import cbt
-from vmrep.vsphere.datastore import DatastoreAccess
 from vmrep.vsphere.inventory import DiskInfo, VMInfo
-from vmrep.vsphere.property import retrieve_one
 from vmrep.stamps import utcnow
 from vmrep.status import Status, Substatus
-from vmrep.vsphere import vm as vmops
+# The cycle's parts, each in its module; named here too, so `engine.X` stays the one
+# address of every replication step for the tasks, the CLI and the tests.
+from vmrep.replication.changes import (SOURCE_MISMATCH as SOURCE_MISMATCH, DiskPlan as DiskPlan,
+                                       clear_delta_sync as clear_delta_sync,
+                                       enable_change_tracking as enable_change_tracking,
+                                       mark_delta_sync as mark_delta_sync, plan_disk as plan_disk,
+                                       previous_change_ids as previous_change_ids, previous_map as previous_map,
+                                       snapshot_ids as snapshot_ids, source_mismatch_disks as source_mismatch_disks)
+from vmrep.replication.endpoints import (DatastoreFileSource as DatastoreFileSource, VMDiskSource as VMDiskSource,
+                                         is_remote as is_remote, journal_for as journal_for,
+                                         preseed_source as preseed_source)
+from vmrep.replication.points import (SNAPSHOT_PREFIX as SNAPSHOT_PREFIX,
+                                      create_consistency_point as create_consistency_point,
+                                      create_consistency_points as create_consistency_points,
+                                      find_snapshot as find_snapshot,
+                                      remove_consistency_points as remove_consistency_points,
+                                      snapshot_label as snapshot_label)
+from vmrep.replication.source_check import (source_verification_due as source_verification_due,
+                                            verify_against_source as verify_against_source)
 
 log = logging.getLogger(__name__)
-
-SNAPSHOT_PREFIX = "vmrep-cp"
-
-
-class VMDiskSource:
-    """A protected VM's disk, read through the datastore interface (local mount or /folder)."""
-
-    def __init__(self, ds: DatastoreAccess, disk: DiskInfo) -> None:
-        self.ds = ds
-        self.disk = disk
-        self.size = disk.capacity
-
-    def read(self, offset: int, length: int) -> bytes:
-        length = min(length, self.size - offset)
-        return self.ds.read(self.disk.flat, offset, length)
-
-
-class DatastoreFileSource:
-    """A disk copy already on a datastore (a pre-seed at the recovery site)."""
-
-    def __init__(self, ds: DatastoreAccess, path: str, size: int) -> None:
-        self.ds, self.path, self.size = ds, path, size
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self.ds.read(self.path, offset, min(length, self.size - offset))
-
-
-def preseed_source(rt: Runtime, vpg: VPG, path: str, size: int) -> DatastoreFileSource | None:
-    """The pre-seed copy at the recovery site, if it is there and of the disk's size."""
-    ds = rt.datastores(vpg.recovery_site)
-    try:
-        if ds.size(path) != size:
-            log.warning("VPG %s: pre-seed %s has another size than the disk; not used", vpg.name, path)
-            return None
-    except NotFound:
-        return None
-    return DatastoreFileSource(ds, path, size)
-
-
-def snapshot_label(vpg: str) -> str:
-    return f"{SNAPSHOT_PREFIX}-{vpg}"
 
 
 # --------------------------------------------------------------------------------------
@@ -89,52 +67,6 @@ def vpg_vms(rt: Runtime, vpg: VPG) -> dict[str, VMInfo]:
     if missing:
         raise NotFound(f"VPG {vpg.name}: VM {', '.join(missing)} not found at protected site {vpg.protected_site}")
     return {vm.name: found[vm.name] for vm in vpg.vms}
-
-
-# --------------------------------------------------------------------------------------
-# Consistency points
-
-
-def create_consistency_point(rt: Runtime, vpg: VPG, vm: VMInfo) -> datetime:
-    """Snapshot one VM (crash-consistent: no memory, no quiescing). Idempotent per cycle:
-    an existing replication snapshot is reused by a retried step."""
-    label = snapshot_label(vpg.name)
-    if any(name == label for name, _ in vm.snapshots):
-        return utcnow()
-    client = rt.client(vpg.protected_site)
-    at = utcnow()
-    vmops.create_snapshot(client, vm.name, vm.ref, label, "consistency point",
-                          description="vmrep replication consistency point")
-    return at
-
-
-def create_consistency_points(rt: Runtime, vpg: VPG, vms: dict[str, VMInfo]) -> datetime:
-    """All VMs of the VPG at once; the checkpoint's time is when the first snapshot was asked for."""
-    at = utcnow()
-    with ThreadPoolExecutor(max_workers=min(8, len(vms))) as pool:
-        list(pool.map(lambda v: create_consistency_point(rt, vpg, v), vms.values()))
-    return at
-
-
-def remove_consistency_points(rt: Runtime, vpg: VPG, vms: dict[str, VMInfo] | None = None) -> int:
-    """Remove every replication snapshot of the VPG's VMs (also those a crashed cycle left).
-
-    Reads the snapshot trees afresh; only snapshots named by vmrep are touched, one by
-    one (RemoveAllSnapshots would take the user's own snapshots with it)."""
-    label = snapshot_label(vpg.name)
-    found = rt.inventory(vpg.protected_site).vms_by_name()
-    names = [vm.name for vm in vpg.vms] if vms is None else list(vms)
-    client = rt.client(vpg.protected_site)
-    removed = 0
-    for name in names:
-        vm = found.get(name)
-        if vm is None:
-            continue
-        for snap_name, ref in vm.snapshots:
-            if snap_name == label:
-                vmops.remove_snapshot(client, name, ref, "remove consistency point")
-                removed += 1
-    return removed
 
 
 # --------------------------------------------------------------------------------------
@@ -161,166 +93,6 @@ class VMTransfer:
     @property
     def seconds(self) -> float:
         return sum(s.seconds for s in self.disks.values())
-
-
-# The journal service clients of this process, per Runtime and recovery site.
-_remotes: dict[tuple[int, str], Any] = {}
-_remotes_lock = threading.Lock()
-
-
-def journal_for(rt: Runtime, vpg: str) -> Any:
-    """The journal a VPG's replication writes to: the recovery site's journal service
-    when that site has one and the VPG crosses sites (the WAN is crossed only through
-    it), else the journal directory (local replication, the demo)."""
-    if not is_remote(rt, vpg):
-        return rt.journal
-    from vmrep.journal.remote import RemoteJournal
-
-    site = rt.config.site(rt.config.vpg(vpg).recovery_site)
-    assert site.journal_service is not None  # is_remote said so
-    key = (id(rt), site.name)
-    with _remotes_lock:
-        j = _remotes.get(key)
-        if j is None:
-            j = _remotes[key] = RemoteJournal(site.journal_service, where=f"sites.{site.name}.journal_service")
-        return j
-
-
-def is_remote(rt: Runtime, vpg: str) -> bool:
-    """Whether the VPG's journal is reached through its recovery site's journal service."""
-    v = rt.config.vpg(vpg)
-    return v.protected_site != v.recovery_site and rt.config.site(v.recovery_site).journal_service is not None
-
-
-def previous_map(rt: Runtime, vpg: str, previous: str | None, vm: str, disk: DiskInfo) -> Any:
-    if previous is None:
-        return None
-    j = journal_for(rt, vpg)
-    disks = j.disks(vpg, previous)
-    if disks.get((vm, disk.id)) != disk.capacity:
-        return None  # new or resized disk: full scan (dedup still avoids storing known blocks)
-    return j.block_map(vpg, previous, vm, disk.id)
-
-
-# --------------------------------------------------------------------------------------
-# Change tracking: which blocks a transfer reads
-
-
-def enable_change_tracking(rt: Runtime, vpg: VPG, vms: dict[str, VMInfo]) -> dict[str, bool]:
-    """At initial sync, per the VPG's `change_tracking`: `enable` turns tracking on
-    (ReconfigVM_Task) on every VM, `use-if-present` and `off` leave the VMs as they are.
-    Returns VM -> tracking on now; a VM that cannot track is logged, and its disks go by
-    hash scan (recorded per disk in each checkpoint)."""
-    client = rt.client(vpg.protected_site)
-    out: dict[str, bool] = {}
-    for name, vm in vms.items():
-        if vpg.change_tracking == "enable":
-            out[name] = cbt.enable_tracking(client, vm.ref, name)
-            if not out[name]:
-                log.warning("VPG %s: VM %s cannot have change tracking; its disks are replicated by hash scan",
-                            vpg.name, name)
-        else:
-            out[name] = cbt.tracking_enabled(client, vm.ref)
-    return out
-
-
-def find_snapshot(rt: Runtime, vpg: VPG, vm: VMInfo) -> Any | None:
-    """This cycle's replication snapshot of `vm` (read afresh: the step runs after the
-    consistency point, with the inventory read before it)."""
-    tree = retrieve_one(rt.client(vpg.protected_site), vm.ref, ["snapshot"]).get("snapshot")
-    found = vmops.find_snapshots(tree, snapshot_label(vpg.name))
-    return found[0] if found else None
-
-
-def previous_change_ids(rt: Runtime, vpg: str, previous: str | None) -> dict[tuple[str, str], str | None]:
-    """(vm, disk) -> change id the previous checkpoint recorded (absent in checkpoints
-    written before change tracking: the reader rule of docs/journal-format.md)."""
-    if previous is None:
-        return {}
-    meta = journal_for(rt, vpg).checkpoint(vpg, previous).meta
-    return {(d["vm"], d["disk"]): d.get("change_id") for d in meta.get("disks") or []
-            if isinstance(d, dict) and "vm" in d and "disk" in d}
-
-
-@dataclass
-class DiskPlan:
-    """How one disk's changed blocks are found this time, and why."""
-
-    method: str  # cbt | scan | full
-    ranges: list[tuple[int, int]] | None  # areas to read; None: every block
-    previous: Any  # the previous checkpoint's block map (None: no comparison)
-    change_id: str | None  # the disk's id at this snapshot, kept for the next cycle
-    fallback: str | None = None  # why not CBT (None: CBT, or an initial copy)
-    bytes_changed: int | None = None  # the CBT areas' length
-
-
-def plan_disk(rt: Runtime, vpg: VPG, vm: VMInfo, disk: DiskInfo, previous: str | None,
-              snapshot: Any | None, new_ids: dict[int, str], prev_ids: dict[tuple[str, str], str | None],
-              *, preseeded: bool = False) -> DiskPlan:
-    """CBT where it can be trusted, else the hash scan, per disk.
-
-    CBT: the areas written since the previous checkpoint's change id, at this snapshot.
-    Fallbacks: tracking off (VPG setting, or the VM cannot track), no id in the previous
-    checkpoint, the id refused (tracking reset: FileFault), disk new or resized (full
-    scan: the old map does not describe it). A first copy reads only the allocated areas
-    (changeId "*"), except over a pre-seed, whose blocks elsewhere must be overwritten."""
-    new_id = new_ids.get(disk.key) if vpg.change_tracking != "off" else None
-    client = rt.client(vpg.protected_site)
-    prev_map = previous_map(rt, vpg.name, previous, vm.name, disk)
-    if prev_map is None:
-        if previous is None and new_id and snapshot is not None and not preseeded:
-            areas, _ = cbt.changed_areas(client, vm.ref, vm.name, snapshot, disk.key, cbt.ALL_ALLOCATED,
-                                         disk.capacity)
-            return DiskPlan("full", areas, None, new_id, None, sum(n for _, n in areas))
-        why = None if previous is None else "disk new or resized since the previous checkpoint"
-        return DiskPlan("full", None, None, new_id, why)
-    prev_id = prev_ids.get((vm.name, disk.id))
-    if (vm.name, disk.id) in source_mismatch_disks(rt, vpg.name):
-        why = "the last verification against the source found this disk differed"
-    elif vpg.change_tracking == "off":
-        why = "change tracking is off for this VPG"
-    elif new_id is None:
-        why = "the VM does not track changes"
-    elif not prev_id:
-        why = "the previous checkpoint has no change id for this disk"
-    else:
-        try:
-            areas, _ = cbt.changed_areas(client, vm.ref, vm.name, snapshot, disk.key, prev_id, disk.capacity)
-        except cbt.ChangeIdRefused as exc:
-            why = f"change id {prev_id} refused ({exc})"
-        else:
-            return DiskPlan("cbt", areas, prev_map, new_id, None, sum(n for _, n in areas))
-    return DiskPlan("scan", None, prev_map, new_id, why)
-
-
-def snapshot_ids(rt: Runtime, vpg: VPG, vm: VMInfo) -> tuple[Any | None, dict[int, str]]:
-    """The VM's replication snapshot and its disks' change ids (none when off)."""
-    if vpg.change_tracking == "off":
-        return None, {}
-    snap = find_snapshot(rt, vpg, vm)
-    if snap is None:
-        return None, {}
-    return snap, cbt.snapshot_change_ids(rt.client(vpg.protected_site), snap)
-
-
-# The DeltaSync sub-status: set while a cycle compares whole disks (a CBT fallback),
-# cleared when a cycle ends. `vmrep.health.Facts.from_runtime` reads it back, so the
-# monitor shows DeltaSync exactly while a fallback runs (or until the next cycle ends
-# after one that broke off).
-_SLA_STATUSES = (Status.MEETING_SLA, Status.RPO_NOT_MEETING_SLA, Status.HISTORY_NOT_MEETING_SLA,
-                 Status.NOT_MEETING_SLA)
-
-
-def mark_delta_sync(rt: Runtime, vpg: str, detail: str) -> None:
-    row = rt.store.runtime(vpg)
-    if row.status in _SLA_STATUSES and row.substatus != Substatus.DELTA_SYNC:
-        rt.store.set_status(vpg, row.status, Substatus.DELTA_SYNC, detail=detail)
-
-
-def clear_delta_sync(rt: Runtime, vpg: str) -> None:
-    row = rt.store.runtime(vpg)
-    if row.status in _SLA_STATUSES and row.substatus == Substatus.DELTA_SYNC:
-        rt.store.set_status(vpg, row.status, None, detail="delta sync done: changes found by CBT again")
 
 
 def transfer_disk(rt: Runtime, vpg: VPG, vm: VMInfo, disk: DiskInfo, writer: Any, previous: str | None, *,
@@ -367,68 +139,6 @@ def transfer_disk(rt: Runtime, vpg: VPG, vm: VMInfo, disk: DiskInfo, writer: Any
     st.bytes_changed = plan.bytes_changed if plan.bytes_changed is not None else \
         min(st.blocks_changed * writer.block_size, disk.capacity)
     return st
-
-
-SOURCE_MISMATCH = "SOURCE_MISMATCH"  # alert: a disk's checkpoint differs from its source
-
-
-def source_mismatch_disks(rt: Runtime, vpg: str) -> dict[tuple[str, str], int]:
-    """(vm, disk) -> alert id of each open SOURCE_MISMATCH: those disks are hash-scanned
-    by the next cycle whatever CBT says (CBT lost changes there)."""
-    return {(a.vm, str((a.data or {}).get("subject"))): a.id for a in rt.store.open_alerts(vpg)
-            if a.code == SOURCE_MISMATCH and a.vm}
-
-
-def verify_against_source(rt: Runtime, vpg: VPG, vms: dict[str, VMInfo], checkpoint_id: str) -> dict[str, Any]:
-    """Compare checkpoint `checkpoint_id` with the source disks as frozen by the snapshot
-    it was taken at (call it while the cycle's consistency points exist). Each differing
-    disk opens alert SOURCE_MISMATCH (cleared by the cycle that scanned it again); the
-    result is recorded as a `replicate` operation with params verify_against_source, whose
-    time the schedule (`verify_against_source_hours`) runs from."""
-    store = rt.store
-    op = store.start_operation(vpg.name, "replicate", params={"verify_against_source": True,
-                                                              "checkpoint": checkpoint_id})
-    j = journal_for(rt, vpg.name)
-    bs = j.block_size
-    rows: list[dict[str, Any]] = []
-    try:
-        ds = rt.datastores(vpg.protected_site)
-        for name, vm in vms.items():
-            for disk in vm.disks:
-                ids = j.block_map(vpg.name, checkpoint_id, name, disk.id)
-                check = verify_disk(VMDiskSource(ds, disk), ids, bs)
-                bad = check.differing
-                rows.append({"vm": name, "disk": disk.id, "bytes_read": check.bytes_read, "blocks": check.blocks,
-                             "blocks_differing": len(bad), "offsets": [i * bs for i in bad[:20]]})
-                if bad:
-                    log.error("VPG %s: VM %s disk %s: %d block(s) of checkpoint %s differ from the source",
-                              vpg.name, name, disk.id, len(bad), checkpoint_id)
-                    store.raise_alert(vpg.name, SOURCE_MISMATCH, "error",
-                                      f"VPG {vpg.name}: VM {name} disk {disk.id}: {len(bad)} block(s) of "
-                                      f"checkpoint {checkpoint_id} differ from the source; the next cycle "
-                                      "compares the whole disk", vm=name, subject=disk.id,
-                                      data={"checkpoint": checkpoint_id, "blocks": len(bad)})
-    except BaseException as exc:
-        store.finish_operation(op, "failed", error=str(exc), checkpoint_id=checkpoint_id)
-        raise
-    differing = sum(r["blocks_differing"] for r in rows)
-    store.finish_operation(op, "succeeded" if not differing else "failed",
-                           error=f"{differing} block(s) differ from the source" if differing else None,
-                           checkpoint_id=checkpoint_id)
-    return {"vpg": vpg.name, "checkpoint": checkpoint_id, "ok": not differing,
-            "bytes_read": sum(r["bytes_read"] for r in rows), "disks": rows}
-
-
-def source_verification_due(rt: Runtime, vpg: VPG, now: datetime | None = None) -> bool:
-    """Whether `verify_against_source_hours` asks for a verification in this cycle."""
-    if vpg.verify_against_source_hours <= 0:
-        return False
-    now = now or utcnow()
-    for op in rt.store.operations(vpg.name, kind="replicate"):
-        if (op.params or {}).get("verify_against_source") and op.result in ("succeeded", "failed"):
-            started = op.started_at if op.started_at.tzinfo else op.started_at.replace(tzinfo=timezone.utc)
-            return now - started >= timedelta(hours=vpg.verify_against_source_hours)
-    return True
 
 
 def transfer_vm(rt: Runtime, vpg: VPG, vm: VMInfo, writer: Any, previous: str | None, *,
