@@ -3,6 +3,10 @@
 Loaded from YAML (`vmrep.yaml`). Every setting of docs/concepts.md is here with its default.
 Unknown keys are errors (a typo must name the field, not be silently ignored), and
 secrets are only ever references (environment variable or Prefect Secret block).
+
+Why one module of ~500 lines: it is the schema of `vmrep.yaml`, model by model with each
+field's default and description; one file is how the whole schema reads in one place
+(docs/configuration.md follows it section by section).
 """
 
 from __future__ import annotations

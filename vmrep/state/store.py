@@ -7,7 +7,7 @@ Cross-process guarantees rest on single conditional statements, not on Python lo
 `try_lock` is ``UPDATE vpg_runtime SET lock_holder=… WHERE vpg=… AND lock_holder IS NULL``
 and an open alert is unique per (vpg, key) by a partial unique index.
 
-Why one module of ~700 lines: `StateStore` is one class over one engine and one
+Why one module of ~850 lines: `StateStore` is one class over one engine and one
 transaction discipline (`session`, ``BEGIN IMMEDIATE``), and its concerns meet inside
 single transactions: `begin_operation` records an operation and takes (or is refused)
 the VPG lock in one, `set_status` writes the runtime row and its history row in one.
