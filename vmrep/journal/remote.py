@@ -40,6 +40,7 @@ from vmrep.journal import format as fmt
 from vmrep.journal.codec import encode_blob
 from vmrep.journal.results import BlockMap, CheckpointInfo, is_zero, parse_time
 from vmrep.secrets import resolve_secret
+from vmrep.vsphere.connection import PinnedAdapter
 
 log = logging.getLogger(__name__)
 
@@ -104,18 +105,6 @@ def info_from_json(d: dict[str, Any]) -> CheckpointInfo:
 # ---- client ----------------------------------------------------------------------------
 
 
-class _PinnedAdapter(requests.adapters.HTTPAdapter):
-    """The peer certificate's SHA-256 must be the pinned one (as for vCenter)."""
-
-    def __init__(self, fingerprint: str) -> None:
-        self._fp = fingerprint
-        super().__init__()
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs["assert_fingerprint"] = self._fp
-        return super().init_poolmanager(*args, **kwargs)
-
-
 class RemoteJournal:
     """A recovery site's journal as its service serves it to one protected site."""
 
@@ -126,7 +115,7 @@ class RemoteJournal:
         self._http = requests.Session()
         tls = settings.tls
         if tls.thumbprint:
-            self._http.mount("https://", _PinnedAdapter(tls.thumbprint))
+            self._http.mount("https://", PinnedAdapter(tls.thumbprint))
             self._verify: bool | str = False  # the adapter checks the pin
         elif tls.insecure:
             self._verify = False

@@ -130,8 +130,9 @@ class PinnedContext(ssl.SSLContext):
         return sock
 
 
-class _PinnedAdapter(HTTPAdapter):
-    """requests/urllib3 side of a pinned thumbprint: the peer certificate's SHA-256 must match."""
+class PinnedAdapter(HTTPAdapter):
+    """requests/urllib3 side of a pinned thumbprint: the peer certificate's SHA-256 must match
+    (also the journal service's client, `vmrep.journal.remote`: TLS as for vCenter)."""
 
     def __init__(self, fingerprint: str) -> None:
         self._fp = fingerprint
@@ -147,7 +148,7 @@ def http_session(site: Site) -> requests.Session:
     files and the vAPI endpoint): the CA file, or the pinned thumbprint."""
     s = requests.Session()
     if site.tls.thumbprint:
-        s.mount("https://", _PinnedAdapter(site.tls.thumbprint))
+        s.mount("https://", PinnedAdapter(site.tls.thumbprint))
     return s
 
 
