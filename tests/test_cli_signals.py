@@ -38,7 +38,8 @@ STOP_LIMIT_SECONDS = 8.0  # "within a few seconds", with room for a loaded 2-cor
 def setup(lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:  # type: ignore[no-untyped-def]
     """A VMREP_HOME with its local Prefect server running (one start for the module),
     erp-web's disk grown to 2 GiB, and two configs: the lab's own (disks read through
-    local mounts: fast) and one without mounts (disks read over HTTP: slowed down)."""
+    local mounts: fast) and one without mounts and without CBT (whole disks read over
+    HTTP: slowed down)."""
     home = tmp_path_factory.mktemp("home")
     srv = srvmod.start(home / "prefect", port=srvmod.free_port())
     try:
@@ -46,6 +47,10 @@ def setup(lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
         data = yaml.safe_load(lab.config_path.read_text())
         for site in data["sites"].values():
             site.pop("datastore_mounts", None)
+        # Whole disks are read only by a hash scan: CBT would read the few allocated MiB
+        # and be done before any signal (what a signal stops is the same chunk loop).
+        for vpg in data["vpgs"]:
+            vpg["change_tracking"] = "off"
         slow = home / "over-http.yaml"
         slow.write_text(yaml.safe_dump(data, sort_keys=False))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "VMREP_"))}
