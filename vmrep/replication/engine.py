@@ -12,7 +12,9 @@ Plain functions over a `Runtime`; each is one retryable step (Prefect tasks in
 The parts live beside it: consistency points in `points.py`, the disk and journal ends
 of a transfer in `endpoints.py`, CBT and its fallbacks in `changes.py`, verification
 against the source in `source_check.py`, the block engine in `blocks.py`; this module
-holds the transfer, the checkpoint writers, retention and the sequences.
+holds the transfer, the checkpoint writers, retention and the sequences (~550 lines:
+they share the writer registry below, which a cycle's steps find their open checkpoint
+in, and which is why the sequences and the writers stay in one module).
 """
 
 from __future__ import annotations
