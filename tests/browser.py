@@ -10,12 +10,11 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome")
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
@@ -176,51 +175,15 @@ def parse(html: str) -> Element:
 
 @contextmanager
 def served_deployments(config: Path, work: Path, *, user: str = "ui-tester") -> Iterator[dict[str, Any]]:
-    """A real Prefect server on a free loopback port and `python -m deployments.serve` for
-    `config` (schedules off, no automation) in a process group of its own; both stopped
-    on exit, also after a failure. Yields server, process, log path, reports folder."""
-    import signal
-    import sys
+    """`tests/serving.served` for the UI tests: schedules off, no automation, runs started
+    as `user`."""
+    from serving import served
 
-    from deployments import server as srvmod
-
-    repo = Path(__file__).resolve().parents[1]
-    reports = work / "reports"
-    srv = proc = None
-    log = open(work / "serve.log", "wb")
-    try:
-        srv = srvmod.start(work / "prefect", port=srvmod.free_port())
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        env.update(srv.env())
-        env.update(PREFECT_HOME=str(work / "prefect-client"), PREFECT_RUNNER_POLL_FREQUENCY="1",
-                   PREFECT_LOGGING_LEVEL="INFO", VMREP_REPORTS_DIR=str(reports), VMREP_USER=user)
-        proc = subprocess.Popen([sys.executable, "-m", "deployments.serve", "--config", str(config),
-                                 "--no-schedules", "--no-automations"],
-                                cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        yield {"srv": srv, "proc": proc, "log": work / "serve.log", "reports": reports}
-    finally:
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)  # serve ends its runs' processes
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
-        if srv is not None:
-            srvmod.stop(srv)
-        log.close()
+    with served(config, work, env={"VMREP_USER": user}) as stack:
+        yield stack
 
 
-def wait_for(what: str, fn: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
-    """Poll `fn` until it returns something true; its value. A condition, never a fixed sleep."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(every)
+from serving import wait_for  # noqa: E402,F401 - the UI tests' condition wait, shared
 
 
 def launch_chromium(playwright: Any, **kw: Any) -> Any:

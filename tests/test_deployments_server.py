@@ -11,32 +11,15 @@ from __future__ import annotations
 
 import email
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from email import policy
 from pathlib import Path
 
 import pytest
 import yaml
 
-from deployments import server as srvmod
+from serving import served, wait_for
 from test_mail import smtp_server
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def wait_for(what: str, fn, timeout: float, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(every)
 
 
 def messages(sink) -> list[email.message.EmailMessage]:
@@ -52,32 +35,11 @@ def stack(lab, tmp_path):
                             "default_to": ["dr-audit@example.test"]}
     config = tmp_path / "vmrep.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    reports = tmp_path / "reports"
-    srv = proc = None
-    log = open(tmp_path / "serve.log", "wb")
     try:
-        srv = srvmod.start(tmp_path / "prefect", port=srvmod.free_port())
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        env.update(srv.env())
-        env.update(PREFECT_HOME=str(tmp_path / "prefect-client"), PREFECT_RUNNER_POLL_FREQUENCY="1",
-                   PREFECT_LOGGING_LEVEL="INFO", VMREP_REPORTS_DIR=str(reports), VMREP_USER="e2e-tester")
-        proc = subprocess.Popen([sys.executable, "-m", "deployments.serve", "--config", str(config), "--no-schedules"],
-                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        yield {"srv": srv, "proc": proc, "sink": sink, "config": config, "reports": reports,
-               "log": tmp_path / "serve.log"}
+        with served(config, tmp_path, args=("--no-schedules",), env={"VMREP_USER": "e2e-tester"}) as stack:
+            yield {**stack, "sink": sink, "config": config}
     finally:
-        if proc is not None:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGINT)  # serve pauses its schedules and ends its runs' processes
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=5)
-        if srv is not None:
-            srvmod.stop(srv)
         ctl.stop()
-        log.close()
 
 
 @pytest.mark.timeout(900)

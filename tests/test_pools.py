@@ -13,12 +13,7 @@ running one process worker per pool; every one of these is a process of its own.
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -26,23 +21,11 @@ from typing import Any
 import pytest
 import yaml
 
-from deployments import server as srvmod
+from serving import served, wait_for
 
-REPO = Path(__file__).resolve().parents[1]
 HELD = re.compile(r"vcenter slot (\S+) held ([0-9.]+) ([0-9.]+)")
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(1500)]
-
-
-def wait_for(what: str, fn: Any, timeout: float, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(every)
 
 
 @pytest.fixture(scope="module")
@@ -57,31 +40,11 @@ def stack(lab, pg_server, tmp_path_factory):  # type: ignore[no-untyped-def]
     cfg["sites"]["siteA"]["vcenter_slots"] = 1
     config = tmp / "vmrep.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    srv = proc = None
-    log = open(tmp / "serve.log", "wb")
-    try:
-        srv = srvmod.start(tmp / "prefect", port=srvmod.free_port(), database_url=prefect_db)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        env.update(srv.env())
-        env.update(PREFECT_HOME=str(tmp / "prefect-client"), PREFECT_LOGGING_LEVEL="INFO",
-                   PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_WORKER_PREFETCH_SECONDS="5",
-                   VMREP_REPORTS_DIR=str(tmp / "reports"), VMREP_HOME=str(tmp / "home"))
-        proc = subprocess.Popen([sys.executable, "-m", "deployments.serve", "--config", str(config),
-                                 "--no-schedules", "--no-automations"],
-                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        yield {"srv": srv, "proc": proc, "config": config, "log": tmp / "serve.log", "lab": lab,
-               "workers": tmp / "prefect-client" / "workers"}
-    finally:
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)  # serve stops its workers (and their runs)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
-        if srv is not None:
-            srvmod.stop(srv)
-        log.close()
+    env = {"PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+           "VMREP_HOME": str(tmp / "home")}
+    # serve stops its workers (and their runs) on SIGINT
+    with served(config, tmp, env=env, database_url=prefect_db, stop_seconds=60) as stack:
+        yield {**stack, "config": config, "lab": lab, "workers": tmp / "prefect-client" / "workers"}
 
 
 @pytest.fixture(scope="module")

@@ -12,21 +12,15 @@ executes them or a worker of a pool does.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 from dateutil.rrule import rrulestr
 
-from deployments import server as srvmod
-from test_deployments_server import wait_for
+import serving
+from serving import wait_for
 from vmrep.replication import engine
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -35,30 +29,9 @@ def served(lab, tmp_path):
     rt = lab.runtime()
     engine.initial_sync(rt, rt.config.vpg("erp"))
     rt.store.update_runtime("erp", initial_sync_done=True)
-    srv = proc = None
-    log = open(tmp_path / "serve.log", "wb")
-    try:
-        srv = srvmod.start(tmp_path / "prefect", port=srvmod.free_port())
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        env.update(srv.env())
-        env.update(PREFECT_HOME=str(tmp_path / "prefect-client"), PREFECT_RUNNER_POLL_FREQUENCY="1",
-                   VMREP_REPLICATE_RUN_SECONDS="20", VMREP_MONITOR_RUN_SECONDS="15",
-                   VMREP_REPORTS_DIR=str(tmp_path / "reports"))
-        proc = subprocess.Popen([sys.executable, "-m", "deployments.serve", "--config", str(lab.config_path),
-                                 "--no-automations"],
-                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        yield {"srv": srv, "proc": proc, "log": tmp_path / "serve.log", "started": datetime.now(timezone.utc)}
-    finally:
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
-        if srv is not None:
-            srvmod.stop(srv)
-        log.close()
+    env = {"VMREP_REPLICATE_RUN_SECONDS": "20", "VMREP_MONITOR_RUN_SECONDS": "15"}
+    with serving.served(lab.config_path, tmp_path, args=("--no-automations",), env=env, stop_seconds=20) as stack:
+        yield {**stack, "started": datetime.now(timezone.utc)}
 
 
 def first_of_month_after(now: datetime, months: int = 1) -> datetime:
