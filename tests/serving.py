@@ -64,3 +64,15 @@ def served(config: Path, work: Path, *, args: Sequence[str] = ("--no-schedules",
         if srv is not None:
             srvmod.stop(srv)
         log.close()
+
+
+def forget_prefect_workers() -> None:
+    """Stop Prefect's process-wide events and log workers after in-process runs against
+    another server. They keep the API URL they were started with (one instance per
+    client type, whatever the URL), so the session's later flows would send their events
+    and task-run states to a server that is gone; the next use starts fresh ones."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    EventsWorker.drain_all(timeout=15)
+    APILogWorker.drain_all(timeout=15)

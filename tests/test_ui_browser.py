@@ -23,6 +23,7 @@ from uuid import UUID
 import pytest
 import yaml
 
+from serving import forget_prefect_workers
 from browser import launch_chromium, served_deployments, wait_for
 from test_recovery import synced
 from vmrep.recovery import operations as ops
@@ -71,6 +72,7 @@ def client(stack):  # type: ignore[no-untyped-def]
 
         wait_for("the deployments", registered, 180)
         yield c
+    forget_prefect_workers()  # whatever ran in this process under this module's server
 
 
 @pytest.fixture
