@@ -155,6 +155,7 @@ def _flush_prefect_logs() -> None:
 
 def run(demo: Demo, keep_server: bool) -> int:
     demo_started = time.time()
+    from deployments import pools
     from deployments import server as srvmod
     from lab import manage
 
@@ -197,6 +198,9 @@ def run(demo: Demo, keep_server: bool) -> int:
         demo.step("Lab up (two vCenter simulators, VMs with real disk bytes)", lab_up)
         config = demo.facts["config"]
         os.environ["VMREP_CONFIG"] = config
+        # Whatever starts a server creates the sites' vCenter limits, which the snapshot
+        # tasks hold strictly (deployments/pools.py); the demo's flows run in this process.
+        pools.ensure_for_path(None, config, pools=False)
         os.environ["VMREP_REPORTS_DIR"] = str(out)
         os.environ.setdefault("VMREP_USER", "make-demo")
 
