@@ -108,11 +108,11 @@ class Gathered:
 
 
 def journal_key(rt: Runtime, vpg: str, generation: int) -> tuple[int, ...] | None:
-    d = rt.journal.chains.vpg_dir(vpg)
+    d = str(rt.journal.chains.vpg_dir(vpg))  # a string: six pathlib joins per VPG cost more than the stats
     key = [generation]
     for sub in JOURNAL_SUBDIRS:
         try:
-            key.append(os.stat(d / sub).st_mtime_ns)
+            key.append(os.stat(os.path.join(d, sub)).st_mtime_ns)
         except FileNotFoundError:
             key.append(-1)
     if time.time_ns() - max(key[1:]) < RACY_NS:
