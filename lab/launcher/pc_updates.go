@@ -44,6 +44,23 @@ import (
 	"github.com/vmware/govmomi/vim25/types"
 )
 
+// collectorStats: what the lab's collectors read for WaitForUpdatesEx answers since the
+// last reset (control endpoint /collector): objects whose properties were read, and
+// scope evaluations (a filter's traversal without properties). Tests read it to see that
+// a change costs its objects, not the filter.
+var collectorStats struct {
+	sync.Mutex
+	ObjectsRead int `json:"objects_read"`
+	Scopes      int `json:"scopes"`
+}
+
+func countRead(objects, scopes int) {
+	collectorStats.Lock()
+	collectorStats.ObjectsRead += objects
+	collectorStats.Scopes += scopes
+	collectorStats.Unlock()
+}
+
 // queueLimit: changes kept for a collector nobody polls; past it the collector
 // forgets them and its next WaitForUpdatesEx is InvalidCollectorVersion.
 const queueLimit = 200000
@@ -368,6 +385,7 @@ func (pc *labPropertyCollector) enterAll(ctx *simulator.Context, f *simulator.Pr
 	if fault != nil {
 		return nil, fault
 	}
+	countRead(len(objs), 0)
 	out := make([]types.ObjectUpdate, 0, len(objs))
 	for _, o := range objs {
 		if _, seen := st.refs[o.Obj]; seen {
@@ -489,6 +507,7 @@ func (pc *labPropertyCollector) changes(ctx *simulator.Context, f *simulator.Pro
 		if fault != nil {
 			return nil, fault
 		}
+		countRead(0, 1)
 		now := make(map[types.ManagedObjectReference]struct{}, len(objs))
 		for _, o := range objs {
 			now[o.Obj] = struct{}{}
@@ -515,6 +534,7 @@ func (pc *labPropertyCollector) changes(ctx *simulator.Context, f *simulator.Pro
 		if fault != nil {
 			return nil, fault
 		}
+		countRead(len(objs), 0)
 		for _, o := range objs {
 			st.refs[o.Obj] = struct{}{}
 			out = append(out, enterUpdate(o))
@@ -567,6 +587,7 @@ func (pc *labPropertyCollector) modified(ctx *simulator.Context, f *simulator.Pr
 	if fault != nil || len(objs) == 0 {
 		return ou, false
 	}
+	countRead(1, 0)
 	got := map[string]types.AnyType{}
 	for _, p := range objs[0].PropSet {
 		got[p.Name] = p.Val
