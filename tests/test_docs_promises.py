@@ -13,7 +13,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
-import click
 import pytest
 import typer
 from pydantic import BaseModel
@@ -125,7 +124,7 @@ def _flatten(t: Any) -> list[Any]:
 
 def test_every_key_in_configuration_md_exists() -> None:
     """The first column of each table names real keys (a renamed field fails here)."""
-    section_model = {"Top level": C.Config, "Site": C.Site, "VPG": C.VPG}
+    section_model: dict[str, type[BaseModel]] = {"Top level": C.Config, "Site": C.Site, "VPG": C.VPG}
     model = None
     unknown = []
     for line in CONFIG_DOC.read_text().splitlines():
@@ -145,13 +144,13 @@ def test_every_key_in_configuration_md_exists() -> None:
 # --- commands and flags ---------------------------------------------------------------
 
 @functools.cache
-def _tree() -> dict[str, click.Command]:
+def _tree() -> dict[str, Any]:
     from vmrep.cli import app
 
     root = typer.main.get_command(app)
-    out: dict[str, click.Command] = {}
+    out: dict[str, Any] = {}
 
-    def walk(cmd: click.Command, path: str) -> None:
+    def walk(cmd: Any, path: str) -> None:
         out[path] = cmd
         for name, sub in getattr(cmd, "commands", {}).items():
             walk(sub, f"{path} {name}".strip())
@@ -160,7 +159,7 @@ def _tree() -> dict[str, click.Command]:
     return out
 
 
-def _options(cmd: click.Command) -> set[str]:
+def _options(cmd: Any) -> set[str]:
     opts = {"--help"}
     for p in cmd.params:
         opts.update(getattr(p, "opts", []))
