@@ -325,33 +325,10 @@ class JournalService:
             raise BadRequest("commit: meta must be a mapping")
         info = o.writer.commit(time=at, tag=body.get("tag"), meta=meta)
         log.info("VPG %s: checkpoint %s committed by %s", o.vpg, info.id, o.owner)
-        self.retention_after_commit(o.vpg)
+        # Nothing after the commit: the VPG's retention is the recovery site's
+        # `retention/<site>` run (flows/retention.py, engine.apply_retention with the state
+        # database), not this process's, which has no state database to raise alerts in.
         return info_to_json(info)
-
-    def retention_after_commit(self, vpg: str) -> None:
-        """The recovery site applies the VPG's retention itself after each commit: the
-        protected site can't (its credential may not shorten history)."""
-        v = self.vpg(vpg)
-        if v is None:
-            return
-        try:
-            now = datetime.now(timezone.utc)
-            # The same bounds as engine.retention_bounds (which needs a Runtime): locked
-            # checkpoints (retention_lock_hours, and back to the last clean checkpoint while
-            # encryption is suspected) are held even against the hard limit.
-            from vmrep.ransomware.service import keep_since as clean_since
-
-            lock = now - timedelta(hours=v.retention_lock_hours) if v.retention_lock_hours > 0 else None
-            held = clean_since(self.journal, vpg)
-            if held is not None:
-                lock = held if lock is None else min(lock, held)
-            r = self.journal.apply_retention(vpg, now - timedelta(seconds=v.history_seconds),
-                                             v.hard_limit_bytes or None, lock)
-            if r.lock_blocked_limit:
-                log.warning("VPG %s: journal hard limit reached and only locked history is left to drop "
-                            "(%d locked checkpoints); nothing dropped", vpg, r.locked)
-        except VmrepError as exc:
-            log.warning("VPG %s: retention after commit failed: %s", vpg, exc)
 
     def abort(self, sid: str, o: _Open) -> dict[str, Any]:
         with self._lock:
