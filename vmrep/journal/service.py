@@ -55,7 +55,8 @@ from vmrep.secrets import resolve_secret
 
 log = logging.getLogger("vmrep.journal.service")
 
-MAX_BATCH_BYTES = 64 << 20  # a batch larger than this is refused (a writer sends blocks of 1 MiB)
+MAX_BATCH_BYTES = 64 << 20  # a batch larger than this is refused (remote.BATCH_RAW_BYTES keeps writers under it)
+MAX_MISSING_IDS = 100_000  # ids per `missing` request
 
 
 class Denied(Exception):
@@ -67,7 +68,13 @@ class BadRequest(Exception):
 
 
 class Unrebuilt(Exception):
-    """HTTP 422: a block sent as extents did not rebuild to its id (the client sends it whole)."""
+    """HTTP 422: a block sent as extents did not rebuild to its id (the client sends it whole).
+    `blocks`: every such block of the batch, [vm, disk, index] each, so that the client
+    resends only those whole and the others of the batch as they were."""
+
+    def __init__(self, message: str, blocks: list[list[Any]] | None = None) -> None:
+        super().__init__(message)
+        self.blocks = blocks or []
 
 
 @dataclass
@@ -191,6 +198,8 @@ class JournalService:
         # Every block is checked before anything of the batch is applied: a bad batch
         # changes nothing.
         checked: list[tuple[str, str, int, bytes, bytes | None]] = []
+        given: set[bytes] = set()  # ids whose content came earlier in this batch (a reference may name them)
+        unrebuilt: list[Unrebuilt] = []
         for h, payload in blocks:
             try:
                 vm, disk, index, bid = str(h["vm"]), str(h["disk"]), int(h["index"]), bytes.fromhex(h["id"])
@@ -201,10 +210,17 @@ class JournalService:
             if len(bid) != fmt.ID_LEN or index < 0 or not 0 < rlen <= bs:
                 raise BadRequest(f"{where}: bad id, index or length")
             if codec == CODEC_DELTA:
-                checked.append((vm, disk, index, bid, self._rebuild(w, where, h, payload, bid, rlen)))
+                try:
+                    rebuilt = self._rebuild(w, where, h, payload, bid, rlen)
+                except Unrebuilt as exc:  # every such block named at once: one resend fixes them all
+                    unrebuilt.append(Unrebuilt(str(exc), [[vm, disk, index]]))
+                    continue
+                checked.append((vm, disk, index, bid, rebuilt))
+                if not is_zero(rebuilt):
+                    given.add(bid)
                 continue
-            if codec == CODEC_REF:  # a reference to a block the service has
-                if not (w.has(bid) or self.journal.store.has(bid)):
+            if codec == CODEC_REF:  # a reference to a block the service has (or this batch gave)
+                if not (bid in given or w.has(bid) or self.journal.store.has(bid)):
                     raise BadRequest(f"{where}: block {bid.hex()[:16]}… is not at the service; send its content")
                 checked.append((vm, disk, index, bid, None))
                 continue
@@ -216,6 +232,11 @@ class JournalService:
                 log.warning("VPG %s: %s from %s does not match its id; batch refused", o.vpg, where, o.owner)
                 raise BadRequest(f"{where}: content does not match its blake3 id; nothing of the batch stored")
             checked.append((vm, disk, index, bid, data))
+            if not is_zero(data):
+                given.add(bid)
+        if unrebuilt:
+            raise Unrebuilt(f"{unrebuilt[0]} ({len(unrebuilt)} block(s) of the batch; nothing of it applied)",
+                            [b for u in unrebuilt for b in u.blocks])
         for op in ops:
             if not (isinstance(op, list) and op and op[0] in ("size", "zero", "remove")
                     and len(op) == {"size": 4, "zero": 4, "remove": 3}[op[0]]):
@@ -364,7 +385,7 @@ def build_app(svc: JournalService) -> Starlette:
             except BadRequest as exc:
                 return _error(400, str(exc))
             except Unrebuilt as exc:
-                return _error(422, str(exc))
+                return JSONResponse({"error": str(exc), "unrebuilt": exc.blocks}, status_code=422)
             except NotFound as exc:
                 return _error(404, str(exc))
             except JournalLocked as exc:
@@ -412,8 +433,8 @@ def build_app(svc: JournalService) -> Starlette:
             ids = [bytes.fromhex(h) for h in body["ids"]]
         except (ValueError, KeyError, TypeError):
             raise BadRequest("missing: give {\"ids\": [<hex block id>, ...]}") from None
-        if len(ids) > 100_000:
-            raise BadRequest("missing: at most 100000 ids per request")
+        if len(ids) > MAX_MISSING_IDS:
+            raise BadRequest(f"missing: at most {MAX_MISSING_IDS} ids per request")
         return _json({"missing": [i.hex() for i in ids if not j.store.has(i)]})
 
     async def begin(request: Request, svc: JournalService, who: Caller) -> Response:

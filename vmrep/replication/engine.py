@@ -136,7 +136,11 @@ def transfer_disk(rt: Runtime, vpg: VPG, vm: VMInfo, disk: DiskInfo, writer: Any
                    threads=threads, progress=progress or progress_hook())
     sent_for = getattr(writer, "sent_for", None)
     if sent_for is not None:
+        # Through the journal service the blocks are queued and sent in batches: the disk's
+        # last ones go now, and what they cost (sent, stored, already there) is known after.
+        writer.flush(vm.name, disk.id)
         st.bytes_sent = sent_for(vm.name, disk.id)
+        st.bytes_stored, st.blocks_deduplicated = writer.stored_for(vm.name, disk.id)
     st.method, st.change_id, st.fallback = plan.method, plan.change_id, plan.fallback
     st.bytes_changed = plan.bytes_changed if plan.bytes_changed is not None else \
         min(st.blocks_changed * writer.block_size, disk.capacity)
