@@ -373,6 +373,26 @@ def test_extents_that_do_not_rebuild_the_block_fall_back_to_the_whole_block(lab:
         w.flush()
         assert w.stored_for("erp-db", "scsi0:0")[0] - sent < 8 * KiB
         assert w.deltas == 1
+        # In one batch, an honest block and a dishonest one: only the dishonest one is
+        # resent whole (the 422 names it), the other still crosses as its extent.
+        j2 = next(k for k in range(i + 1, len(m)) if m.get(k) is not None)
+        with Journal.open(lab.config.journal_path, create=False, recover=False) as jl:
+            old2 = jl.read_block(m.get(j2))
+        honest, dishonest = bytearray(old), bytearray(old2)
+        honest[0:4096] = os.urandom(4096)
+        dishonest[0:4096] = os.urandom(4096)
+        dishonest[9000:9008] = b"missed!!"
+        w.hint_extents("erp-db", "scsi0:0", [(i * MiB, 4096), (j2 * MiB, 4096)], m)
+        before = w.stored_for("erp-db", "scsi0:0")[0]
+        batches = w.batches
+        w.put_block("erp-db", "scsi0:0", i, bytes(honest))
+        w.put_block("erp-db", "scsi0:0", j2, bytes(dishonest))
+        # and a copy of the honest block at a third index: the batch gives it once, then refers to it
+        w.put_block("erp-db", "scsi0:1", 0, bytes(honest))
+        w.flush()
+        assert (w.delta_fallbacks, w.deltas, w.batches - batches) == (2, 2, 1)
+        assert 64 * KiB < w.stored_for("erp-db", "scsi0:0")[0] - before < MiB + 16 * KiB
+        assert w.stored_for("erp-db", "scsi0:1") == (0, 1)  # its reference only
     finally:
         w.abort()
     # The service's own check, straight: a wrong rebuild is a 422 naming the block.
