@@ -125,3 +125,52 @@ def test_the_retention_flow_holds_locked_history_and_raises_journal_limit_locked
         forget_prefect_workers()
     finally:
         forget_runtime(cfg)
+
+
+def test_a_new_checkpoint_waits_for_retention_but_not_for_another_writer(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Retention now runs in a process of its own (the recovery site's retention run): a
+    cycle's checkpoint that finds it holding the VPG waits for it (Journal.begin `wait`, as
+    the engine and the journal service call it) instead of failing the cycle; another
+    writer is still refused at once."""
+    import threading
+    import time
+
+    from vmrep.errors import JournalLocked
+    from vmrep.journal import Journal
+    from vmrep.journal._sessions import open_session, vpg_lock
+
+    j = Journal.open(tmp_path / "journal", block_size=4096)
+    w = j.begin("g")
+    w.set_disk_size("vm", "d", 4096)
+    w.put_block("vm", "d", 0, b"x" * 4096)
+    w.commit()
+    held = threading.Event()
+
+    def retention_holding(seconds: float) -> None:  # what journal/retention.py holds while it works
+        lk = vpg_lock(j.chains.vpg_dir("g"), "g", 5.0, "retention")
+        s = open_session(j.root, j.store, "retention", "g")
+        held.set()
+        time.sleep(seconds)
+        s.close()
+        lk.release()
+
+    t = threading.Thread(target=retention_holding, args=(1.0,))
+    t.start()
+    held.wait(5)
+    with pytest.raises(JournalLocked):
+        j.begin("g")  # without waiting: refused, as before
+    t0 = time.monotonic()
+    w = j.begin("g", wait=10)
+    waited = time.monotonic() - t0
+    t.join()
+    assert 0.5 < waited < 5, waited
+    try:
+        other = Journal.open(tmp_path / "journal")
+        t0 = time.monotonic()
+        with pytest.raises(JournalLocked, match="locked by another writer"):
+            other.begin("g", wait=10)
+        assert time.monotonic() - t0 < 2  # a writer holds it: no waiting
+        other.close()
+    finally:
+        w.abort()
+        j.close()

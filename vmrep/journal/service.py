@@ -47,7 +47,7 @@ from vmrep.config import Config, JournalServiceSettings, ServiceCredential
 from vmrep.errors import JournalError, JournalLocked, NotFound, VmrepError
 from vmrep.journal import format as fmt
 from vmrep.journal.codec import decode_blob
-from vmrep.journal.journal import Journal
+from vmrep.journal.journal import RETENTION_WAIT_SECONDS, Journal
 from vmrep.journal.remote import CODEC_DELTA, CODEC_REF, decode_batch, info_to_json
 from vmrep.journal.results import is_zero
 from vmrep.journal.writer import CheckpointWriter
@@ -180,7 +180,9 @@ class JournalService:
     # ---- operations (run in a thread: the journal blocks) ---------------------------------
     def begin(self, who: Caller, vpg: str) -> dict[str, Any]:
         self.drop_idle()
-        w = self.journal.begin(vpg)
+        # The recovery site's retention run may hold the VPG a moment: wait for it (not for
+        # another writer: that is a 409 at once).
+        w = self.journal.begin(vpg, wait=RETENTION_WAIT_SECONDS)
         sid = secrets.token_hex(16)
         with self._lock:
             self._open[sid] = _Open(w, vpg, who.name, time.monotonic())

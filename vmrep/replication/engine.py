@@ -240,7 +240,9 @@ def open_writer(rt: Runtime, vpg: str, cycle: str | None = None) -> Any:
         if e is None:
             j = journal_for(rt, vpg)
             if not is_remote(rt, vpg):
-                w = j.begin(vpg)
+                from vmrep.journal.journal import RETENTION_WAIT_SECONDS
+
+                w = j.begin(vpg, wait=RETENTION_WAIT_SECONDS)  # a retention run may hold the VPG a moment
             else:  # compressed at the sender when the VPG says so (docs/journal-service.md)
                 w = j.begin(vpg, compress=rt.config.vpg(vpg).wan_compression,
                             compression_level=max(1, rt.config.journal.compression_level))
