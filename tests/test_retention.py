@@ -127,6 +127,29 @@ def test_the_retention_flow_holds_locked_history_and_raises_journal_limit_locked
         forget_runtime(cfg)
 
 
+def test_vmrep_journal_retention_applies_it_in_process(erp, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Without Prefect (cron at the recovery site): `vmrep journal retention` does what the
+    retention run does, for a VPG replicated through the service too."""
+    import json
+
+    from vmrep.cli import main as cli_main
+
+    prt = erp.runtime()
+    for _ in range(2):
+        erp.control("siteA").guest_write("erp-db", 0, 0, random.randbytes(64 << 10))
+        engine.run_cycle(prt, prt.config.vpg("erp"), retention=False)
+    kept = [c.id for c in prt.journal.checkpoints("erp")]
+    assert len(kept) >= 2
+    cfg = recovery_config(erp, tmp_path / "siteB.yaml", journal_hard_limit_gb=TINY)
+    try:
+        assert cli_main(["journal", "retention", "--site", "siteB", "--json", "--config", str(cfg)]) == 0
+        [row] = json.loads(capsys.readouterr().out)
+        assert row["vpg"] == "erp" and row["dropped_by_limit"] == len(kept) - 1 and row["hard_limit_hit"]
+        assert [c.id for c in prt.journal.checkpoints("erp")] == kept[-1:]
+    finally:
+        forget_runtime(cfg)
+
+
 def test_a_new_checkpoint_waits_for_retention_but_not_for_another_writer(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Retention now runs in a process of its own (the recovery site's retention run): a
     cycle's checkpoint that finds it holding the VPG waits for it (Journal.begin `wait`, as

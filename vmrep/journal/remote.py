@@ -288,7 +288,7 @@ class RemoteWriter:
             clash = (vm, disk, index) in self._queued_at if index is not None \
                 else self._queued_disks.get((vm, disk), 0) > 0
         if clash:
-            self.flush()
+            self.flush(ops=False)
         with self._lock:
             self._ops.append(op)
 
@@ -395,7 +395,7 @@ class RemoteWriter:
         blob, codec = encode_blob(q.data, self._level)
         return {**ref, "codec": codec, "rlen": len(q.data), "len": len(blob)}, blob, False
 
-    def flush(self, vm: str | None = None, disk: str | None = None) -> None:
+    def flush(self, vm: str | None = None, disk: str | None = None, *, ops: bool = True) -> None:
         """Send every queued block (and op): one `missing` request for the ids not known
         to be at the service, then one batch. A batch whose extents the service could not
         rebuild into their blocks (CBT missed a change; nothing of it applied) is sent
@@ -403,7 +403,9 @@ class RemoteWriter:
 
         With `vm` and `disk` (the end of that disk's transfer): only if that disk has a
         queued block, and after any batch in flight has gone, so that its counts are
-        complete; its ops alone wait for the next batch or the commit."""
+        complete; its ops alone wait for the next batch or the commit. `ops` False: queued
+        ops alone are not worth a request either (the queue was sent by another thread
+        meanwhile)."""
         with self._send_lock:  # one batch at a time: ops queued before a block reach the service before it
             with self._lock:
                 if vm is not None and not self._queued_disks.get((vm, str(disk))):
@@ -415,7 +417,7 @@ class RemoteWriter:
                 unknown = list(dict.fromkeys(q.bid for q in queued if q.bid not in self._present))
                 pending_ops = bool(self._ops)
             if not queued:
-                if pending_ops:
+                if pending_ops and ops:
                     self._post([])
                 return
             lacking = self.journal.missing(self.vpg, unknown) if unknown else set()
@@ -522,10 +524,10 @@ class RemoteWriter:
                 self._queued_disks[(vm, disk)] = self._queued_disks.get((vm, disk), 0) + 1
             full = self._queued_raw >= BATCH_RAW_BYTES or len(self._queue_blocks) >= BATCH_BLOCKS
         if clash:  # the same index again before the first went: the first goes first
-            self.flush()
+            self.flush(ops=False)
             return self.put_hashed(vm, disk, index, bid, data)
         if full:
-            self.flush()
+            self.flush(ops=False)
         return 0
 
     def commit(self, *, time: datetime | None = None, tag: str | None = None,
