@@ -221,3 +221,14 @@ def test_every_command_is_named_in_some_page() -> None:
     leaves = [p for p, c in _tree().items() if p and not getattr(c, "commands", None)]
     unnamed = sorted(p for p in leaves if p not in named)
     assert not unnamed, f"commands no page names: {unnamed}"
+
+
+# --- metrics ----------------------------------------------------------------------------
+
+def test_every_metric_is_in_metrics_md_with_its_labels_and_no_other() -> None:
+    from vmrep.metrics import METRICS
+
+    doc = (ROOT / "docs" / "metrics.md").read_text()
+    rows = {m.group(1): tuple(x.strip() for x in m.group(2).split(",") if x.strip())
+            for m in re.finditer(r"^\| `(vmrep_[a-z_]+)` \|([^|]*)\|", doc, re.M)}
+    assert rows == {name: tuple(labels) for name, labels in METRICS.items()}
