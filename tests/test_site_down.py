@@ -44,16 +44,18 @@ def _refused(host: str) -> bool:
     return False
 
 
-def _disk_bytes_equal_checkpoint(lab: Any, rt: Any, checkpoint: str) -> int:
+def _disk_bytes_equal_checkpoint(lab: Any, rt: Any, checkpoint: str, vpg: str = "erp") -> int:
     """Each recovered disk, read as the recovered guest reads it at siteB, equals the
     checkpoint's disk block for block (independently of the failover's own verification).
     Returns the bytes compared."""
+    from vmrep.replication.endpoints import journal_for
+
     ctl = lab.control("siteB")
-    j = rt.journal
+    j = journal_for(rt, vpg)
     n = 0
-    for (vm, disk), size in sorted(j.disks("erp", checkpoint).items()):
+    for (vm, disk), size in sorted(j.disks(vpg, checkpoint).items()):
         idx = ctl.disk_index(vm, disk)
-        for offset, block in j.iter_disk("erp", checkpoint, vm, disk):
+        for offset, block in j.iter_disk(vpg, checkpoint, vm, disk):
             length = min(j.block_size, size - offset)
             got = ctl.guest_read(vm, idx, offset, length)
             want = block[:length] if block is not None else bytes(length)
@@ -75,6 +77,8 @@ def test_failover_and_commit_without_the_protected_site_then_split_brain_and_pro
     from vmrep.replication import engine
 
     cp = engine.run_cycle(rt, rt.config.vpg("erp")).checkpoint_id
+    # the source writes once more, and the disaster strikes before a cycle takes it
+    lab.guest_write("erp-web", "scsi0:0", 5 * MiB + 10, b"never replicated " * 60)
     lab.control("siteB").boot_delay(100)
 
     # --- the protected site goes away ---------------------------------------------------
@@ -116,6 +120,12 @@ def test_failover_and_commit_without_the_protected_site_then_split_brain_and_pro
     site_b = {sv.name: sv for sv in vmops.site_vms(rt.client("siteB"))}
     assert {n: site_b[n].power for n in ERP} == dict.fromkeys(ERP, "poweredOn")
     assert _disk_bytes_equal_checkpoint(lab, rt, cp) == sum(rt.journal.disks("erp", cp).values())
+    # the recovered guests work: writes the original site never saw (one spans two blocks)
+    lab.guest_write("erp-app", "scsi0:0", 2 * MiB - 500, b"recovered guest " * 63, site="siteB")
+    lab.guest_write("erp-db", "scsi0:0", 3 * MiB, b"written after the failover " * 20, site="siteB")
+    # the blocks that differ between the recovered disks and the original ones at siteA
+    # (1 MiB blocks): what reverse protection must read and send, and nothing else
+    differing = {("erp-app", "scsi0:0"): 2, ("erp-db", "scsi0:0"): 1, ("erp-web", "scsi0:0"): 1}
 
     # --- commit: reverse protection refused while the site is gone, plain commit works ---
     rc, _, err = _cli(capsys, "commit", "erp", "--reverse-protection", "--direct", "--config", cfg)
@@ -154,6 +164,23 @@ def test_failover_and_commit_without_the_protected_site_then_split_brain_and_pro
     rp = json.loads(out)["reverse_protection"]
     assert rp["vpg"] == "erp-reverse" and 0 < rp["bytes_read"]
     assert rp["bytes_stored"] < full / 4, (rp, full)
+    # read less than a full copy: only the blocks that differ from the original disks
+    # (the failover's change-tracking baseline and checkpoint cp tell the rest), per disk
+    bs = rt.journal.block_size
+    assert rp["bytes_read"] == sum(differing.values()) * bs < full, (rp, full)
+    from vmrep.replication.endpoints import journal_for
+
+    meta = journal_for(rt, "erp-reverse").checkpoint("erp-reverse", rp["checkpoint"]).meta
+    assert (meta["bytes_read"], meta["bytes_changed"]) == (rp["bytes_read"], rp["bytes_read"]), meta
+    assert 0 < meta["bytes_sent"] < full / 4
+    rows = {(r["vm"], r["disk"]): r for r in meta["disks"]}
+    assert not [r for r in rows.values() if r["method"] != "cbt" or r.get("fallback")], meta["disks"]
+    assert {k: r["bytes_read"] // bs for k, r in rows.items() if r["bytes_read"]} == differing
+    assert {k: r["bytes_changed"] // bs for k, r in rows.items() if r["bytes_changed"]} == differing
+    assert rows[("erp-web", "scsi0:0")]["baseline"]["blocks_unlike_preseed"] == 1  # the unreplicated write
+    assert rows[("erp-app", "scsi0:0")]["baseline"]["blocks_written_since"] == 2  # the recovered guest's
+    # and the reverse checkpoint is the recovered disks, block for block
+    assert _disk_bytes_equal_checkpoint(lab, rt, rp["checkpoint"], "erp-reverse") == full
     assert not set(ERP) & {sv.name for sv in vmops.site_vms(rt.client("siteA"))}  # sources replaced
     monitor_pass(rt, vpgs=["erp"])
     assert not [a for a in rt.store.open_alerts("erp") if a.code == "SPLIT_BRAIN"]
