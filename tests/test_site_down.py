@@ -73,13 +73,16 @@ def test_failover_and_commit_without_the_protected_site_then_split_brain_and_pro
     site_a = lab.site("siteA")
     # sync, then a guest writes and a cycle replicates it: the checkpoint failed over to
     synced(rt, "erp")
+    lab.control("siteB").boot_delay(100)
+    # a DR test passed before the disaster: its report covers what follows until the next test
+    t = ops.run_test(cfg, "erp", verify_timeout=30)
+    assert t["success"] is True
     lab.guest_write("erp-db", "scsi0:0", 3 * MiB, b"after the sync " * 1000)
     from vmrep.replication import engine
 
     cp = engine.run_cycle(rt, rt.config.vpg("erp")).checkpoint_id
     # the source writes once more, and the disaster strikes before a cycle takes it
     lab.guest_write("erp-web", "scsi0:0", 5 * MiB + 10, b"never replicated " * 60)
-    lab.control("siteB").boot_delay(100)
 
     # --- the protected site goes away ---------------------------------------------------
     rc, out, err = _cli(capsys, "lab", "site-down", "siteA")
@@ -138,6 +141,20 @@ def test_failover_and_commit_without_the_protected_site_then_split_brain_and_pro
     # the record says the source was not shut down; so does the compliance report
     text, html = _report_text(rt)
     assert "failover" in text and SOURCE_NOT_SHUT_DOWN in text and SOURCE_NOT_SHUT_DOWN in html
+    # and so does the DR report: the test's period holds the failover and its commit
+    from reports import build_dr_test_report
+
+    dr = build_dr_test_report(rt.store.engine, t["operation_id"], rt.config)
+    live = dr.figures["live_operations"]
+    assert [(o["kind"], o["result"]) for o in live] == [("failover", "succeeded"), ("commit", "succeeded")], live
+    fo = live[0]
+    assert fo["operation_id"] == s["operation_id"] and SOURCE_NOT_SHUT_DOWN in fo["warnings"]
+    assert (fo["rto_target_seconds"], fo["rto_met"]) == (900.0, True) and 0 < fo["rto_seconds"]
+    assert dr.figures["verdict"] == "PASS"  # the test's own verdict is the test's
+    for out_ in (dr.text, dr.html, dr.print_html):
+        assert "Live operations" in out_ and SOURCE_NOT_SHUT_DOWN in out_
+    csv = dr.csv_bytes()[f"{dr.basename}-live_operations.csv"].decode()
+    assert "failover" in csv and SOURCE_NOT_SHUT_DOWN in csv
 
     # --- the site comes back as it was ---------------------------------------------------
     rc, out, err = _cli(capsys, "lab", "site-up", "siteA")
