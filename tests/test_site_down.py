@@ -10,6 +10,7 @@ Real processes throughout: two simulator processes, pyvmomi over HTTPS, the CLI'
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -257,14 +258,35 @@ def test_failover_while_the_site_hangs_then_split_brain_warning_and_rollback(  #
     finally:
         rc, _, _ = _cli(capsys, "lab", "site-up", "siteA")
     assert rc == 0
-    monitor_pass(rt, vpgs=["erp"])
+    # the monitor flow's passes (as its schedule runs them): each emits what it recorded
+    import tasks  # noqa: F401 - the control plane's checkers, as in every flow process
+    from flows.monitor import monitor
+    from test_health_events import read_events
+    from vmrep.state import utcnow
+
+    start = utcnow()
+    monitor(cfg, ["erp"])
     sb = {a.vm: a for a in rt.store.open_alerts("erp") if a.code == "SPLIT_BRAIN"}
     assert set(sb) == set(ERP) and {a.level for a in sb.values()} == {"warning"}
     assert "awaiting commit" in sb["erp-web"].text and "roll back" in sb["erp-web"].text
     r = ops.rollback(cfg, "erp")
     assert r["result"] == "succeeded"
-    monitor_pass(rt, vpgs=["erp"])
+    monitor(cfg, ["erp"])
     assert not [a for a in rt.store.open_alerts("erp") if a.code == "SPLIT_BRAIN"]
+    # every SPLIT_BRAIN raised and cleared is a Prefect event, read back one for one
+    assert rt.store.pending_events("erp") == []
+    expected = sorted([("vmrep.alert.raised", a.id, a.vm, a.level) for a in sb.values()]
+                      + [("vmrep.alert.cleared", a.id, a.vm, a.level) for a in sb.values()])
+    deadline = time.monotonic() + 20  # the server persists events a moment after they are sent
+    while True:
+        events = [e for e in read_events("vmrep.vpg.erp", start, want=len(expected))
+                  if e.occurred >= start and e.payload.get("code") == "SPLIT_BRAIN"]
+        got = sorted((e.event, e.payload["alert_id"], e.payload["vm"], e.payload["level"]) for e in events)
+        if got == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert got == expected
+    assert all(e.payload["text"] == sb[e.payload["vm"]].text for e in events if e.event == "vmrep.alert.raised")
 
 
 def test_a_site_that_accepts_and_never_answers_is_decided_within_the_connect_timeout(  # type: ignore[no-untyped-def]
