@@ -45,18 +45,16 @@ def _refused(host: str) -> bool:
     return False
 
 
-def _disk_bytes_equal_checkpoint(lab: Any, rt: Any, checkpoint: str, vpg: str = "erp") -> int:
+def _disk_bytes_equal_checkpoint(lab: Any, rt: Any, checkpoint: str) -> int:
     """Each recovered disk, read as the recovered guest reads it at siteB, equals the
     checkpoint's disk block for block (independently of the failover's own verification).
     Returns the bytes compared."""
-    from vmrep.replication.endpoints import journal_for
-
     ctl = lab.control("siteB")
-    j = journal_for(rt, vpg)
+    j = rt.journal
     n = 0
-    for (vm, disk), size in sorted(j.disks(vpg, checkpoint).items()):
+    for (vm, disk), size in sorted(j.disks("erp", checkpoint).items()):
         idx = ctl.disk_index(vm, disk)
-        for offset, block in j.iter_disk(vpg, checkpoint, vm, disk):
+        for offset, block in j.iter_disk("erp", checkpoint, vm, disk):
             length = min(j.block_size, size - offset)
             got = ctl.guest_read(vm, idx, offset, length)
             want = block[:length] if block is not None else bytes(length)
@@ -197,8 +195,18 @@ def test_failover_and_commit_without_the_protected_site_then_split_brain_and_pro
     assert {k: r["bytes_changed"] // bs for k, r in rows.items() if r["bytes_changed"]} == differing
     assert rows[("erp-web", "scsi0:0")]["baseline"]["blocks_unlike_preseed"] == 1  # the unreplicated write
     assert rows[("erp-app", "scsi0:0")]["baseline"]["blocks_written_since"] == 2  # the recovered guest's
-    # and the reverse checkpoint is the recovered disks, block for block
-    assert _disk_bytes_equal_checkpoint(lab, rt, rp["checkpoint"], "erp-reverse") == full
+    # and the reverse checkpoint is the recovered disks, block for block (their flat files
+    # at siteB, read directly: the reverse sync's snapshot is gone, they are what the guests see)
+    from test_replication import flat_files
+
+    rj, n = journal_for(rt, "erp-reverse"), 0
+    for (vm, disk), path in sorted(flat_files(rt, "erp-reverse").items()):
+        data = path.read_bytes()
+        for offset, block in rj.iter_disk("erp-reverse", rp["checkpoint"], vm, disk):
+            got = data[offset:offset + bs]
+            assert got == (block[:len(got)] if block is not None else bytes(len(got))), (vm, disk, offset)
+            n += len(got)
+    assert n == full
     assert not set(ERP) & {sv.name for sv in vmops.site_vms(rt.client("siteA"))}  # sources replaced
     monitor_pass(rt, vpgs=["erp"])
     assert not [a for a in rt.store.open_alerts("erp") if a.code == "SPLIT_BRAIN"]
