@@ -168,7 +168,6 @@ def baseline_plan(rt: Runtime, vpg: VPG, vm: VMInfo, disk: DiskInfo, snapshot: A
     from vmrep.replication.blocks import ranges_to_blocks
 
     why: str | None = None
-    note: dict[str, Any] = {}
     c_map = None
     if seed_map is None:
         why = "no pre-seed of this disk at the original site"
@@ -189,23 +188,23 @@ def baseline_plan(rt: Runtime, vpg: VPG, vm: VMInfo, disk: DiskInfo, snapshot: A
             why = f"checkpoint {baseline['checkpoint']} has no disk of this size"
         if why is None:
             c_map = j.block_map(baseline["vpg"], baseline["checkpoint"], src_vm, disk.id)
-    if why is None:
-        try:
-            areas, _ = cbt.changed_areas(rt.client(vpg.protected_site), vm.ref, vm.name, snapshot, disk.key,
-                                         baseline["change_id"], disk.capacity)  # type: ignore[index]
-        except cbt.ChangeIdRefused as exc:
-            why = f"baseline change id {baseline['change_id']} refused ({exc})"  # type: ignore[index]
-    if why is not None:
+    if why is not None or baseline is None or c_map is None:
+        return DiskPlan("full", None, seed_map, new_id, why), {}
+    try:
+        areas, _ = cbt.changed_areas(rt.client(vpg.protected_site), vm.ref, vm.name, snapshot, disk.key,
+                                     baseline["change_id"], disk.capacity)
+    except cbt.ChangeIdRefused as exc:
+        why = f"baseline change id {baseline['change_id']} refused ({exc})"
         return DiskPlan("full", None, seed_map, new_id, why), {}
     bs = seed_map.block_size
     nblocks = -(-disk.capacity // bs)
     written = set(b for b in ranges_to_blocks(areas, bs) if b < nblocks)
-    a, b = c_map.array, seed_map.array  # type: ignore[union-attr]
+    a, b = c_map.array, seed_map.array
     n = min(len(a), len(b))
     unlike = set(int(i) for i in np.flatnonzero((a[:n] != b[:n]).any(axis=1)))
     unlike |= set(range(n, max(len(a), len(b))))  # beyond one map's end: a zero against a block
     blocks = sorted(written | unlike)
-    note = {"checkpoint": baseline["checkpoint"], "change_id": baseline["change_id"],  # type: ignore[index]
+    note = {"checkpoint": baseline["checkpoint"], "change_id": baseline["change_id"],
             "blocks_written_since": len(written), "blocks_unlike_preseed": len(unlike - written),
             "blocks_read": len(blocks)}
     ranges = [(i * bs, bs) for i in blocks]
