@@ -277,7 +277,44 @@ def _reverse_sync(d: dict[str, Any]) -> str:
     s = "synced for reverse protection: " + ", ".join(parts) if parts else "synced for reverse protection"
     if seeded:
         s += f"; pre-seeded from the original disks {_names(seeded)}"
+    fallbacks = d.pop("fallbacks", None) or {}
+    if fallbacks:
+        s += "; read in full: " + "; ".join(f"disk {k}: {v}" for k, v in sorted(fallbacks.items()))
     return s
+
+
+def _change_baseline(d: dict[str, Any]) -> str:
+    cp = d.pop("checkpoint", None)
+    disks = d.pop("disks", None) or {}
+    why = d.pop("fallback", None)
+    if why:
+        return f"no change-tracking baseline: {why}"
+    s = f"change tracking on; baseline change ids of {plural(len(disks), 'disk')}"
+    return s + (f" at checkpoint {cp}" if cp else "")
+
+
+LIVE_KINDS = ("failover", "move", "commit", "rollback")
+
+
+def live_operation_words(op: dict[str, Any]) -> str:
+    """The warnings and notes of a live operation (failover, move, commit, rollback) in
+    words: what its record says went short of plan (a failover's notes are its warnings,
+    e.g. "protected site unreachable: source VMs not shut down"), its error, a missed RTO."""
+    parts = []
+    notes = op.get("notes")
+    if notes is not None and not missing(notes) and str(notes):
+        parts.append(str(notes))
+    err = op.get("error")
+    if err is not None and not missing(err) and str(err):
+        parts.append(f"error: {err}")
+    rto, target = op.get("rto_seconds"), op.get("rto_target_seconds")
+    if rto is not None and target is not None and not missing(rto) and not missing(target) \
+            and float(rto) > float(target):
+        parts.append(f"RTO {secs(rto)} over the target {secs(target)}")
+    who = op.get("started_by")
+    if op.get("kind") in ("commit", "rollback") and who == "commit policy":
+        parts.append("applied by the commit policy")
+    return "; ".join(parts)
 
 
 def _recovered(d: dict[str, Any]) -> str:
@@ -310,6 +347,7 @@ SENTENCES: dict[str, Callable[[dict[str, Any]], str]] = {
     "shutdown-source": _shutdown,
     "remove-source-vm": _remove_source,
     "reverse-sync": _reverse_sync,
+    "change-baseline": _change_baseline,
     "reverse-checkpoint": _checkpoint,
     "recovered": _recovered,
     "awaiting-stop": _awaiting_stop,
@@ -349,4 +387,5 @@ def describe(step: str, detail: Any) -> str:
     return _short("; ".join(words))
 
 
-__all__ = ["describe", "key_values", "value_words", "size", "secs", "SENTENCES"]
+__all__ = ["describe", "key_values", "value_words", "size", "secs", "SENTENCES", "LIVE_KINDS",
+           "live_operation_words"]

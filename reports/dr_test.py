@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import pandas as pd
 
 from reports import charts, frames
-from reports.details import describe
+from reports.details import LIVE_KINDS, describe, live_operation_words
 from reports.frames import ReportError, utc
 from reports.render import fmt_duration, missing, render_report
 from reports.report import Report, slug
@@ -73,6 +73,36 @@ def _jsonable(v: Any) -> Any:
     if hasattr(v, "item"):  # numpy scalar
         return v.item()
     return v
+
+
+LIVE_COLUMNS = ["operation_id", "kind", "started_at", "ended_at", "started_by", "result", "rto_seconds",
+                "rto_target_seconds", "rto_met", "checkpoint_id", "warnings"]
+
+
+def _live_operations(engine: Any, vpg: str, since: datetime | None,
+                     now: datetime) -> tuple[list[dict[str, Any]], Any, Any]:
+    """The VPG's failovers, moves, commits and rollbacks of the test's period: from the
+    test's start until the VPG's next test starts (or the report is made). A test vouches
+    for the VPG until the next one; what recovered it for real meanwhile, and what went
+    short of plan then (a source not shut down, a missed RTO), belongs beside it."""
+    if since is None:
+        return [], None, None
+    since = utc(since)
+    assert since is not None  # a started_at read from the database
+    later = frames.operations(engine, [vpg], since + timedelta(microseconds=1), now, kinds=("test",))
+    until = utc(later["started_at"].min()) if len(later) else now
+    ops = frames.operations(engine, [vpg], since, until, kinds=LIVE_KINDS)
+    rows = []
+    for _, o in ops.iterrows():
+        d = o.to_dict()
+        rto, target = _num(d.get("rto_seconds")), _num(d.get("rto_target_seconds"))
+        rows.append(_jsonable({
+            "operation_id": str(d["id"]), "kind": str(d["kind"]), "started_at": _val(d["started_at"]),
+            "ended_at": _val(d.get("ended_at")), "started_by": _val(d.get("started_by")),
+            "result": str(d["result"]), "rto_seconds": rto, "rto_target_seconds": target,
+            "rto_met": None if rto is None or target is None else rto <= target,
+            "checkpoint_id": _val(d.get("checkpoint_id")), "warnings": live_operation_words(d)}))
+    return rows, _jsonable(since), _jsonable(until)
 
 
 def build_dr_test_report(
@@ -227,6 +257,7 @@ def build_dr_test_report(
         )
     if tr is None and not running:
         errors.append({"level": "warning", "source": "test result", "at": None, "text": "no test result (success flag, notes) was recorded for this test"})
+    live, live_since, live_until = _live_operations(engine, vpg, started_at, now)
     n_errors = sum(1 for e in errors if e["level"] == "error")
     n_warnings = sum(1 for e in errors if e["level"] != "error")
 
@@ -269,6 +300,9 @@ def build_dr_test_report(
             "errors": n_errors,
             "warnings": n_warnings,
             "flow_run_id": _val(op.get("flow_run_id")),
+            "live_operations_since": live_since,
+            "live_operations_until": live_until,
+            "live_operations": live,
         }
     )
 
@@ -289,6 +323,7 @@ def build_dr_test_report(
         "pass_rule": PASS_RULE,
         "generated_at": now,
         "vpg_config": vpg_cfg,
+        "live": figures["live_operations"],
     }
     html, text, print_html = render_report("dr_test", **ctx)
 
@@ -298,7 +333,11 @@ def build_dr_test_report(
         [{k: v for k, v in row.items() if k not in ("step_rows", "vpg_level")} for row in vms],
         columns=["vm", "steps", "steps_ok", "steps_failed", "started_at", "ended_at", "duration_seconds", "verification", "cleanup", "errors"],
     )
-    summary_csv = pd.DataFrame([{k: ("; ".join(v) if isinstance(v, list) else v) for k, v in figures.items()}])
+    summary_csv = pd.DataFrame([{k: ("; ".join(v) if isinstance(v, list) else v) for k, v in figures.items()
+                                 if k != "live_operations"}])
+    csvs = {"summary": summary_csv, "vms": vms_csv, "steps": steps_csv}
+    if live:  # the CSV of the live operations, where the period has any
+        csvs["live_operations"] = pd.DataFrame(figures["live_operations"], columns=LIVE_COLUMNS)
     date = figures["started_at"][:10] if figures["started_at"] else ""
     return Report(
         kind="dr_test",
@@ -308,7 +347,7 @@ def build_dr_test_report(
         html=html,
         text=text,
         figures=figures,
-        frames={"summary": summary_csv, "vms": vms_csv, "steps": steps_csv},
+        frames=csvs,
         vpgs=[vpg],
         basename=f"dr-test-{slug(vpg, 40)}-{slug(op_id, 40)}",
         generated_at=now,

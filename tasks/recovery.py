@@ -47,6 +47,11 @@ def run_script(config: str, vpg: str, op_id: str, phase: str) -> dict[str, Any]:
     return s.run_recovery_script(config, vpg, op_id, phase)
 
 
+@task(name="change-baseline", task_run_name="change-baseline {vm}", **step_options(timeout=None))
+def change_baseline(config: str, vpg: str, op_id: str, vm: str) -> dict[str, Any]:
+    return s.change_baseline(config, vpg, op_id, vm)
+
+
 @task(name="power-on", task_run_name="power-on {vm}", **step_options(timeout=None))
 def power_on(config: str, vpg: str, op_id: str, vm: str) -> dict[str, Any]:
     return s.power_on(config, vpg, op_id, vm)
@@ -98,13 +103,15 @@ def remove_source_vm(config: str, vpg: str, op_id: str, vm: str, of_operation: s
 
 
 @task(name="reverse-sync", task_run_name="reverse-sync {vm}", **step_options(timeout=None))
-def reverse_sync(config: str, target: str, op_id: str, vm: str, preseed: dict[str, str]) -> dict[str, Any]:
-    return s.reverse_sync_vm(config, target, op_id, vm, preseed)
+def reverse_sync(config: str, target: str, op_id: str, vm: str, preseed: dict[str, str],
+                 baselines: dict[str, Any] | None = None) -> dict[str, Any]:
+    return s.reverse_sync_vm(config, target, op_id, vm, preseed, baselines)
 
 
 @task(name="reverse-checkpoint", **step_options(retries=1, timeout=None))
-def reverse_checkpoint(config: str, target: str, op_id: str, reverse_of: str) -> dict[str, Any]:
-    return s.reverse_checkpoint(config, target, op_id, reverse_of)
+def reverse_checkpoint(config: str, target: str, op_id: str, reverse_of: str,
+                       meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    return s.reverse_checkpoint(config, target, op_id, reverse_of, meta)
 
 
 TASKS = {
@@ -114,6 +121,7 @@ TASKS = {
     "create-vm": create_vm,
     "customize": customize,
     "run-script": run_script,
+    "change-baseline": change_baseline,
     "power-on": power_on,
     "verify": verify,
     "remove-vm": remove_vm,

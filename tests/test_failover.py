@@ -191,9 +191,20 @@ def test_failover_then_commit_with_reverse_protection(fresh_lab, tmp_path) -> No
                          commit_policy="none", verify_timeout=20, notify=lines.append)
     assert lines == ["VPG erp: failover awaiting commit: run 'vmrep commit erp' or 'vmrep rollback erp'"]
     assert s["checkpoint_id"] == rt.journal.checkpoint("erp", "latest-tagged").id
+    # one recovered disk's change tracking is reset (as a host does after a crash): its
+    # baseline change id is refused then, and that disk alone is read in full
+    ctl = fresh_lab.control("siteB")
+    ctl.cbt_reset("erp-db", ctl.disk_index("erp-db", "scsi0:1"))
     c = ops.commit(cfg, "erp", reverse_protection=True, who="gina")
     rp = c["reverse_protection"]
-    assert c["result"] == "succeeded" and rp["vpg"] == "erp-reverse" and rp["bytes_read"] > 0
+    assert c["result"] == "succeeded" and rp["vpg"] == "erp-reverse"
+    # nothing written since the failover's baseline, checkpoint == pre-seed: nothing else to
+    # read (docs/recovery.md, "Reverse protection reads less than a full copy")
+    assert rp["bytes_read"] == 16 * 1024 * 1024  # erp-db scsi0:1
+    rows = {(r["vm"], r["disk"]): r for r in rt.journal.checkpoint("erp-reverse", rp["checkpoint"]).meta["disks"]}
+    full = rows.pop(("erp-db", "scsi0:1"))
+    assert full["method"] == "full" and "refused" in full["fallback"] and full["bytes_changed"] == 0
+    assert {(r["method"], r["bytes_read"], r.get("fallback")) for r in rows.values()} == {("cbt", 0, None)}
     # the pre-seed (the original disks at siteA) saves sending the data back: measured in a
     # journal of its own, as the shared one holds erp's blocks anyway
     seeded = stored_from_protected_site(fresh_lab.config_path, tmp_path / "preseed", "erp-reverse", preseed=True)

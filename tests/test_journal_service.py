@@ -559,6 +559,10 @@ def test_reverse_protection_through_a_service_sends_only_the_differing_blocks(fr
             print(f"\nreverse: {differing} differing blocks, payload {payload}, sent {sent}")
             assert differing == 2
             assert payload <= sent <= payload + differing * 1024 + 4096
+            # and only those blocks were read at siteB: the failover's change-tracking
+            # baseline and the checkpoint's map against the pre-seed's told the rest
+            assert cp.meta["bytes_read"] == differing * MiB == cp.meta["bytes_changed"], cp.meta
+            assert {r["method"] for r in cp.meta["disks"]} == {"cbt"}, cp.meta["disks"]
             for key, p in recovered.items():
                 jl.restore_disk("erp-reverse", cp.id, key[0], key[1], d / "rev.img")
                 assert (d / "rev.img").read_bytes() == p.read_bytes(), key

@@ -10,6 +10,7 @@ Real processes throughout: two simulator processes, pyvmomi over HTTPS, the CLI'
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +72,16 @@ def test_failover_and_commit_without_the_protected_site_then_split_brain_and_pro
     site_a = lab.site("siteA")
     # sync, then a guest writes and a cycle replicates it: the checkpoint failed over to
     synced(rt, "erp")
+    lab.control("siteB").boot_delay(100)
+    # a DR test passed before the disaster: its report covers what follows until the next test
+    t = ops.run_test(cfg, "erp", verify_timeout=30)
+    assert t["success"] is True
     lab.guest_write("erp-db", "scsi0:0", 3 * MiB, b"after the sync " * 1000)
     from vmrep.replication import engine
 
     cp = engine.run_cycle(rt, rt.config.vpg("erp")).checkpoint_id
-    lab.control("siteB").boot_delay(100)
+    # the source writes once more, and the disaster strikes before a cycle takes it
+    lab.guest_write("erp-web", "scsi0:0", 5 * MiB + 10, b"never replicated " * 60)
 
     # --- the protected site goes away ---------------------------------------------------
     rc, out, err = _cli(capsys, "lab", "site-down", "siteA")
@@ -116,6 +122,12 @@ def test_failover_and_commit_without_the_protected_site_then_split_brain_and_pro
     site_b = {sv.name: sv for sv in vmops.site_vms(rt.client("siteB"))}
     assert {n: site_b[n].power for n in ERP} == dict.fromkeys(ERP, "poweredOn")
     assert _disk_bytes_equal_checkpoint(lab, rt, cp) == sum(rt.journal.disks("erp", cp).values())
+    # the recovered guests work: writes the original site never saw (one spans two blocks)
+    lab.guest_write("erp-app", "scsi0:0", 2 * MiB - 500, b"recovered guest " * 63, site="siteB")
+    lab.guest_write("erp-db", "scsi0:0", 3 * MiB, b"written after the failover " * 20, site="siteB")
+    # the blocks that differ between the recovered disks and the original ones at siteA
+    # (1 MiB blocks): what reverse protection must read and send, and nothing else
+    differing = {("erp-app", "scsi0:0"): 2, ("erp-db", "scsi0:0"): 1, ("erp-web", "scsi0:0"): 1}
 
     # --- commit: reverse protection refused while the site is gone, plain commit works ---
     rc, _, err = _cli(capsys, "commit", "erp", "--reverse-protection", "--direct", "--config", cfg)
@@ -128,6 +140,20 @@ def test_failover_and_commit_without_the_protected_site_then_split_brain_and_pro
     # the record says the source was not shut down; so does the compliance report
     text, html = _report_text(rt)
     assert "failover" in text and SOURCE_NOT_SHUT_DOWN in text and SOURCE_NOT_SHUT_DOWN in html
+    # and so does the DR report: the test's period holds the failover and its commit
+    from reports import build_dr_test_report
+
+    dr = build_dr_test_report(rt.store.engine, t["operation_id"], rt.config)
+    live = dr.figures["live_operations"]
+    assert [(o["kind"], o["result"]) for o in live] == [("failover", "succeeded"), ("commit", "succeeded")], live
+    fo = live[0]
+    assert fo["operation_id"] == s["operation_id"] and SOURCE_NOT_SHUT_DOWN in fo["warnings"]
+    assert (fo["rto_target_seconds"], fo["rto_met"]) == (900.0, True) and 0 < fo["rto_seconds"]
+    assert dr.figures["verdict"] == "PASS"  # the test's own verdict is the test's
+    for out_ in (dr.text, dr.html, dr.print_html):
+        assert "Live operations" in out_ and SOURCE_NOT_SHUT_DOWN in out_
+    csv = dr.csv_bytes()[f"{dr.basename}-live_operations.csv"].decode()
+    assert "failover" in csv and SOURCE_NOT_SHUT_DOWN in csv
 
     # --- the site comes back as it was ---------------------------------------------------
     rc, out, err = _cli(capsys, "lab", "site-up", "siteA")
@@ -154,6 +180,33 @@ def test_failover_and_commit_without_the_protected_site_then_split_brain_and_pro
     rp = json.loads(out)["reverse_protection"]
     assert rp["vpg"] == "erp-reverse" and 0 < rp["bytes_read"]
     assert rp["bytes_stored"] < full / 4, (rp, full)
+    # read less than a full copy: only the blocks that differ from the original disks
+    # (the failover's change-tracking baseline and checkpoint cp tell the rest), per disk
+    bs = rt.journal.block_size
+    assert rp["bytes_read"] == sum(differing.values()) * bs < full, (rp, full)
+    from vmrep.replication.endpoints import journal_for
+
+    meta = journal_for(rt, "erp-reverse").checkpoint("erp-reverse", rp["checkpoint"]).meta
+    assert (meta["bytes_read"], meta["bytes_changed"]) == (rp["bytes_read"], rp["bytes_read"]), meta
+    assert 0 < meta["bytes_sent"] < full / 4
+    rows = {(r["vm"], r["disk"]): r for r in meta["disks"]}
+    assert not [r for r in rows.values() if r["method"] != "cbt" or r.get("fallback")], meta["disks"]
+    assert {k: r["bytes_read"] // bs for k, r in rows.items() if r["bytes_read"]} == differing
+    assert {k: r["bytes_changed"] // bs for k, r in rows.items() if r["bytes_changed"]} == differing
+    assert rows[("erp-web", "scsi0:0")]["baseline"]["blocks_unlike_preseed"] == 1  # the unreplicated write
+    assert rows[("erp-app", "scsi0:0")]["baseline"]["blocks_written_since"] == 2  # the recovered guest's
+    # and the reverse checkpoint is the recovered disks, block for block (their flat files
+    # at siteB, read directly: the reverse sync's snapshot is gone, they are what the guests see)
+    from test_replication import flat_files
+
+    rj, n = journal_for(rt, "erp-reverse"), 0
+    for (vm, disk), path in sorted(flat_files(rt, "erp-reverse").items()):
+        data = path.read_bytes()
+        for offset, block in rj.iter_disk("erp-reverse", rp["checkpoint"], vm, disk):
+            got = data[offset:offset + bs]
+            assert got == (block[:len(got)] if block is not None else bytes(len(got))), (vm, disk, offset)
+            n += len(got)
+    assert n == full
     assert not set(ERP) & {sv.name for sv in vmops.site_vms(rt.client("siteA"))}  # sources replaced
     monitor_pass(rt, vpgs=["erp"])
     assert not [a for a in rt.store.open_alerts("erp") if a.code == "SPLIT_BRAIN"]
@@ -213,14 +266,35 @@ def test_failover_while_the_site_hangs_then_split_brain_warning_and_rollback(  #
     finally:
         rc, _, _ = _cli(capsys, "lab", "site-up", "siteA")
     assert rc == 0
-    monitor_pass(rt, vpgs=["erp"])
+    # the monitor flow's passes (as its schedule runs them): each emits what it recorded
+    import tasks  # noqa: F401 - the control plane's checkers, as in every flow process
+    from flows.monitor import monitor
+    from test_health_events import read_events
+    from vmrep.state import utcnow
+
+    start = utcnow()
+    monitor(cfg, ["erp"])
     sb = {a.vm: a for a in rt.store.open_alerts("erp") if a.code == "SPLIT_BRAIN"}
     assert set(sb) == set(ERP) and {a.level for a in sb.values()} == {"warning"}
     assert "awaiting commit" in sb["erp-web"].text and "roll back" in sb["erp-web"].text
     r = ops.rollback(cfg, "erp")
     assert r["result"] == "succeeded"
-    monitor_pass(rt, vpgs=["erp"])
+    monitor(cfg, ["erp"])
     assert not [a for a in rt.store.open_alerts("erp") if a.code == "SPLIT_BRAIN"]
+    # every SPLIT_BRAIN raised and cleared is a Prefect event, read back one for one
+    assert rt.store.pending_events("erp") == []
+    expected = sorted([("vmrep.alert.raised", a.id, a.vm, a.level) for a in sb.values()]
+                      + [("vmrep.alert.cleared", a.id, a.vm, a.level) for a in sb.values()])
+    deadline = time.monotonic() + 20  # the server persists events a moment after they are sent
+    while True:
+        events = [e for e in read_events("vmrep.vpg.erp", start, want=len(expected))
+                  if e.occurred >= start and e.payload.get("code") == "SPLIT_BRAIN"]
+        got = sorted((e.event, e.payload["alert_id"], e.payload["vm"], e.payload["level"]) for e in events)
+        if got == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert got == expected
+    assert all(e.payload["text"] == sb[e.payload["vm"]].text for e in events if e.event == "vmrep.alert.raised")
 
 
 def test_a_site_that_accepts_and_never_answers_is_decided_within_the_connect_timeout(  # type: ignore[no-untyped-def]

@@ -370,7 +370,9 @@ def reverse_protect(rt: Runtime, vpg: VPG, plan: Any, commit_op: str, *, runner:
                     flow_run_id: str | None) -> dict[str, Any]:
     """Protect the committed VMs back to the original site, pre-seeded from the original disks."""
     from vmrep.recovery.reverse import (
+        failover_baselines,
         reverse_definition,
+        reverse_sync_meta,
         reverse_target,
         save_generated,
     )
@@ -395,9 +397,12 @@ def reverse_protect(rt: Runtime, vpg: VPG, plan: Any, commit_op: str, *, runner:
             store.set_status(target.name, Status.INITIALIZING, Substatus.INITIAL_SYNC,
                              detail=f"reverse protection of {vpg.name}")
             engine.close_writer(rt, target.name, commit=False)
-            results = runner.each("reverse-sync", [(config, target.name, op, m.name, preseed.get(m.name, {}))
-                                                   for m in target.vms])
-            cp = runner.one("reverse-checkpoint", config, target.name, op, vpg.name)
+            # what the failover recorded before the recovered VMs ran: the reverse sync
+            # reads only the blocks it cannot know from it (docs/recovery.md)
+            baselines = failover_baselines(store, vpg.name, plan.operation_id, plan.checkpoint_id)
+            results = runner.each("reverse-sync", [(config, target.name, op, m.name, preseed.get(m.name, {}),
+                                                    baselines.get(m.name, {})) for m in target.vms])
+            cp = runner.one("reverse-checkpoint", config, target.name, op, vpg.name, reverse_sync_meta(results))
         except BaseException as exc:
             # the operation is ended and the VPG released by holding_vpg
             engine.close_writer(rt, target.name, commit=False)

@@ -47,6 +47,9 @@ def _recover(rt: Runtime, config: str, vpg: VPG, op: str, operation: str, checkp
     runner.each("customize", calls(only=[m.source for m in plan.vms if m.customize]))
     if vpg.pre_recovery_script is not None:
         runner.one("run-script", config, vpg.name, op, "pre")
+    if operation in ("failover", "move"):
+        # before any guest runs: what reverse protection later need not read (steps.change_baseline)
+        runner.each("change-baseline", calls())
     for i, g in enumerate(plan.groups):
         runner.each("power-on", calls(only=list(g["vms"])))  # source VM names, in boot order
         if g["delay_seconds"] and i < len(plan.groups) - 1:

@@ -267,6 +267,34 @@ def customize_vm(config: str, vpg: str, op_id: str, vm: str) -> dict[str, Any]:
         return {"vm": vm, "customized": done, "ips": v.expected_ips}
 
 
+def change_baseline(config: str, vpg: str, op_id: str, vm: str) -> dict[str, Any]:
+    """Before the recovered VM first powers on (its disks hold the checkpoint exactly):
+    change tracking on, and per disk the change id from which reverse protection later
+    asks what the guest changed (docs/recovery.md, "Reverse protection reads less").
+    Recorded in this step's detail: {checkpoint, disks: {disk id: {key, change_id}}},
+    or why there is no baseline (the reverse sync then reads those disks in full)."""
+    from vmrep.vsphere import cbt
+    from vmrep.vsphere.inventory import parse_devices
+    from vmrep.vsphere.property import retrieve_one
+
+    rt, _ = _rt(config, vpg)
+    plan = get_plan(rt, op_id)
+    v = plan.vm(vm)
+    with rt.store.step(op_id, vm, "change-baseline") as h:
+        client = rt.client(plan.site)
+        sv = _the_vm(rt, plan, vm)
+        h.detail.update(checkpoint=plan.checkpoint_id)
+        if vmops.power_state(client, sv.ref) == "poweredOn":
+            # a retry after the power-on: the guest may have written already, no baseline
+            h.skip("powered on already")
+            return {"vm": vm, "disks": {}, "fallback": "the VM was powered on before its baseline"}
+        ids, why = cbt.baseline_change_ids(client, sv.ref, v.name)
+        devices = retrieve_one(client, sv.ref, ["config.hardware.device"]).get("config.hardware.device") or []
+        disks = {d.id: {"key": d.key, "change_id": ids[d.key]} for d in parse_devices(devices)[0] if d.key in ids}
+        h.detail.update(disks=disks, **({"fallback": why} if why else {}))
+        return {"vm": vm, "disks": disks, "fallback": why}
+
+
 def power_on(config: str, vpg: str, op_id: str, vm: str) -> dict[str, Any]:
     rt, _ = _rt(config, vpg)
     plan = get_plan(rt, op_id)
@@ -456,8 +484,14 @@ def remove_source_vm(config: str, vpg: str, op_id: str, vm: str, of_operation: s
 # Reverse protection (steps on the reverse VPG)
 
 
-def reverse_sync_vm(config: str, target: str, op_id: str, vm: str, preseed: dict[str, str]) -> dict[str, Any]:
-    """Initial sync of one VM of the reverse VPG, pre-seeded from the original disks."""
+def reverse_sync_vm(config: str, target: str, op_id: str, vm: str, preseed: dict[str, str],
+                    baselines: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Initial sync of one VM of the reverse VPG, pre-seeded from the original disks and
+    reading only what the failover's change-tracking baseline (`baselines`: disk id ->
+    {vpg, checkpoint, change_id, key}) cannot tell (`reverse.sync_from_baseline`)."""
+    from dataclasses import asdict
+
+    from vmrep.recovery.reverse import sync_from_baseline
     from vmrep.replication import engine
 
     rt, tv = _rt(config, target)
@@ -471,20 +505,24 @@ def reverse_sync_vm(config: str, target: str, op_id: str, vm: str, preseed: dict
                 s = engine.preseed_source(rt, tv, path, d.capacity)
                 if s is not None:
                     seeds[d.id] = s
-        t = engine.transfer_vm(rt, tv, info, writer, None, preseed=seeds)
+        t, notes = sync_from_baseline(rt, tv, info, writer, seeds, baselines or {})
         out = {"vm": vm, "bytes_read": t.bytes_read, "bytes_stored": t.bytes_stored,
-               "blocks_changed": t.blocks_changed, "preseeded_disks": sorted(seeds)}
+               "blocks_changed": t.blocks_changed, "preseeded_disks": sorted(seeds),
+               "fallbacks": {d: st.fallback for d, st in t.disks.items() if st.fallback}}
         h.detail.update(out)
-        return out
+        return {**out, "disks": {d: {**asdict(st), "baseline": notes.get(d) or None} for d, st in t.disks.items()}}
 
 
-def reverse_checkpoint(config: str, target: str, op_id: str, reverse_of: str) -> dict[str, Any]:
+def reverse_checkpoint(config: str, target: str, op_id: str, reverse_of: str,
+                       meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Commit the reverse VPG's first checkpoint; `meta`: its transfer record (what the
+    reverse sync read, sent and found changed, per disk)."""
     from vmrep.replication import engine
 
     rt, _ = _rt(config, target)
     with rt.store.step(op_id, None, "reverse-checkpoint") as h:
         cp = engine.close_writer(rt, target, commit=True, at=utcnow(), tag="reverse protection",
-                                 meta={"kind": "initial_sync", "reverse_of": reverse_of})
+                                 meta={"kind": "initial_sync", "reverse_of": reverse_of, **(meta or {})})
         if cp is None:
             raise VmrepError(f"VPG {target}: no open checkpoint to commit (the sync ran in another process?)")
         rt.store.note_checkpoint(target, cp.time)
@@ -502,6 +540,7 @@ STEPS: dict[str, Callable[..., Any]] = {
     "write-disks": write_disks,
     "create-vm": create_vm,
     "customize": customize_vm,
+    "change-baseline": change_baseline,
     "power-on": power_on,
     "verify": verify_vm,
     "remove-vm": remove_vm,

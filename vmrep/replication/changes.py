@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import logging
 from typing import Any
 
+import numpy as np
+
 from vmrep.config import VPG
 from vmrep.replication.endpoints import journal_for
 from vmrep.replication.points import find_snapshot
@@ -147,3 +149,63 @@ def source_mismatch_disks(rt: Runtime, vpg: str) -> dict[tuple[str, str], int]:
     by the next cycle whatever CBT says (CBT lost changes there)."""
     return {(a.vm, str((a.data or {}).get("subject"))): a.id for a in rt.store.open_alerts(vpg)
             if a.code == SOURCE_MISMATCH and a.vm}
+
+
+def baseline_plan(rt: Runtime, vpg: VPG, vm: VMInfo, disk: DiskInfo, snapshot: Any | None, new_id: str | None,
+                  baseline: dict[str, Any] | None, seed_map: Any) -> tuple[DiskPlan, dict[str, Any]]:
+    """The reverse VPG's initial sync of one recovered disk, from the failover's baseline
+    (docs/recovery.md, "Reverse protection reads less than a full copy").
+
+    `baseline`: {vpg, checkpoint C, change_id, key} recorded before the recovered VM first
+    powered on, when its disk held C exactly. A block the guest has not written since
+    (QueryChangedDiskAreas from that change id, at this sync's snapshot) still holds C's
+    block, whose id C's block map in the original journal has; where that id equals the
+    pre-seed's (`seed_map`, the original disk hashed where it lies) the block is known
+    without reading it. Only the other blocks are read: those changed since the baseline,
+    and those where C differs from the pre-seed (the source's writes after C that were
+    never replicated). Anything unknown: every block is read (DiskPlan "full", its
+    fallback saying why). Returns the plan and what the checkpoint records about it."""
+    from vmrep.replication.blocks import ranges_to_blocks
+
+    why: str | None = None
+    c_map = None
+    if seed_map is None:
+        why = "no pre-seed of this disk at the original site"
+    elif not baseline or not baseline.get("change_id"):
+        why = (baseline or {}).get("fallback") or "no change-tracking baseline recorded for this disk at the failover"
+    elif baseline.get("key") != disk.key:
+        why = f"device key {disk.key} is not the baseline's ({baseline.get('key')})"
+    elif snapshot is None or new_id is None:
+        why = "change tracking is off on this disk"
+    else:
+        j = journal_for(rt, baseline["vpg"])
+        src_vm = baseline.get("vm") or vm.name  # the VM's name in the original VPG's journal
+        try:
+            size = j.disks(baseline["vpg"], baseline["checkpoint"]).get((src_vm, disk.id))
+        except Exception as exc:  # noqa: BLE001 - any journal failure only costs the full read
+            size, why = None, f"checkpoint {baseline['checkpoint']} not readable ({exc})"
+        if why is None and size != disk.capacity:
+            why = f"checkpoint {baseline['checkpoint']} has no disk of this size"
+        if why is None:
+            c_map = j.block_map(baseline["vpg"], baseline["checkpoint"], src_vm, disk.id)
+    if why is not None or baseline is None or c_map is None:
+        return DiskPlan("full", None, seed_map, new_id, why), {}
+    try:
+        areas, _ = cbt.changed_areas(rt.client(vpg.protected_site), vm.ref, vm.name, snapshot, disk.key,
+                                     baseline["change_id"], disk.capacity)
+    except cbt.ChangeIdRefused as exc:
+        why = f"baseline change id {baseline['change_id']} refused ({exc})"
+        return DiskPlan("full", None, seed_map, new_id, why), {}
+    bs = seed_map.block_size
+    nblocks = -(-disk.capacity // bs)
+    written = set(b for b in ranges_to_blocks(areas, bs) if b < nblocks)
+    a, b = c_map.array, seed_map.array
+    n = min(len(a), len(b))
+    unlike = set(int(i) for i in np.flatnonzero((a[:n] != b[:n]).any(axis=1)))
+    unlike |= set(range(n, max(len(a), len(b))))  # beyond one map's end: a zero against a block
+    blocks = sorted(written | unlike)
+    note = {"checkpoint": baseline["checkpoint"], "change_id": baseline["change_id"],
+            "blocks_written_since": len(written), "blocks_unlike_preseed": len(unlike - written),
+            "blocks_read": len(blocks)}
+    ranges = [(i * bs, bs) for i in blocks]
+    return DiskPlan("cbt", ranges, seed_map, new_id, None, None), note

@@ -88,3 +88,29 @@ def changed_areas(client: Client, vm: Any, name: str, snapshot: Any, device_key:
             raise VSphereError(f"{what}: answer does not advance past offset {start}")
         start = nxt
     return out, calls
+
+
+BASELINE_SNAPSHOT = "vmrep-baseline"  # the short snapshot a baseline's change ids are read from
+
+
+def baseline_change_ids(client: Client, vm: Any, name: str) -> tuple[dict[int, str], str | None]:
+    """Turn tracking on and hand out a change id per disk now, for a VM whose disks are
+    known to hold a checkpoint (a recovered VM before its first power-on): device key ->
+    change id, and None; or ({}, why) when the VM cannot track changes.
+
+    vSphere hands out change ids only at snapshots (and a powered-off VM's tracking takes
+    effect at one), so a snapshot is taken for the ids and removed again at once; a
+    leftover of a crashed try is removed first. The ids stay valid after the snapshot
+    is gone, until tracking is reset (a later QueryChangedDiskAreas then refuses them)."""
+    if not enable_tracking(client, vm, name):
+        return {}, "the VM cannot track changes"
+    tree = retrieve_one(client, vm, ["snapshot"]).get("snapshot")
+    for old in vmops.find_snapshots(tree, BASELINE_SNAPSHOT):
+        vmops.remove_snapshot(client, name, old, "remove a leftover change-tracking baseline snapshot")
+    snap = vmops.create_snapshot(client, name, vm, BASELINE_SNAPSHOT, "change-tracking baseline snapshot",
+                                 description="vmrep: change ids of the recovered disks (removed at once)")
+    try:
+        ids = snapshot_change_ids(client, snap)
+    finally:
+        vmops.remove_snapshot(client, name, snap, "remove the change-tracking baseline snapshot")
+    return ids, None
