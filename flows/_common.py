@@ -1,14 +1,60 @@
 """Helpers the flows share: the flow run's id, waiting on futures so none fails unseen
-(who started a run is `vmrep.stamps.started_by`, as everywhere)."""
+(who started a run is `vmrep.stamps.started_by`, as everywhere), handing a run to its
+site's deployment, and emitting what a run recorded as Prefect events when it ends."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from tasks.common import wait_all  # re-exported: the flows wait as the tasks do
+from tasks.monitoring import emit_outbox, emit_recorded
 from vmrep.errors import VmrepError
 
-__all__ = ["flow_run_id", "hand_off", "problem_lines", "wait_all"]
+__all__ = ["drain_events", "emitting", "flow_run_id", "hand_off", "problem_lines", "wait_all"]
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def emitting(config: str, *, as_task: bool = True) -> Iterator[None]:
+    """Around the body of every flow that changes alerts or statuses (tests, failovers,
+    moves, commits, rollbacks, syncs, replication): when it ends, passed or failed, the
+    transitions recorded meanwhile (the state store's event outbox) go out as Prefect
+    events, so an automation hears of e.g. TEST_OVERDUE cleared by a test now, not at
+    the next monitor pass. One task run (`emit-events`) whose failure never hides the
+    run's own outcome; after a cancel or crash no task may start, so the flows' hooks
+    drain instead (`drain_events`). `as_task` False: drained in the flow's own code, no
+    task run (replication: a task run at the end of each run would widen the RPO gap
+    where one run hands over to the next, which waits for it to end)."""
+
+    def drain() -> None:
+        if as_task:
+            emit_recorded(config, return_state=True)
+        else:
+            drain_events(config)
+
+    try:
+        yield
+    except Exception:
+        drain()
+        raise
+    except BaseException:
+        raise  # cancelled or crashed: the on_cancellation / on_crashed hook drains
+    drain()
+
+
+def drain_events(config: str) -> None:
+    """The outbox emitted now, without a task run: for the flows' cancel and crash hooks,
+    where the run's orchestration is over. Never raises (the monitor drains what is left)."""
+    try:
+        from vmrep.runtime import get_runtime
+
+        emit_outbox(get_runtime(config).store)
+    except Exception as exc:  # noqa: BLE001 - the next monitor pass sends what is left
+        log.warning("events not emitted after the run ended: %s", exc)
 
 
 def flow_run_id() -> str | None:
