@@ -13,7 +13,8 @@ from tasks.common import wait_all  # re-exported: the flows wait as the tasks do
 from tasks.monitoring import emit_outbox, emit_recorded
 from vmrep.errors import VmrepError
 
-__all__ = ["drain_events", "emitting", "flow_run_id", "hand_off", "problem_lines", "wait_all"]
+__all__ = ["cancel_handed_over", "drain_events", "emitting", "flow_run_id", "hand_off", "problem_lines",
+           "wait_all"]
 
 log = logging.getLogger(__name__)
 
@@ -105,3 +106,33 @@ def hand_off(config: str, vpg: str, role: str) -> dict[str, Any] | None:
         reason = (state.message or state.name) if state else "no state"
         raise VmrepError(f"VPG {vpg}: {target} run {child.name} did not complete: {reason}")
     return out
+
+
+def cancel_handed_over(flow: Any, flow_run: Any, state: Any) -> list[str]:
+    """on_cancellation of every flow that may hand over (`hand_off`): the run a cancelled
+    UI entry handed over to (its subflow, on the site's pool) is cancelled too, instead of
+    going on unseen. A running child is set Cancelling, so its worker ends its process and
+    runs its own cancellation hook (a test's VMs removed, the VPG released); a child not
+    started yet is set Cancelled. Returns the ids of the runs cancelled; never raises (a
+    child left running still ends by itself, and the monitor cleans up after dead owners)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.states import Cancelled, Cancelling
+
+    done: list[str] = []
+    why = f"the run it was handed over from ({flow_run.name}) was cancelled"
+    try:
+        with get_client(sync_client=True) as client:
+            children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run.id])))
+            for child in children:
+                st = child.state
+                if st is None or st.is_final() or st.is_cancelling():
+                    continue
+                new = Cancelled(message=why) if st.is_scheduled() or st.is_pending() else Cancelling(message=why)
+                client.set_flow_run_state(child.id, new, force=True)
+                log.warning("flow run %s cancelled: %s", child.name, why)
+                done.append(str(child.id))
+    except Exception as exc:  # noqa: BLE001 - a hook must not fail the cancellation itself
+        log.error("the run(s) %s handed over to were not cancelled: %s", flow_run.name, exc)
+    return done

@@ -12,7 +12,7 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._common import drain_events, emitting, flow_run_id, hand_off
+from flows._common import cancel_handed_over, drain_events, emitting, flow_run_id, hand_off
 from flows.reports import dr_test_report
 from tasks.recovery import PrefectRunner
 from vmrep.recovery import operations as ops
@@ -21,9 +21,12 @@ from vmrep.stamps import started_by
 
 def interrupted(flow: Any, flow_run: Any, state: Any) -> None:
     """on_cancellation / on_crashed: clean up what this run's operation left (the next
-    operation on the VPG would find it too)."""
+    operation on the VPG would find it too); a cancelled UI entry cancels the run it
+    handed over to."""
     params = flow_run.parameters or {}
     config = params.get("config", "vmrep.yaml")
+    if state.is_cancelling() or state.is_cancelled():
+        cancel_handed_over(flow, flow_run, state)  # a UI entry: the run it handed over to, too
     try:
         ops.after_flow_interrupted(config, params["vpg"], str(flow_run.id), f"flow run {state.name}")
     finally:
@@ -70,7 +73,7 @@ def dr_test_start(vpg: str, config: str = "vmrep.yaml", checkpoint: str = "lates
                             verify_timeout=verify_timeout)
 
 
-@flow(name="dr-test-stop", task_runner=ThreadPoolTaskRunner(max_workers=8))
+@flow(name="dr-test-stop", task_runner=ThreadPoolTaskRunner(max_workers=8), on_cancellation=[cancel_handed_over])
 def dr_test_stop(vpg: str, success: bool, config: str = "vmrep.yaml", notes: str | None = None,
                  who: str | None = None) -> dict[str, Any]:
     """Stop the VPG's running test: record success and notes, remove test VMs and scratch copies."""

@@ -10,14 +10,14 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._common import emitting, flow_run_id, hand_off
+from flows._common import cancel_handed_over, emitting, flow_run_id, hand_off
 from tasks.replication import PrefectRunner
 from vmrep.replication import engine
 from vmrep.runtime import get_runtime
 from vmrep.stamps import started_by
 
 
-@flow(name="initial-sync", task_runner=ThreadPoolTaskRunner(max_workers=4))
+@flow(name="initial-sync", task_runner=ThreadPoolTaskRunner(max_workers=4), on_cancellation=[cancel_handed_over])
 def initial_sync(vpg: str, config: str = "vmrep.yaml", who: str | None = None) -> dict[str, Any]:
     """Copy every disk of the VPG into the journal and take its first checkpoint."""
     if (handed := hand_off(config, vpg, "protected")) is not None:  # on the protected site's pool
