@@ -23,30 +23,50 @@ session at the service (`vmrep.journal.service`), so the pass, run where the jou
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from vmrep.config import VPG
 from vmrep.errors import VmrepError
 from vmrep.replication.points import remove_consistency_points, snapshot_label
 from vmrep.runtime import Runtime
-from vmrep.vsphere.inventory import Inventory
+from vmrep.vsphere.inventory import Inventory, VMInfo
 
 log = logging.getLogger(__name__)
 
 
-def with_snapshots(vpg: VPG, inv: Inventory) -> list[str]:
-    """The VPG's VMs that carry a replication snapshot of the VPG, in inventory `inv`."""
+def remove_leftovers(rt: Runtime, vpgs: list[VPG], inventories: Mapping[str, Inventory | None]
+                     ) -> list[dict[str, Any]]:
+    """The monitor pass's call: for each VPG whose protected site's inventory was read
+    (None: unreachable, left for a later pass), `remove_leftover_snapshots`. One
+    name index per site, not one per VPG (the pass is timed at thousands of VMs)."""
+    by_site: dict[str, dict[str, VMInfo]] = {}
+    out = []
+    for vpg in vpgs:
+        inv = inventories.get(vpg.protected_site)
+        if inv is None:
+            continue
+        if vpg.protected_site not in by_site:
+            by_site[vpg.protected_site] = inv.vms_by_name()
+        r = remove_leftover_snapshots(rt, vpg, by_site[vpg.protected_site])
+        if r is not None:
+            out.append(r)
+    return out
+
+
+def with_snapshots(vpg: VPG, vms: Mapping[str, VMInfo]) -> list[str]:
+    """The VPG's VMs that carry a replication snapshot of the VPG (`vms`: the protected
+    site's VMs by name)."""
     label = snapshot_label(vpg.name)
-    vms = inv.vms_by_name()
     return [s.name for s in vpg.vms if s.name in vms and any(n == label for n, _ in vms[s.name].snapshots)]
 
 
-def remove_leftover_snapshots(rt: Runtime, vpg: VPG, inv: Inventory) -> dict[str, Any] | None:
-    """Remove the VPG's replication snapshots when no cycle of it runs. `inv`: the
-    protected site's inventory as the monitor pass read it (it found the site reachable).
+def remove_leftover_snapshots(rt: Runtime, vpg: VPG, vms_by_name: Mapping[str, VMInfo]) -> dict[str, Any] | None:
+    """Remove the VPG's replication snapshots when no cycle of it runs. `vms_by_name`:
+    the protected site's VMs as the monitor pass read them (it found the site reachable).
     None when there was nothing to do; else {vpg, vms, removed} or {vpg, vms, skipped},
     or {vpg, vms, error}: never raises (the next pass tries again)."""
-    vms = with_snapshots(vpg, inv)
+    vms = with_snapshots(vpg, vms_by_name)
     if not vms:
         return None
     idle = getattr(rt.journal, "writer_idle", None)
