@@ -17,10 +17,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._common import flow_run_id, hand_off
+from flows._common import emitting, flow_run_id, hand_off
 from flows.approval import DEFAULT_TIMEOUT_MINUTES, gate
 from flows.dr_test import interrupted
-from tasks.monitoring import emit_recorded
 from tasks.recovery import PrefectRunner
 from vmrep.recovery import operations as ops
 from vmrep.stamps import started_by
@@ -40,20 +39,12 @@ def failover(vpg: str, confirm: str, config: str = "vmrep.yaml", checkpoint: str
     logger = get_run_logger()
     requested_by = started_by(who, fallback="prefect")
     approval = gate(config, vpg, "failover", confirm, requested_by, approval_timeout_minutes)
-    try:
+    with emitting(config):
         return ops.run_failover(config, vpg, confirm=confirm, checkpoint=checkpoint, shutdown=shutdown,
                                 commit_policy=commit_policy, commit_after_minutes=commit_after_minutes,
                                 who=requested_by, flow_run_id=flow_run_id(),
                                 runner=PrefectRunner(), verify_timeout=verify_timeout,
                                 shutdown_timeout=shutdown_timeout, notify=logger.warning, approval=approval)
-    finally:
-        _emit(config)
-
-
-def _emit(config: str) -> None:
-    """The transitions this run recorded, as events now (the monitor drains what is left):
-    never hides the run's own outcome."""
-    emit_recorded(config, return_state=True)
 
 
 @flow(name="commit", task_runner=ThreadPoolTaskRunner(max_workers=8),
@@ -63,11 +54,9 @@ def commit(vpg: str, config: str = "vmrep.yaml", reverse_protection: bool = Fals
     """Commit the failover awaiting commit; with reverse protection, protect back."""
     if (handed := hand_off(config, vpg, "recovery")) is not None:  # on the recovery site's pool
         return handed
-    try:
+    with emitting(config):
         return ops.commit(config, vpg, reverse_protection=reverse_protection,
                           who=started_by(who, fallback="prefect"), flow_run_id=flow_run_id(), runner=PrefectRunner())
-    finally:
-        _emit(config)
 
 
 @flow(name="rollback", task_runner=ThreadPoolTaskRunner(max_workers=8),
@@ -76,8 +65,6 @@ def rollback(vpg: str, config: str = "vmrep.yaml", who: str | None = None) -> di
     """Roll back the failover awaiting commit: recovered VMs removed, source back as it was."""
     if (handed := hand_off(config, vpg, "recovery")) is not None:  # on the recovery site's pool
         return handed
-    try:
+    with emitting(config):
         return ops.rollback(config, vpg, who=started_by(who, fallback="prefect"), flow_run_id=flow_run_id(),
                             runner=PrefectRunner())
-    finally:
-        _emit(config)

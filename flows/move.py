@@ -10,7 +10,7 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._common import flow_run_id, hand_off
+from flows._common import emitting, flow_run_id, hand_off
 from flows.approval import DEFAULT_TIMEOUT_MINUTES, gate
 from flows.dr_test import interrupted
 from tasks.recovery import PrefectRunner
@@ -30,7 +30,8 @@ def move(vpg: str, confirm: str, config: str = "vmrep.yaml", shutdown: str = "gr
         return handed
     requested_by = started_by(who, fallback="prefect")
     approval = gate(config, vpg, "move", confirm, requested_by, approval_timeout_minutes)
-    return ops.run_move(config, vpg, confirm=confirm, shutdown=shutdown, reverse_protection=reverse_protection,
-                        keep_source_vms=keep_source_vms, who=requested_by,
-                        flow_run_id=flow_run_id(), runner=PrefectRunner(), verify_timeout=verify_timeout,
-                        shutdown_timeout=shutdown_timeout, approval=approval)
+    with emitting(config):
+        return ops.run_move(config, vpg, confirm=confirm, shutdown=shutdown, reverse_protection=reverse_protection,
+                            keep_source_vms=keep_source_vms, who=requested_by,
+                            flow_run_id=flow_run_id(), runner=PrefectRunner(), verify_timeout=verify_timeout,
+                            shutdown_timeout=shutdown_timeout, approval=approval)

@@ -21,6 +21,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows._common import emitting
 from tasks.replication import PrefectRunner
 from vmrep.replication import engine, steps
 from vmrep.runtime import get_runtime
@@ -117,19 +118,20 @@ def replicate(vpg: str, config: str = "vmrep.yaml", cycles: int | None = None,
             log.warning("VPG %s: warm-up read failed (%s); the first cycle will try again", vpg, exc)
         waited = handoff.wait_for_earlier_runs(timeout=max(60.0, 6 * interval_seconds))
         log.info("VPG %s: took over replication after %.2fs of waiting for the previous run", vpg, waited)
-    start = time.monotonic()
-    out: list[dict[str, Any]] = []
-    while True:
-        if handoff is not None and out and handoff.later_run_started():
-            log.info("VPG %s: a later run took over; this one ends after %d cycles", vpg, len(out))
-            break
-        c0 = time.monotonic()
-        out.append(run_cycle(config, vpg, retention=retention))
-        log.info("VPG %s: checkpoint %s, %d blocks changed, %.2fs", vpg, out[-1]["checkpoint"],
-                 out[-1]["blocks_changed"], out[-1]["seconds"])
-        if cycles is not None and len(out) >= cycles:
-            break
-        if for_seconds is not None and time.monotonic() - start + interval_seconds > for_seconds:
-            break
-        time.sleep(max(0.0, interval_seconds - (time.monotonic() - c0)))
+    with emitting(config, as_task=False):  # what the cycles recorded (alerts, status), as events at the end
+        start = time.monotonic()
+        out: list[dict[str, Any]] = []
+        while True:
+            if handoff is not None and out and handoff.later_run_started():
+                log.info("VPG %s: a later run took over; this one ends after %d cycles", vpg, len(out))
+                break
+            c0 = time.monotonic()
+            out.append(run_cycle(config, vpg, retention=retention))
+            log.info("VPG %s: checkpoint %s, %d blocks changed, %.2fs", vpg, out[-1]["checkpoint"],
+                     out[-1]["blocks_changed"], out[-1]["seconds"])
+            if cycles is not None and len(out) >= cycles:
+                break
+            if for_seconds is not None and time.monotonic() - start + interval_seconds > for_seconds:
+                break
+            time.sleep(max(0.0, interval_seconds - (time.monotonic() - c0)))
     return out

@@ -5,9 +5,10 @@ control plane, turns each transition into a Prefect event so an automation can a
 Every alert raised or cleared and every status change, whoever records it (the monitor,
 a failover raising AWAITING_COMMIT, a commit, rollback or commit policy clearing it, a
 test's clean-up), is written by `StateStore` into the `event_outbox` table in the same
-transaction; `emit_recorded` drains it. The monitor flow drains it every pass and the
-failover, commit and rollback flows when they end, so an event is sent at once where
-Prefect runs, and within a minute where it did not (a `--direct` command).
+transaction; `emit_recorded` drains it. The monitor flow drains it every pass and every
+flow that records transitions when it ends (`flows/_common.emitting`; their cancel and
+crash hooks through `emit_outbox`), so an event is sent at once where Prefect runs, and
+within a minute where it did not (a `--direct` command).
 
 Events, all on resource ``vmrep.vpg.<vpg>`` (name ``<vpg>``):
 

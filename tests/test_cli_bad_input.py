@@ -71,6 +71,27 @@ NO_BAD_VALUES: dict[str, str] = {
 }
 
 
+# Commands refused with a protected site's config (sites.siteB.journal_service set: the
+# journal of erp is at the recovery site): they would read or change the journal
+# directory here, which is not erp's. Not here: what works through the service with the
+# writer credential (checkpoint tag taking a new checkpoint, sync, replicate) and what
+# names no VPG's journal.
+REMOTE_JOURNAL: dict[str, list[str]] = {
+    "checkpoints": [VPG],
+    "status": [],
+    "verify": [VPG],
+    "restore-disk": [VPG, VM, "0", "--out", "{work}/ok.img"],
+    "checkpoint tag": [VPG, "x", "--checkpoint", "latest"],
+    "test": [VPG],
+    "test start": [VPG],
+    "failover": [VPG, "--confirm", VPG],
+    "move": [VPG, "--confirm", VPG],
+    "monitor": ["--once"],
+    "ransomware status": [VPG],
+    "ransomware dismiss": [VPG, "--vm", VM, "--reason", "backup job"],
+}
+
+
 @dataclass(frozen=True)
 class Case:
     argv: tuple[str, ...]
@@ -183,6 +204,10 @@ EXPLICIT: list[Case] = [
     c("failover", VPG, "--confirm", VPG, names="siteB", login="siteB"),  # the protected site is not needed
     c("checkpoint tag", VPG, "before upgrade", names="siteA", login="siteA"),
     # (`lab write` needs no login: a guest writes through the lab's control endpoint)
+    # a protected site's config, its journal reached through the recovery site's journal
+    # service (docs/journal-service.md): what reads the journal directory is refused
+    *[c(cmd, *args, "--config", "{work}/protected-site.yaml", names=f"VPG {VPG}'s journal is remote")
+      for cmd, args in REMOTE_JOURNAL.items()],
 ]
 
 
@@ -259,6 +284,9 @@ def env(lab, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  # typ
     data = yaml.safe_load(lab.config_path.read_text())
     data["vpgs"][0]["rpo_target_seconds"] = 0
     (work / "zero-rpo.yaml").write_text(yaml.safe_dump(data))
+    data = yaml.safe_load(lab.config_path.read_text())
+    data["sites"]["siteB"]["journal_service"] = {"url": "https://127.0.0.1:9", "credential": "env:VMREP_NO_TOKEN"}
+    (work / "protected-site.yaml").write_text(yaml.safe_dump(data))
     file = work / "a-file"
     file.write_text("not a folder\n")
     home = tmp_path_factory.mktemp("vmrep-home")

@@ -257,6 +257,28 @@ def test_every_alert_of_a_failover_is_a_prefect_event(erp) -> None:  # type: ign
     assert "FailingOverBeforeCommit" in statuses and "FailingOverRollingBack" in statuses
 
 
+def test_a_dr_test_flows_alert_changes_reach_prefect_when_it_ends(erp) -> None:  # type: ignore[no-untyped-def]
+    """The flow drains the event outbox at its end: TEST_OVERDUE, cleared by the passed
+    test, is an event on the server right after the flow, with no monitor pass."""
+    from flows.dr_test import dr_test
+
+    rt = erp.runtime()
+    start = utcnow()
+    overdue = rt.store.raise_alert("erp", "TEST_OVERDUE", "warning", "VPG erp: DR test overdue (raised by the test)")
+    s = dr_test("erp", str(erp.config_path), who="frank", verify_timeout=30)
+    assert s["success"] is True
+    assert "TEST_OVERDUE" not in {a.code for a in rt.store.open_alerts("erp")}
+    assert rt.store.pending_events("erp") == []  # nothing left for the monitor
+    deadline = time.monotonic() + 20
+    while True:  # the server persists events within a fraction of a second
+        events = read_events("vmrep.vpg.erp", start, want=1, timeout=0.5)
+        cleared = [e for e in events if e.event == "vmrep.alert.cleared" and e.payload.get("alert_id") == overdue.id]
+        if cleared or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert [e.payload["code"] for e in cleared] == ["TEST_OVERDUE"]
+
+
 def test_rto_target_is_judged_in_records_and_reports(erp, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from reports.compliance import build_compliance_report
     from reports.dr_test import build_dr_test_report

@@ -197,3 +197,50 @@ def test_one_vcenter_slot_serialises_two_vpgs_snapshot_steps(stack, api) -> None
     # ... and never held its one slot together.
     overlap = sum(max(0.0, min(a1, b1) - max(a0, b0)) for a0, a1 in a for b0, b1 in b)
     assert overlap == 0.0, f"overlap {overlap:.3f}s"
+
+
+def test_cancelling_a_ui_entry_cancels_the_run_it_handed_over_to(stack, api) -> None:  # type: ignore[no-untyped-def]
+    """`dr-test/dr-test` cancelled through the API while the test it handed over to
+    `dr-test/siteB` waits for its VMs to boot: the child is cancelled by the parent's
+    cancellation hook (its state says so, naming the parent: not Prefect's own clean-up of
+    subflows, which acts only once the parent is Cancelled, every 20 s), its test VMs
+    are removed and the VPG is released."""
+    from prefect.states import Cancelling
+
+    from test_recovery import recovery_site_state
+    from vmrep.state import StateStore
+
+    try:
+        _finish(api, stack, _start(api, stack, "initial-sync/initial-sync", {"vpg": "erp"}), 600)
+    except AssertionError:  # erp is synced already when another test ran first
+        pass
+    lab = stack["lab"]
+    store = StateStore.open(yaml.safe_load(stack["config"].read_text())["database_url"])
+    lab.control("siteB").boot_delay(120_000)  # the test waits for its VMs: long enough to cancel it
+    try:
+        parent = _start(api, stack, "dr-test/dr-test", {"vpg": "erp", "notes": "cancelled by the test"})
+
+        def child_holds_the_vpg() -> Any:
+            from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+            kids = api.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])))
+            holder = store.runtime("erp").lock_holder
+            op = store.operation(holder) if holder else None
+            return kids and op is not None and op.kind == "test" and op.flow_run_id == str(kids[0].id) and kids[0]
+
+        child = wait_for("the handed-over test holding erp", child_holds_the_vpg, 600, 1.0)
+        api.set_flow_run_state(parent.id, Cancelling(message="cancelled by the test"), force=True)
+        ended = wait_for("the handed-over run to end", lambda: (r := api.read_flow_run(child.id)).state.is_final()
+                         and r, 300, 1.0)
+        assert ended.state.is_cancelled(), f"{ended.state.type} {ended.state.message}\n{_tail(stack)}"
+        messages = [s.message or "" for s in api.read_flow_run_states(child.id)]
+        assert any(f"handed over from ({parent.name})" in m for m in messages), messages
+        assert wait_for("the parent cancelled", lambda: (r := api.read_flow_run(parent.id)).state.is_final()
+                        and r, 120, 1.0).state.is_cancelled()
+        wait_for("erp released", lambda: store.runtime("erp").lock_holder is None, 120, 1.0)
+        tests = [o for o in store.operations("erp", kind="test") if o.flow_run_id == str(child.id)]
+        assert [o.result for o in tests] == ["cancelled"]
+        assert recovery_site_state(lab.runtime()) == ([], [])
+    finally:
+        lab.control("siteB").boot_delay(100)

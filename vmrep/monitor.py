@@ -34,6 +34,7 @@ from vmrep.errors import VmrepError
 from vmrep.health import Evaluation, Transition, UnprotectedVM, apply_transitions, evaluate, gather_facts
 from vmrep.protection import exclusions
 from vmrep.recovery.operations import live_facts
+from vmrep.replication.leftovers import remove_leftovers
 from vmrep.runtime import Runtime
 from vmrep.splitbrain import judge as split_brain
 from vmrep.vsphere.connection import unreachable
@@ -194,6 +195,7 @@ def _pass(rt: Runtime, watches: SiteWatches, now: datetime, chosen: list[VPG]) -
     tags: dict[str, dict[str, set[str]]] = {}
     for vpg in chosen:  # vSphere first: no site read while the store's write lock is held
         inventory(vpg.protected_site), inventory(vpg.recovery_site)
+    remove_leftovers(rt, chosen, inventories)  # a dead cycle's replication snapshots, where the site answers
     for site in {v.protected_site for v in chosen}:
         inv = inventories.get(site)
         if inv is not None:  # the tags of every protected VM of the site: one request, not one per VPG

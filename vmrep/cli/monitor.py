@@ -126,6 +126,10 @@ def monitor(
 
     require_positive(interval, "--interval")
     path = str(config_from(config).source)
+    from vmrep.runtime import get_runtime
+
+    rt = get_runtime(path)  # the monitor judges journals: it runs where they are
+    rt.ensure_local_journal([v.name for v in rt.config.vpgs])
     while True:
         out = run_flow(flow, path)
         if json_out:

@@ -28,6 +28,7 @@ The class `Journal` is the facade; each concern lives in its own module:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -293,6 +294,22 @@ class Journal:
             name = f"{info.id}.{blake3.blake3(tag.encode()).hexdigest()[:16]}.tag"
             body = {"format": fmt.FORMAT_VERSION, "checkpoint": info.id, "tag": tag, "time": now_iso()}
             publish(self.root / "tmp", chain.dir / "tags" / name, json.dumps(body).encode(), owner=s.sid)
+
+    @contextlib.contextmanager
+    def writer_idle(self, vpg: str) -> Iterator[bool]:
+        """True, holding the VPG's writer lock meanwhile, when no checkpoint writer (a
+        replication cycle: it holds the lock while its snapshots exist), retention or
+        removal holds it now; False at once otherwise. For whoever must know that no
+        cycle of the VPG runs (vmrep.replication.leftovers)."""
+        try:
+            lk = vpg_lock(self.chains.vpg_dir(vpg), vpg, 0.0, "leftover check")
+        except JournalLocked:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lk.release()
 
     # ---- retention and maintenance (see retention.py, maintenance.py) ----------------------
     def apply_retention(

@@ -148,6 +148,7 @@ def _describe_holder(store: Any, row: Any) -> str:
 
 def preflight(rt: Runtime, vpg: VPG, kind: str, *, confirm: str | None = None, check_lock: bool = True) -> None:
     """The refusals that need no vSphere call, each one line naming the VPG."""
+    rt.ensure_local_journal([vpg.name])  # recovery runs where the journal is, not through its service
     store = rt.store
     # A commit policy whose deadline passed acts before anything else is decided on the VPG.
     from vmrep.recovery.policy import apply_due  # the policy builds on this module

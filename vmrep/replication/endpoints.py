@@ -80,5 +80,4 @@ def journal_for(rt: Runtime, vpg: str) -> Any:
 
 def is_remote(rt: Runtime, vpg: str) -> bool:
     """Whether the VPG's journal is reached through its recovery site's journal service."""
-    v = rt.config.vpg(vpg)
-    return v.protected_site != v.recovery_site and rt.config.site(v.recovery_site).journal_service is not None
+    return rt.journal_service_of(vpg) is not None

@@ -203,6 +203,7 @@ class showing_progress:
 class _OpenCheckpoint:
     writer: Any
     cycle: str | None
+    hold: bool = False  # an empty checkpoint holding the writer lock after the commit: never committed
 
 
 # The open checkpoint of each VPG, per Runtime, in this process. Module-global because
@@ -276,6 +277,21 @@ def discard_writer(rt: Runtime, vpg: str, cycle: str | None = None) -> None:
     e.writer.abort()
 
 
+def _hold_writer_lock(rt: Runtime, vpg: str, cycle: str) -> None:
+    """Take the VPG's writer lock again for `cycle` at once after its commit, as an empty
+    open checkpoint (a hold, never committed) that `discard_writer` aborts: the cycle's
+    snapshots outlive its commit (verification against the source, their removal), and
+    while they exist the lock must say the cycle is alive (vmrep.replication.leftovers).
+    Taken by someone else in between (retention): the cycle goes on without it."""
+    key = (id(rt), vpg)
+    try:
+        with _writers_lock:
+            if key not in _writers:
+                _writers[key] = _OpenCheckpoint(journal_for(rt, vpg).begin(vpg), cycle, hold=True)
+    except JournalError as exc:
+        log.info("VPG %s: writer lock not held again after the commit: %s", vpg, exc)
+
+
 def published_checkpoint(rt: Runtime, vpg: str, cycle: str) -> Any | None:
     """The checkpoint that cycle `cycle` published, if it did."""
     for cp in reversed(journal_for(rt, vpg).checkpoints(vpg)):
@@ -293,17 +309,19 @@ def commit_checkpoint(rt: Runtime, vpg: str, cycle: str, *, at: datetime | None,
     key = (id(rt), vpg)
     with _writers_lock:
         e = _writers.get(key)
-        mine = e is not None and e.cycle == cycle
+        mine = e is not None and e.cycle == cycle and not e.hold  # a hold: the retry of a published commit
         if mine:
             del _writers[key]
     if e is not None and mine:
         try:
-            return e.writer.commit(time=at, tag=tag, meta={**meta, "cycle": cycle})
+            cp = e.writer.commit(time=at, tag=tag, meta={**meta, "cycle": cycle})
         except BaseException:
             cp = published_checkpoint(rt, vpg, cycle)
             if cp is None:
                 raise
             return cp  # published, then something after it failed
+        _hold_writer_lock(rt, vpg, cycle)  # in this step, so no step boundary lies between
+        return cp
     cp = published_checkpoint(rt, vpg, cycle)
     if cp is not None:
         return cp
@@ -495,13 +513,17 @@ def run_cycle(rt: Runtime, vpg: VPG, *, tag: str | None = None, runner: Any = No
     t0 = time.monotonic()
     ensure_not_blocked(rt, vpg, retention=retention)  # paused by a locked journal at its hard limit
     vms = runner.one("read-vpg-inventory", config, name)
-    runner.one("release-consistency-points", config, name)  # leftovers of a crashed cycle
-    previous = latest_checkpoint_id(rt, name)
     cycle = new_cycle()
+    # The writer (and with it the journal's per-VPG writer lock) first, held until the
+    # snapshots are gone: a monitor pass that finds the lock free knows that no cycle's
+    # snapshot is live (`vmrep.replication.leftovers`).
+    open_writer(rt, name, cycle)
     committed: dict[str, Any] | None = None
     verified: dict[str, Any] | None = None
     failure: BaseException | None = None
     try:
+        runner.one("release-consistency-points", config, name)  # leftovers of a crashed cycle
+        previous = latest_checkpoint_id(rt, name)
         at = runner.one("consistency-point", config, name, vms)
         rows = runner.each("transfer-vm", [(config, name, vm, previous, cycle) for vm in vms.values()])
         transfers = _transfers(rows)
@@ -515,9 +537,10 @@ def run_cycle(rt: Runtime, vpg: VPG, *, tag: str | None = None, runner: Any = No
         failure = exc
         raise
     finally:
-        if committed is None:
-            discard_writer(rt, name, cycle)
-        _cleanup_runner(runner, failure).one("release-consistency-points", config, name)
+        try:
+            _cleanup_runner(runner, failure).one("release-consistency-points", config, name)
+        finally:
+            discard_writer(rt, name, cycle)  # the open checkpoint, or the hold after the commit
     clear_delta_sync(rt, name)  # every disk's changes are in the checkpoint: no scan runs now
     rescanned = {(vm, d) for vm, t in transfers.items() for d, st in t.disks.items() if st.method != "cbt"}
     for key, alert_id in source_mismatch_disks(rt, name).items():
@@ -558,6 +581,7 @@ def initial_sync(rt: Runtime, vpg: VPG, *, runner: Any = None, who: str | None =
             store.set_status(name, Status.INITIALIZING, Substatus.INITIAL_SYNC)
             vms = runner.one("read-vpg-inventory", config, name)
             discard_writer(rt, name)  # an open checkpoint of a crashed run in this process
+            open_writer(rt, name, cycle)  # the writer lock before any snapshot, as in run_cycle
             runner.one("release-consistency-points", config, name)  # leftovers of a crashed run
             # Tracking on before the first snapshot, so that this snapshot's change ids
             # are the base of the first cycle's QueryChangedDiskAreas.
@@ -570,14 +594,18 @@ def initial_sync(rt: Runtime, vpg: VPG, *, runner: Any = None, who: str | None =
             cp = runner.one("commit-checkpoint", config, name, cycle, at, "initial sync",
                             {"kind": "initial_sync", **checkpoint_meta(transfers)})
         except BaseException as exc:
-            discard_writer(rt, name, cycle)
             store.set_status(name, Status.INITIALIZING, Substatus.INITIAL_SYNC, detail=f"initial sync failed: {exc}")
             try:
                 _cleanup_runner(runner, exc).one("release-consistency-points", config, name)
             except Exception as cleanup:  # noqa: BLE001 - the sync's own failure is what the user must see
                 log.warning("VPG %s: consistency points not released after the failed sync: %s", name, cleanup)
+            finally:
+                discard_writer(rt, name, cycle)  # the writer lock held until the snapshots are gone
             raise
-        runner.one("release-consistency-points", config, name)
+        try:  # the commit step took the writer lock again (a hold) for this
+            runner.one("release-consistency-points", config, name)
+        finally:
+            discard_writer(rt, name, cycle)
         store.update_runtime(name, initial_sync_done=True)
         store.set_status(name, Status.MEETING_SLA, Substatus.DELTA_SYNC)
         store.finish_operation(op, "succeeded")

@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from vmrep.config import VPG
+from vmrep.errors import NotFound
 from vmrep.runtime import Runtime
 from vmrep.stamps import utcnow
 from vmrep.vsphere import vm as vmops
@@ -62,7 +63,10 @@ def remove_consistency_points(rt: Runtime, vpg: VPG, vms: dict[str, VMInfo] | No
             continue
         for snap_name, ref in vm.snapshots:
             if snap_name == label:
-                vmops.remove_snapshot(client, name, ref, "remove consistency point")
+                try:
+                    vmops.remove_snapshot(client, name, ref, "remove consistency point")
+                except NotFound:
+                    continue  # removed meanwhile (the monitor's leftover pass, a retried step): gone is what we want
                 removed += 1
     return removed
 
