@@ -174,7 +174,12 @@ def test_one_vcenter_slot_serialises_two_vpgs_snapshot_steps(stack, api) -> None
         pass
 
     ctl = stack["lab"].control("siteA")
-    ctl.fault("CreateSnapshot_Task", "delay", count=0, delay_ms=1500)  # a slow vCenter: long slots
+    # The first consistency point is held long: the other run's process, started by the
+    # worker at the same time but slow to start on a loaded machine, then surely meets the
+    # slot taken (once it started only after the first run had ended, and the check below
+    # that the runs interleaved failed). Then a slow vCenter: long slots.
+    ctl.fault("CreateSnapshot_Task", "delay", count=1, delay_ms=15000)
+    ctl.fault("CreateSnapshot_Task", "delay", count=0, delay_ms=1500)
     try:
         runs = [_start(api, stack, f"replicate/{v}", {"vpg": v, "cycles": 3, "interval_seconds": 1})
                 for v in ("erp", "files")]
