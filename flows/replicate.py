@@ -7,15 +7,18 @@ Hand-off between the runs of a deployment (no RPO gap across a flow's start): th
 deployment lets two runs be active, and its schedule starts the next run while the last
 one still cycles. The new run does its start-up (a process of its own, imports, the
 runtime), then waits until every earlier run of the deployment has ended; an earlier run
-checks before each cycle whether a later run of its deployment is running, and if so
-ends instead of cycling. So the checkpoints keep coming every interval plus a fraction
-of a second, and there are never two writers at once (the journal's per-VPG file lock
-taken by each cycle is the backstop). Outside a deployment (the CLI, tests) nothing of
-this applies."""
+checks right after each cycle whether a later run of its deployment is running, and if
+so hands the next cycle's due time over (`HandOff.hand_due`) and ends. The new run
+starts its first cycle at that due time: the checkpoints keep their interval across the
+hand-off as long as the old run's end reaches the new one within an interval minus a
+cycle, and there are never two writers at once (the journal's per-VPG file lock taken
+by each cycle is the backstop). `flows/replicate_site.py` hands over the same way.
+Outside a deployment (the CLI, tests) nothing of this applies."""
 
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -85,6 +88,49 @@ class HandOff:
             time.sleep(every)
         return time.monotonic() - t0
 
+    # The next cycle's due time, handed from the run that ends to the run that takes over
+    # (a Prefect variable per deployment). Without it the new run cycled once it saw the
+    # old one had ended: an interval plus Prefect's state propagation after the last
+    # checkpoint. With it the new run starts its first cycle when the old one's was due.
+    # Wall-clock times (ISO, UTC): the two runs may be on two machines of one pool.
+
+    @property
+    def _variable(self) -> str:
+        return f"vmrep-handoff-{self.deployment_id}"
+
+    def hand_due(self, due: dict[str, str]) -> None:
+        """Leave the next cycle's due time of each VPG (name -> ISO time) to the next run."""
+        from prefect.variables import Variable
+
+        try:
+            Variable.set(self._variable, {"from": self.run_id, "due": due}, overwrite=True)
+        except Exception:  # noqa: BLE001 - the next run then starts as soon as this one has ended
+            pass
+
+    def handed_due(self) -> dict[str, str]:
+        """What an earlier run handed over (empty when none did, or it was this run's)."""
+        from prefect.variables import Variable
+
+        try:
+            v = Variable.get(self._variable, default=None)
+        except Exception:  # noqa: BLE001 - nothing handed: start now
+            return {}
+        if not isinstance(v, dict) or v.get("from") == self.run_id or not isinstance(v.get("due"), dict):
+            return {}
+        return {str(k): str(t) for k, t in v["due"].items()}
+
+
+def _wall(mono: float) -> str:
+    """A monotonic instant of this process as an ISO wall-clock time (UTC)."""
+    return datetime.fromtimestamp(time.time() + (mono - time.monotonic()), timezone.utc).isoformat()
+
+
+def _seconds_until(iso: str) -> float:
+    try:
+        return datetime.fromisoformat(iso).timestamp() - time.time()
+    except ValueError:
+        return 0.0
+
 
 def run_cycle(config: str, vpg: str, tag: str | None = None) -> dict[str, Any]:
     rt = get_runtime(config)
@@ -111,13 +157,14 @@ def replicate(vpg: str, config: str = "vmrep.yaml", cycles: int | None = None,
         except Exception as exc:  # noqa: BLE001 - the first cycle reports it, with its retries
             log.warning("VPG %s: warm-up read failed (%s); the first cycle will try again", vpg, exc)
         waited = handoff.wait_for_earlier_runs(timeout=max(60.0, 6 * interval_seconds))
-        log.info("VPG %s: took over replication after %.2fs of waiting for the previous run", vpg, waited)
+        handed = handoff.handed_due().get(vpg)
+        ahead = _seconds_until(handed) if handed else 0.0
+        log.info("VPG %s: took over replication after %.2fs of waiting for the previous run; its next cycle "
+                 "is due in %.2fs", vpg, waited, ahead)
+        time.sleep(max(0.0, ahead))  # the cycle the previous run would have started now
     start = time.monotonic()
     out: list[dict[str, Any]] = []
     while True:
-        if handoff is not None and out and handoff.later_run_started():
-            log.info("VPG %s: a later run took over; this one ends after %d cycles", vpg, len(out))
-            break
         c0 = time.monotonic()
         out.append(run_cycle(config, vpg))
         log.info("VPG %s: checkpoint %s, %d blocks changed, %.2fs", vpg, out[-1]["checkpoint"],
@@ -125,6 +172,12 @@ def replicate(vpg: str, config: str = "vmrep.yaml", cycles: int | None = None,
         if cycles is not None and len(out) >= cycles:
             break
         if for_seconds is not None and time.monotonic() - start + interval_seconds > for_seconds:
+            break
+        # Right after a cycle, not before the next: the later run then has the whole
+        # interval to see this one end, and starts the next cycle when it is due.
+        if handoff is not None and handoff.later_run_started():
+            handoff.hand_due({vpg: _wall(c0 + interval_seconds)})
+            log.info("VPG %s: a later run takes over; this one ends after %d cycles", vpg, len(out))
             break
         time.sleep(max(0.0, interval_seconds - (time.monotonic() - c0)))
     return out
