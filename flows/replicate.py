@@ -8,10 +8,11 @@ deployment lets two runs be active, and its schedule starts the next run while t
 one still cycles. The new run does its start-up (a process of its own, imports, the
 runtime), then waits until every earlier run of the deployment has ended; an earlier run
 checks right after each cycle whether a later run of its deployment is running, and if
-so hands the next cycle's due time over (`HandOff.hand_due`) and ends. The new run
-starts its first cycle at that due time: the checkpoints keep their interval across the
-hand-off as long as the old run's end reaches the new one within an interval minus a
-cycle, and there are never two writers at once (the journal's per-VPG file lock taken
+so hands over (`HandOff.hand_due`: the next cycle's due time, in a Prefect variable
+naming the successor) and ends. The new run goes on as soon as it reads that hand-over
+(or sees no earlier run running) and starts its first cycle at the due time: the
+checkpoints keep their interval across the hand-off as long as the hand-over reaches the
+new run within an interval minus a cycle, and there are never two writers at once (the journal's per-VPG file lock taken
 by each cycle is the backstop). `flows/replicate_site.py` hands over the same way.
 Outside a deployment (the CLI, tests) nothing of this applies."""
 
@@ -35,6 +36,7 @@ class HandOff:
     def __init__(self, deployment_id: str, run_id: str) -> None:
         self.deployment_id, self.run_id = deployment_id, run_id
         self.started: Any = None
+        self.successors: list[str] = []  # the later runs seen, that hand_due hands over to
 
     @classmethod
     def of_this_run(cls) -> HandOff | None:
@@ -67,20 +69,29 @@ class HandOff:
         return other.start_time is not None and self.started is not None and (
             (other.start_time, str(other.id)) < (self.started, self.run_id))
 
+    def later_runs(self) -> list[str]:
+        """The runs of this deployment that started after this one and are running."""
+        try:
+            return [str(r.id) for r in self._others() if not self._earlier(r)]
+        except Exception:  # noqa: BLE001 - the API away for a moment: keep replicating
+            return []
+
     def later_run_started(self) -> bool:
         """A run of this deployment started after this one and is running: hand over."""
-        try:
-            return any(not self._earlier(r) for r in self._others())
-        except Exception:  # noqa: BLE001 - the API away for a moment: keep replicating
-            return False
+        self.successors = self.later_runs()
+        return bool(self.successors)
 
     def wait_for_earlier_runs(self, timeout: float, every: float = 0.25) -> float:
-        """Until no earlier run of this deployment is running (or `timeout`: an earlier
-        run that crashed may still show as running; the journal lock still guards).
-        Returns the seconds waited."""
+        """Until an earlier run has handed over to this one (`hand_due`, written once its
+        last cycle has ended: it writes no more, though its end may take seconds to show),
+        or no earlier run of this deployment is running (or `timeout`: an earlier run that
+        crashed may still show as running; the journal lock still guards). Returns the
+        seconds waited."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             try:
+                if self._handed() is not None:
+                    break
                 if not any(self._earlier(r) for r in self._others()):
                     break
             except Exception:  # noqa: BLE001 - try again
@@ -88,36 +99,43 @@ class HandOff:
             time.sleep(every)
         return time.monotonic() - t0
 
-    # The next cycle's due time, handed from the run that ends to the run that takes over
-    # (a Prefect variable per deployment). Without it the new run cycled once it saw the
-    # old one had ended: an interval plus Prefect's state propagation after the last
-    # checkpoint. With it the new run starts its first cycle when the old one's was due.
-    # Wall-clock times (ISO, UTC): the two runs may be on two machines of one pool.
+    # The hand-over itself, from the run that ends to the run that takes over: a Prefect
+    # variable per deployment naming the successor(s) and each VPG's next due time. The
+    # successor starts as soon as it reads it, instead of waiting until the old run's end
+    # shows in the API (Prefect's state propagation: seconds under load), and starts its
+    # first cycle when the old one's next was due. Wall-clock times (ISO, UTC): the two
+    # runs may be on two machines of one pool.
 
     @property
     def _variable(self) -> str:
         return f"vmrep-handoff-{self.deployment_id}"
 
     def hand_due(self, due: dict[str, str]) -> None:
-        """Leave the next cycle's due time of each VPG (name -> ISO time) to the next run."""
+        """Hand over to the later runs seen by `later_run_started`: each VPG's next due
+        time (name -> ISO time). Call it only once this run writes nothing more."""
         from prefect.variables import Variable
 
         try:
-            Variable.set(self._variable, {"from": self.run_id, "due": due}, overwrite=True)
-        except Exception:  # noqa: BLE001 - the next run then starts as soon as this one has ended
+            Variable.set(self._variable, {"from": self.run_id, "to": list(self.successors), "due": due},
+                         overwrite=True)
+        except Exception:  # noqa: BLE001 - the next run then starts once this one's end shows
             pass
 
-    def handed_due(self) -> dict[str, str]:
-        """What an earlier run handed over (empty when none did, or it was this run's)."""
+    def _handed(self) -> dict[str, Any] | None:
         from prefect.variables import Variable
 
+        v = Variable.get(self._variable, default=None)
+        if isinstance(v, dict) and self.run_id in (v.get("to") or []) and isinstance(v.get("due"), dict):
+            return v
+        return None
+
+    def handed_due(self) -> dict[str, str]:
+        """What an earlier run handed over to this one (empty when none did)."""
         try:
-            v = Variable.get(self._variable, default=None)
+            v = self._handed()
         except Exception:  # noqa: BLE001 - nothing handed: start now
             return {}
-        if not isinstance(v, dict) or v.get("from") == self.run_id or not isinstance(v.get("due"), dict):
-            return {}
-        return {str(k): str(t) for k, t in v["due"].items()}
+        return {} if v is None else {str(k): str(t) for k, t in v["due"].items()}
 
 
 def _wall(mono: float) -> str:
