@@ -128,14 +128,14 @@ def bench(handoffs: int = 20, period: float = 30.0, interval: float = 5.0,
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         with temporary_settings(updates={PREFECT_API_URL: srv.api_url}), _client(srv.api_url) as api:
-            def dep() -> Any:
+            def dep(name: str) -> Any:
                 try:
-                    return api.read_deployment_by_name(f"replicate/{VPG}")
+                    return api.read_deployment_by_name(name)
                 except Exception:  # noqa: BLE001 - not yet registered
                     return None
 
-            dep_id = _wait("the deployment", dep, 300).id
-            site_id = api.read_deployment_by_name("replicate-site/siteA").id
+            dep_id = _wait("the deployment", lambda: dep(f"replicate/{VPG}"), 300).id
+            site_id = _wait("the site deployment", lambda: dep("replicate-site/siteA"), 300).id
             for mode in modes:
                 r = run_mode(mode, api, site_id if mode == "site" else dep_id, rt, handoffs, period, interval)
                 print(json.dumps({k: v for k, v in r.items() if k != "handoff_gaps"}), flush=True)
