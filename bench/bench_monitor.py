@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="VMs the naive loop reads (its time is scaled to the size; 0: skip it)")
     ap.add_argument("--changed", type=float, default=0.05, help="share of VMs changed before a pass")
     ap.add_argument("--changed-repeat", type=int, default=1,
-                    help="passes after a change (each slow on the simulator: see bench/README.md)")
+                    help="passes after a change (--changed of the VMs changed anew before each)")
     ap.add_argument("--rtt-ms", type=int, default=0,
                     help="added latency per SOAP request (the launcher's delay rule), as to a remote vCenter")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")

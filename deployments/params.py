@@ -109,6 +109,15 @@ class MonitorParams(Params):
         default=60, gt=0, le=3600, title="Interval (s)", description="Seconds between two passes.")
 
 
+class RetentionParams(Params):
+    """The journal's retention at this recovery site: the history window, the hard limit and
+    the locks (retention_lock_hours, the last clean checkpoint while encryption is
+    suspected) of every VPG recovered here. Scheduled every few minutes."""
+
+    vpgs: list[str] | None = Field(
+        default=None, title="VPGs", description="Only these VPGs (leave empty for every VPG recovered at this site).")
+
+
 # --------------------------------------------------------------------------------------
 # Reports and notifications
 

@@ -23,6 +23,7 @@ Deployments (flow/deployment), for the VPGs of the config:
 | compliance-report/monthly | 06:00 UTC on the 1st, for the previous month | compliance report + email |
 | initial-sync, failover, move, commit, rollback, dr-test-report, notify | from the UI (or the automation) | |
 | <flow>/<site> (dr-test/siteB, initial-sync/siteA, ...) | by the UI entry of the flow | the same on that site's pool |
+| retention/<site> | every journal.retention_interval_seconds (5 min) | the journal's retention of the VPGs recovered at that site, on its pool |
 
 The parameters of each are pydantic models (deployments/params.py): the UI shows them as
 a form with a drop-down of the configured VPGs, and the server refuses invalid ones.
@@ -221,6 +222,23 @@ def specs(config: Any, config_path: str, now: datetime | None = None) -> list[Sp
                                 anchor_date=datetime(2020, 1, 1, tzinfo=timezone.utc), active=False)],
             concurrency=two_enqueue, tags=["replication", f"site:{site}"], site=site))
     home = home_site(config)
+
+    # The journal's retention, where the journal is: one deployment per recovery site on
+    # its pool (a served replicate run applies none, flows/retention.py says why). A run
+    # still going when the next is due makes that one be cancelled, not queued.
+    every_retention = float(config.journal.retention_interval_seconds)
+    for site in sites_of(config, "recovery"):
+        out.append(Spec(
+            "flows.retention", "retention", site, P.RetentionParams,
+            f"The journal's retention at site {site}, every {every_retention / 60:g} min: for every VPG recovered "
+            "there, history older than its journal_history_hours promoted, the hard limit honoured, locked "
+            "history (retention_lock_hours, back to the last clean checkpoint while encryption is suspected) "
+            "kept; JOURNAL_LIMIT_LOCKED raised and cleared.",
+            defaults={**base, "site": site},
+            schedules=[Interval(timedelta(seconds=every_retention), slug=f"retention-{site}",
+                                anchor_date=datetime(2020, 1, 1, tzinfo=timezone.utc))],
+            concurrency=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+            tags=["retention", f"site:{site}"], site=site))
 
     out.append(Spec(
         "flows.monitor", "monitor", "every-minute", P.MonitorParams,

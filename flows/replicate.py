@@ -150,9 +150,10 @@ def _seconds_until(iso: str) -> float:
         return 0.0
 
 
-def run_cycle(config: str, vpg: str, tag: str | None = None) -> dict[str, Any]:
+def run_cycle(config: str, vpg: str, tag: str | None = None, retention: bool = True) -> dict[str, Any]:
     rt = get_runtime(config)
-    return engine.run_cycle(rt, rt.config.vpg(vpg), tag=tag, runner=PrefectRunner()).summary()
+    return engine.run_cycle(rt, rt.config.vpg(vpg), tag=tag, runner=PrefectRunner(),
+                            retention=retention).summary()
 
 
 @flow(name="replicate", task_runner=ThreadPoolTaskRunner(max_workers=4))
@@ -161,7 +162,11 @@ def replicate(vpg: str, config: str = "vmrep.yaml", cycles: int | None = None,
     """Replicate a VPG: cycles every `interval_seconds`, `cycles` times or for `for_seconds`."""
     rt = get_runtime(config)
     v = rt.config.vpg(vpg)
-    engine.ensure_replicable(rt, v)
+    # Served (a deployment's run, on the protected site's pool), retention is not this
+    # run's: the recovery site's `retention/<site>` deployment applies it where the journal
+    # is (flows/retention.py). Run in process (tests, one machine) it follows each cycle.
+    retention = HandOff.of_this_run() is None
+    engine.ensure_replicable(rt, v, retention=retention)
     if cycles is None and for_seconds is None:
         cycles = 1
     log = get_run_logger()
@@ -184,7 +189,7 @@ def replicate(vpg: str, config: str = "vmrep.yaml", cycles: int | None = None,
     out: list[dict[str, Any]] = []
     while True:
         c0 = time.monotonic()
-        out.append(run_cycle(config, vpg))
+        out.append(run_cycle(config, vpg, retention=retention))
         log.info("VPG %s: checkpoint %s, %d blocks changed, %.2fs", vpg, out[-1]["checkpoint"],
                  out[-1]["blocks_changed"], out[-1]["seconds"])
         if cycles is not None and len(out) >= cycles:

@@ -74,10 +74,12 @@ def replicate_site(site: str, config: str = "vmrep.yaml", for_seconds: float | N
     rt = get_runtime(config)
     if site not in rt.config.sites:
         raise ValueError(f"site {site!r} is not in the config (sites: {', '.join(rt.config.sites)})")
+    # Served, retention is the recovery site's `retention/<site>` run's, as for replicate/<vpg>
+    retention = HandOff.of_this_run() is None
     vpgs: dict[str, float] = {}
     for v in site_vpgs(rt.config, site):
         try:
-            engine.ensure_replicable(rt, v)
+            engine.ensure_replicable(rt, v, retention=retention)
         except Exception as exc:  # noqa: BLE001 - one VPG not ready must not stop the site
             log.warning("VPG %s: not replicated by this run: %s", v.name, exc)
             continue
@@ -137,7 +139,7 @@ def replicate_site(site: str, config: str = "vmrep.yaml", for_seconds: float | N
         else:
             while queue and queue[0][0] <= now and len(running) < max_parallel:
                 _, name = heapq.heappop(queue)
-                running[name] = (now, vpg_cycle.submit(config, name))
+                running[name] = (now, vpg_cycle.submit(config, name, retention))
         if running or stopping:
             time.sleep(0.1)  # a cycle may end any moment: look again soon
         else:

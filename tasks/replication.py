@@ -97,7 +97,7 @@ def _site_steps() -> dict[str, Any]:
 
 
 @task(name="vpg-cycle", task_run_name="vpg-cycle-{vpg}", **step_options())
-def vpg_cycle(config: str, vpg: str) -> dict[str, Any]:
+def vpg_cycle(config: str, vpg: str, retention: bool = True) -> dict[str, Any]:
     """One whole replication cycle of a VPG as one task run (flows/replicate_site.py): its
     steps run through the engine's direct runner in this thread, each retried on
     transient faults there; the task as a whole is retried like any step. A VPG that
@@ -108,8 +108,8 @@ def vpg_cycle(config: str, vpg: str) -> dict[str, Any]:
     rt = get_runtime(config)
     v = rt.config.vpg(vpg)
     try:
-        engine.ensure_replicable(rt, v)
-        return engine.run_cycle(rt, v, runner=DirectRunner(_site_steps())).summary()
+        engine.ensure_replicable(rt, v, retention=retention)
+        return engine.run_cycle(rt, v, runner=DirectRunner(_site_steps()), retention=retention).summary()
     except Exception as exc:
         # the one line a DR engineer reads in this task's log; Prefect adds the trace below it
         get_run_logger().error("VPG %s: cycle failed: %s", vpg, str(exc).splitlines()[0] if str(exc) else

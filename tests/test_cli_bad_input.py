@@ -54,6 +54,7 @@ MINIMAL: dict[str, list[str]] = {
     "exporter": ["--listen", "127.0.0.1:19496"],  # the config is read before it listens
     "journal repair-index": [],
     "journal serve": ["--port", "0"],  # the config is read before it listens
+    "journal retention": [VPG],
     "ransomware status": [VPG],
     "ransomware dismiss": [VPG, "--vm", VM, "--reason", "backup job"],  # refused: nothing suspected
 }
@@ -164,6 +165,8 @@ EXPLICIT: list[Case] = [
     c("ransomware dismiss", VPG, "--vm", VM, "--disk", "scsi9:9", "--reason", "x", names="'scsi9:9'"),
     c("ransomware dismiss", VPG, "--vm", VM, "--reason", "  ", names="--reason '  '"),
     c("validate", VPG, BAD_VPG, names=repr(BAD_VPG)),
+    c("journal retention", "--site", "siteZ", names="'siteZ'"),
+    c("journal retention", "files", "--site", "siteB", names="VPG files: not recovered at site siteB"),
     # paths that cannot be written
     c("restore-disk", VPG, VM, "0", "--out", "/no/such/dir/x.img", names="/no/such/dir/x.img"),
     c("restore-disk", VPG, VM, "0", "--out", "{work}", names="{work}"),

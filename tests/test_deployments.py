@@ -50,6 +50,8 @@ def test_every_flow_is_deployed(built):
         # the per-site deployments the UI entries hand over to (one work pool each)
         "initial-sync/a", "dr-test/b", "dr-test-start/b", "dr-test-stop/b", "failover/b", "move/b", "commit/b",
         "rollback/b",
+        # the journal's retention, where the journal is: one per recovery site, on its pool
+        "retention/b",
     }
     for d in deps.values():
         # module entry points: flows/reports.py must not be imported as a top-level `reports`
@@ -60,6 +62,7 @@ def test_every_flow_is_deployed(built):
     for name in ("dr-test/b", "failover/b", "monitor/every-minute", "dr-test/dr-test", "compliance-report/monthly"):
         assert deps[name].work_pool_name == "vmrep-b", name
     assert not deps["dr-test/b"].schedules and len(deps["dr-test/dr-test"].schedules) == 2
+    assert deps["retention/b"].work_pool_name == "vmrep-b" and deps["retention/b"].parameters["site"] == "b"
     # one run for every VPG of a site: on its pool, its schedule registered switched off
     site = deps["replicate-site/a"]
     assert site.work_pool_name == "vmrep-a" and site.parameters["site"] == "a"
@@ -157,6 +160,11 @@ def test_schedules(built):
         "every 3 months, 1st 02:00 UTC (erp); every 9 months, 1st 03:00 UTC (crm)"
     for name in ("failover/live-failover", "move/planned-move", "commit/commit", "rollback/rollback"):
         assert not by_name[name].schedules
+    # retention every 5 minutes (journal.retention_interval_seconds); a run still going cancels the next
+    ret = deps["retention/b"]
+    assert [s.interval.total_seconds() for s in by_name["retention/b"].schedules] == [300.0]
+    assert serve.schedule_text(by_name["retention/b"]) == "every 5 min"
+    assert ret.concurrency_limit == 1 and ret.concurrency_options.collision_strategy.value == "CANCEL_NEW"
 
 
 def test_dr_test_rrule_runs_on_the_test_interval():

@@ -3,6 +3,7 @@ constant round trips, and transitions read back as Prefect events."""
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 from pyVmomi import vim
@@ -114,3 +115,53 @@ def test_monitor_flow_emits_events_read_back_from_prefect(lab, prefect_harness) 
     names = [(e.event, e.payload.get("code") or e.payload.get("status")) for e in events]
     assert ("vmrep.alert.raised", "REPLICATION_PAUSED") in names
     assert any(n == "vmrep.vpg.status-changed" for n, _ in names)
+
+
+def test_facts_reused_between_passes_give_the_verdicts_of_a_full_gathering(fresh_lab, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A pass reuses a VPG's journal facts and protectability (vmrep.monitor.Gathered)
+    while their inputs are unchanged. Over a scenario where time passes thresholds, a
+    checkpoint is added and a VM stops being protectable, each pass is compared with the
+    same pass gathering everything again: the same evaluations, and nothing left for the
+    full one to change."""
+    from vmrep.monitor import site_watches
+
+    monkeypatch.setattr("vmrep.monitor.RACY_NS", 200_000_000)  # the test need not wait 2 s per step
+    rt = fresh_lab.runtime()
+    sync(rt, "erp")
+    watches = site_watches(rt)
+    seen = []
+
+    def compare(now):  # type: ignore[no-untyped-def]
+        time.sleep(0.3)  # past the racy window of what the previous step wrote
+        reused = watches.reused
+        inc = by_vpg(monitor_pass(rt, now=now))
+        assert watches.reused > reused  # something was reused, else this compares nothing
+        watches.gathered.clear()
+        full = by_vpg(monitor_pass(rt, now=now))
+        assert {v: r.evaluation for v, r in inc.items()} == {v: r.evaluation for v, r in full.items()}
+        assert not any(r.transitions for r in full.values())
+        seen.append((inc["erp"].evaluation.status, sorted(inc["erp"].evaluation.codes)))
+
+    cp = rt.journal.checkpoints("erp")[-1].time
+    monitor_pass(rt, now=cp + timedelta(seconds=10))  # gathered once
+    compare(cp + timedelta(seconds=30))
+    compare(cp + timedelta(seconds=90))  # only time changed: over the 60 s target
+    cp = engine.run_cycle(rt, rt.config.vpg("erp")).time  # a new checkpoint
+    compare(cp + timedelta(seconds=20))
+    with connect(rt.config.sites["siteA"]) as c:  # a VM gains a multi-writer disk
+        app = Inventory(c).vm("erp-app")
+        devices = retrieve_one(c, app.ref, ["config.hardware.device"]).get("config.hardware.device")
+        disk = next(d for d in devices if isinstance(d, vim.vm.device.VirtualDisk))
+        disk.backing.sharing = "sharingMultiWriter"
+        run_task(c, "VM erp-app", app.ref.ReconfigVM_Task,
+                 vim.vm.ConfigSpec(deviceChange=[vim.vm.device.VirtualDeviceSpec(operation="edit", device=disk)]))
+    time.sleep(1)  # the change reaches the collector's queue
+    compare(cp + timedelta(seconds=25))
+    compare(cp + timedelta(days=200))  # RPO, history and the DR test all overdue
+    assert seen == [
+        ("MeetingSLA", []),
+        ("RpoNotMeetingSLA", ["RPO_OVER_TARGET"]),
+        ("MeetingSLA", []),
+        ("Error", ["VM_NOT_PROTECTED"]),
+        ("Error", ["RPO_OVER_2X_TARGET", "TEST_OVERDUE", "VM_NOT_PROTECTED"]),
+    ]

@@ -3,7 +3,8 @@ another database of the same PostgreSQL server), `python -m deployments.serve` c
 the pools `vmrep-siteA` and `vmrep-siteB`, the vCenter limits and the deployments, and
 running one process worker per pool; every one of these is a process of its own.
 
-- A replication run executes on vmrep-siteA (the protected site's pool); a DR test started
+- A replication run executes on vmrep-siteA (the protected site's pool) and applies no
+  retention; `retention/siteB` executes on vmrep-siteB (the recovery site's); a DR test started
   from the UI entry `dr-test/dr-test` is handed over to `dr-test/siteB` and executes on
   vmrep-siteB: read back from the API.
 - With `vcenter_slots: 1` at siteA and every CreateSnapshot delayed 1.5 s by the lab, two
@@ -84,6 +85,12 @@ def _finish(api: Any, stack: dict[str, Any], fr: Any, timeout: float) -> Any:
     return final
 
 
+def _task_names(api: Any, fr: Any) -> list[str]:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    return [t.name for t in api.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])))]
+
+
 def _child(api: Any, parent: Any) -> Any:
     """The run a UI entry handed over to (a subflow of it)."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
@@ -112,14 +119,22 @@ def test_runs_execute_on_the_pool_of_their_site(stack, api) -> None:  # type: ig
     rep = _finish(api, stack, _start(api, stack, "replicate/erp", {"vpg": "erp", "cycles": 2,
                                                                   "interval_seconds": 1}), 600)
     assert rep.work_pool_name == "vmrep-siteA"
+    # Served, the cycles applied no retention: that is the recovery site's retention run's.
+    rep_tasks = _task_names(api, rep)
+    assert any(n.startswith("commit-checkpoint") for n in rep_tasks)
+    assert not any(n.startswith("apply-retention") for n in rep_tasks), rep_tasks
+    ret = _finish(api, stack, _start(api, stack, "retention/siteB", {}), 600)
+    assert ret.work_pool_name == "vmrep-siteB" and ret.parameters["site"] == "siteB"
+    assert [n.split("-")[:2] for n in _task_names(api, ret) if n.startswith("journal-retention")] == \
+        [["journal", "retention"]]  # erp, the one VPG recovered at siteB
 
     dr = _finish(api, stack, _start(api, stack, "dr-test/dr-test", {"vpg": "erp", "notes": "pools test"}), 900)
     test = _child(api, dr)
     assert test.work_pool_name == "vmrep-siteB" and test.state.is_completed()
     assert api.read_deployment(test.deployment_id).name == "siteB"
     # Each ran in a process a worker started, not in the serving process.
-    pids = {r.infrastructure_pid for r in (child, rep, test)}
-    assert None not in pids and len(pids) == 3
+    pids = {r.infrastructure_pid for r in (child, rep, test, ret)}
+    assert None not in pids and len(pids) == 4
 
     cfg = yaml.safe_load(stack["config"].read_text())
     db = cfg["database_url"].replace("postgresql+psycopg://", "postgresql://")

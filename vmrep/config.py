@@ -170,6 +170,10 @@ class JournalSettings(Strict):
     block_size: int = 1024 * 1024
     compression_level: int = 1
     service: "JournalServiceSettings | None" = None
+    # How often the recovery site's `retention/<site>` deployment applies its VPGs'
+    # retention (flows/retention.py): the hard limit may be overshot by what replication
+    # writes in this time, and history kept this much longer than journal_history_hours.
+    retention_interval_seconds: float = Field(default=300.0, ge=10, le=86400)
 
     @field_validator("block_size")
     @classmethod

@@ -9,11 +9,22 @@ changed VMs are decoded again. A fault drops the watch; the next read is full ag
 
 The store's part of the pass (runtime rows, status, alerts, samples) is one transaction
 (`StateStore.batch`), not five per VPG.
+
+What is costly to gather per VPG is gathered again only when its inputs changed
+(`Gathered`): the journal's facts (checkpoint times, bytes stored, encryption
+suspicions) while neither the VPG's journal directories nor the block index changed,
+and which of its VMs cannot be protected while none of its VMs was decoded again (the
+watch keeps the same decoded VM until it changes) and their tags are the same. The
+judgement itself (`evaluate`, `apply_transitions`) runs for every VPG on every pass at
+the pass's time: it is pure and cheap, so a verdict that changes with time alone (RPO
+growing past its target, history, a test falling due) is never late.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -43,13 +54,16 @@ class VpgHealth:
     transitions: list[Transition] = field(default_factory=list)
 
 
-def unprotected(vpg: VPG, inv: Inventory, rt: Runtime, tags: dict[str, set[str]] | None = None
-                ) -> list[UnprotectedVM]:
+def unprotected(vpg: VPG, inv: Inventory, rt: Runtime, tags: dict[str, set[str]] | None = None,
+                vms: dict[str, Any] | None = None) -> list[UnprotectedVM]:
     """The VPG's VMs that cannot be protected now. `tags` (VM moid -> tag names): read
-    by the caller for many VPGs at once, else read here for this VPG's VMs."""
+    by the caller for many VPGs at once, else read here for this VPG's VMs. `vms`: the
+    site's VMs by name, made once per pass by the caller (not once per VPG: at 5,000 VMs
+    that dictionary per VPG was most of the pass)."""
     from vmrep.validate import vm_tags
 
-    vms = inv.vms_by_name()
+    if vms is None:
+        vms = inv.vms_by_name()
     if tags is None:
         tags = vm_tags(inv, [vms[s.name] for s in vpg.vms if s.name in vms], rt.config)
     out = []
@@ -71,14 +85,52 @@ def missing_networks(vpg: VPG, names: set[str]) -> list[str]:
     return sorted(n for n in wanted if n and n not in names)
 
 
+# A directory changed less than this before it was looked at may change again within the
+# same timestamp tick unseen (file system times are coarse): its VPG is gathered again on
+# the next pass rather than trusted (as git treats a "racily clean" index entry).
+RACY_NS = 2_000_000_000
+JOURNAL_SUBDIRS = ("", "checkpoints", "base", "start", "tags", "ransomware")
+
+
+@dataclass
+class Gathered:
+    """What a VPG's facts were gathered from last pass, and those facts. `journal_key`:
+    the modification times of the VPG's journal directories (every checkpoint, tag,
+    start marker, dismissal or incident is published into one of them by a rename)
+    and the block index's generation (bytes stored), None when too recent to trust.
+    `vms_key`: per VM of the VPG, the decoded VM (compared by identity: the watch
+    decodes a VM again only when it changed) and its tags."""
+
+    journal_key: tuple[int, ...] | None = None
+    journal: dict[str, Any] = field(default_factory=dict)
+    vms_key: tuple[Any, ...] | None = None
+    unprotected: list[UnprotectedVM] = field(default_factory=list)
+
+
+def journal_key(rt: Runtime, vpg: str, generation: int) -> tuple[int, ...] | None:
+    d = str(rt.journal.chains.vpg_dir(vpg))  # a string: six pathlib joins per VPG cost more than the stats
+    key = [generation]
+    for sub in JOURNAL_SUBDIRS:
+        try:
+            key.append(os.stat(os.path.join(d, sub)).st_mtime_ns)
+        except FileNotFoundError:
+            key.append(-1)
+    if time.time_ns() - max(key[1:]) < RACY_NS:
+        return None
+    return tuple(key)
+
+
 class SiteWatches:
     """One InventoryWatch per site of a runtime, kept between passes. A watch is made
-    again when the runtime's client for the site changed (closed and reconnected)."""
+    again when the runtime's client for the site changed (closed and reconnected).
+    `gathered`: per VPG, the facts of the last pass and what they came from."""
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.watches: dict[str, InventoryWatch] = {}
         self.lock = threading.Lock()  # two passes at once (threads) must not share a poll
+        self.gathered: dict[str, Gathered] = {}
+        self.reused = 0  # VPG facts taken from `gathered` (journal and VMs counted apart)
 
     def inventory(self, site: str) -> Inventory:
         client = self.rt.client(site)
@@ -97,6 +149,7 @@ class SiteWatches:
         for w in self.watches.values():
             w.close()
         self.watches.clear()
+        self.gathered.clear()
 
 
 def site_watches(rt: Runtime) -> SiteWatches:
@@ -147,7 +200,7 @@ def _pass(rt: Runtime, watches: SiteWatches, now: datetime, chosen: list[VPG]) -
             tags[site] = _site_tags(rt, inv, [v for v in chosen if v.protected_site == site])
     with rt.store.batch():
         view = PassView(rt.store, [v.name for v in chosen])
-        return _judge(rt, view, now, chosen, inventory, errors, tags)
+        return _judge(rt, view, now, chosen, inventory, errors, tags, watches)
 
 
 def _site_tags(rt: Runtime, inv: Inventory, vpgs: list[VPG]) -> dict[str, set[str]]:
@@ -224,30 +277,63 @@ class PassView:
         return self._store.clear_alert(alert_id, **kwargs)  # type: ignore[no-any-return]
 
 
+def _journal_facts(rt: Runtime, vpg: str) -> dict[str, Any]:
+    cps = rt.journal.checkpoints(vpg)
+    return dict(newest_checkpoint_at=cps[-1].time if cps else None,
+                oldest_checkpoint_at=cps[0].time if cps else None,
+                journal_bytes=rt.journal.usage(vpg).total_bytes,
+                encryption_suspected=ransomware_suspicions(rt.journal, vpg, cps))
+
+
 def _judge(rt: Runtime, store: Any, now: datetime, chosen: list[VPG],
            inventory: Callable[[str], Inventory | None], errors: dict[str, str],
-           tags: dict[str, dict[str, set[str]]]) -> list[VpgHealth]:
+           tags: dict[str, dict[str, set[str]]], watches: SiteWatches | None = None) -> list[VpgHealth]:
     """Per VPG: the facts, the evaluation, the transitions and the sample. `store` is the
-    pass's view of the store (PassView)."""
+    pass's view of the store (PassView). `watches.gathered`: facts reused where their
+    inputs did not change (none without `watches`)."""
     out = []
     samples: list[tuple[str, dict[str, Any]]] = []
+    gathered = watches.gathered if watches is not None else {}
+    rt.journal.store.refresh()  # the block index's generation, once for the pass
+    generation = rt.journal.store.generation
+    by_name: dict[str, dict[str, Any]] = {}
+    names: dict[str, set[str]] = {}
+    marker = repr(rt.config.domain_controller_marker)
     for vpg in chosen:
         prot, rec = inventory(vpg.protected_site), inventory(vpg.recovery_site)
-        cps = rt.journal.checkpoints(vpg.name)
-        usage = rt.journal.usage(vpg.name)
-        facts = dict(
-            newest_checkpoint_at=cps[-1].time if cps else None,
-            oldest_checkpoint_at=cps[0].time if cps else None,
-            journal_bytes=usage.total_bytes,
-            **live_facts(store, vpg.name),  # awaiting commit since, failover or move, committed
-        )
-        facts["encryption_suspected"] = ransomware_suspicions(rt.journal, vpg.name, cps)
+        g = gathered.get(vpg.name) if watches is not None else None
+        if g is None:
+            g = Gathered()
+        jkey = journal_key(rt, vpg.name, generation)
+        if jkey is None or jkey != g.journal_key:
+            g.journal, g.journal_key = _journal_facts(rt, vpg.name), jkey
+        elif watches is not None:
+            watches.reused += 1
+        facts = dict(g.journal, **live_facts(store, vpg.name))  # + awaiting commit since, failover or move, committed
         if prot is None:
             facts["error"] = f"protected site unreachable: {errors[vpg.protected_site]}"
         else:
-            facts["unprotected_vms"] = unprotected(vpg, prot, rt, tags.get(vpg.protected_site))
+            site = vpg.protected_site
+            vms = by_name.get(site)
+            if vms is None:
+                vms = by_name[site] = prot.vms_by_name()
+            site_tags = tags.get(site)
+            vkey = None
+            if site_tags is not None:  # else unprotected() reads the tags itself: nothing to compare
+                vkey = (marker, tuple((s.name, v, frozenset(site_tags.get(v.ref._moId, ())) if v else frozenset())
+                                      for s in vpg.vms for v in (vms.get(s.name),)))
+            if vkey is None or g.vms_key is None or not _same(vkey, g.vms_key):
+                g.unprotected, g.vms_key = unprotected(vpg, prot, rt, site_tags, vms), vkey
+            elif watches is not None:
+                watches.reused += 1
+            facts["unprotected_vms"] = list(g.unprotected)
+        if watches is not None:
+            gathered[vpg.name] = g
         if rec is not None:
-            facts["recovery_networks_missing"] = missing_networks(vpg, rec.network_names())
+            rnames = names.get(vpg.recovery_site)
+            if rnames is None:
+                rnames = names[vpg.recovery_site] = rec.network_names()
+            facts["recovery_networks_missing"] = missing_networks(vpg, rnames)
         if prot is not None and rec is not None:
             facts["split_brain"] = split_brain(rt.store, vpg, prot.vms(), rec.vms(), facts)
         elif prot is not None:
@@ -258,3 +344,12 @@ def _judge(rt: Runtime, store: Any, now: datetime, chosen: list[VPG],
         out.append(VpgHealth(vpg.name, ev, transitions))
     store.add_samples(samples, at=now)  # one INSERT for the pass
     return out
+
+
+def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Keys of `Gathered.vms_key`: the decoded VMs by identity (an equal VM decoded again
+    counts as changed: safe, and comparing every field would cost what it saves), names
+    and tags by value."""
+    if a[0] != b[0] or len(a[1]) != len(b[1]):
+        return False
+    return all(x[0] == y[0] and x[1] is y[1] and x[2] == y[2] for x, y in zip(a[1], b[1], strict=True))

@@ -116,6 +116,20 @@ func (l *lab) controlHandler(ready func() interface{}) http.Handler {
 		}
 	})
 
+	mux.HandleFunc("/collector", func(w http.ResponseWriter, r *http.Request) {
+		collectorStats.Lock()
+		defer collectorStats.Unlock()
+		switch r.Method {
+		case http.MethodGet:
+		case http.MethodDelete:
+			collectorStats.ObjectsRead, collectorStats.Scopes = 0, 0
+		default:
+			w.WriteHeader(http.StatusMethodNotAllowed)
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]int{"objects_read": collectorStats.ObjectsRead, "scopes": collectorStats.Scopes})
+	})
+
 	mux.HandleFunc("/sessions", func(w http.ResponseWriter, r *http.Request) {
 		switch r.Method {
 		case http.MethodGet:

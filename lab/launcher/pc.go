@@ -22,6 +22,7 @@ import (
 
 type labPropertyCollector struct {
 	simulator.PropertyCollector
+	u updates // WaitForUpdatesEx's own state (pc_updates.go)
 }
 
 // FetchResponse has the element name the SOAP encoder derives from the type name.

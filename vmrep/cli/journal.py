@@ -1,4 +1,4 @@
-"""Journal commands: `vmrep journal repair-index`, `vmrep journal serve`."""
+"""Journal commands: `vmrep journal repair-index`, `vmrep journal serve`, `vmrep journal retention`."""
 
 from __future__ import annotations
 
@@ -66,3 +66,44 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     console_err.print(f"journal service for {cfg.journal_path}", markup=False, highlight=False)
     run(cfg, host=host, port=port)
+
+
+@journal_app.command("retention")
+def retention(
+    vpgs: Annotated[list[str] | None, typer.Argument(
+        help="VPGs to retain (default: every VPG recovered at --site, or every VPG)", show_default=False)] = None,
+    site: Annotated[str | None, typer.Option("--site", help="only the VPGs recovered at this site")] = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Apply the journal's retention here, at the recovery site, as the `retention/<site>`
+    deployment does: history window, hard limit, and the locks (retention_lock_hours, the
+    last clean checkpoint while encryption is suspected); raises and clears
+    JOURNAL_LIMIT_LOCKED. For VPGs replicated through this site's journal service without
+    Prefect (e.g. from cron)."""
+    from vmrep.replication import engine
+    from vmrep.runtime import get_runtime
+
+    cfg = config_from(config)
+    if site is not None:
+        cfg.site(site)  # one line naming an unknown site
+    for name in vpgs or []:
+        cfg.vpg(name)  # one line naming an unknown VPG, before anything is done
+    names = [v.name for v in cfg.vpgs if site is None or v.recovery_site == site]
+    if vpgs:
+        wrong = [n for n in vpgs if n not in names]
+        if wrong:
+            raise VmrepError(f"VPG {', '.join(wrong)}: not recovered at site {site}")
+        names = [n for n in names if n in vpgs]
+    assert cfg.source is not None  # loaded from a file
+    rt = get_runtime(cfg.source)
+    rows = [engine.retention_summary(engine.apply_retention(rt, rt.config.vpg(n), at_recovery_site=True))
+            for n in names]
+    if json_out:
+        print_json(rows)
+        return
+    for r in rows:
+        console.print(f"VPG {r['vpg']}: history from {r['base'] or 'nothing'}; {r['promoted']} promoted, "
+                      f"{r['dropped_by_limit']} dropped by the hard limit"
+                      + ("; the hard limit is blocked by locked history (JOURNAL_LIMIT_LOCKED)"
+                         if r["lock_blocked_limit"] else ""), markup=False)

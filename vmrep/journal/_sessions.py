@@ -143,6 +143,39 @@ def live_sessions(root: Path, only: str | None = None) -> dict[str, int]:
     return out
 
 
+def live_writer_of(root: Path, vpg: str) -> bool:
+    """Whether a live checkpoint writer of `vpg` has described its session (a session
+    whose description is not written yet does not count: callers poll)."""
+    try:
+        entries = list(os.scandir(root / "locks"))
+    except FileNotFoundError:
+        return False
+    for e in entries:
+        if not e.name.endswith(".lock"):
+            continue
+        try:
+            fd = os.open(e.path, os.O_RDWR)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                d = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            except ValueError:
+                continue
+            if not isinstance(d, dict) or d.get("kind") != "writer" or d.get("vpg") != vpg:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    return True  # held: the writer lives
+                raise
+            fcntl.flock(fd, fcntl.LOCK_UN)  # a dead writer's file: live_sessions removes it
+        finally:
+            os.close(fd)
+    return False
+
+
 def open_session(root: Path, store: "BlockStore", kind: str, vpg: str | None = None) -> Session:
     """Register as a user of the journal, then load the index: garbage collection will
     not delete a blob this session might still deduplicate against or read."""

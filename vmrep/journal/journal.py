@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -39,11 +40,11 @@ from pathlib import Path
 import blake3
 import numpy as np
 
-from vmrep.errors import JournalError
+from vmrep.errors import JournalError, JournalLocked
 from vmrep.journal import format as fmt
 from vmrep.journal import maintenance, retention
 from vmrep.journal._fs import ensure_dir, publish, rand_hex
-from vmrep.journal._sessions import Session, open_session, vpg_lock
+from vmrep.journal._sessions import Session, live_writer_of, open_session, vpg_lock
 from vmrep.journal.chain import Chains
 from vmrep.journal.results import (
     BlockMap,
@@ -59,6 +60,10 @@ from vmrep.journal.results import is_zero  # noqa: F401  (was defined here; old 
 from vmrep.journal.store import BlockStore, GCStats, now_iso
 from vmrep.journal.writer import CheckpointWriter, WriteTarget
 from vmrep.parallel import each_part
+
+# How long a cycle's new checkpoint waits for the VPG's retention (a process of its own at
+# the recovery site: flows/retention.py) to release the VPG, instead of failing the cycle.
+RETENTION_WAIT_SECONDS = 30.0
 
 log = logging.getLogger(__name__)
 
@@ -233,10 +238,23 @@ class Journal:
         return Usage(vpg, total, base, total - base, infos[0].time, infos[-1].time, len(infos))
 
     # ---- writing -------------------------------------------------------------------------
-    def begin(self, vpg: str) -> CheckpointWriter:
-        """Start the VPG's next checkpoint (JournalError if another writer holds the VPG)."""
+    def begin(self, vpg: str, *, wait: float = 0.0) -> CheckpointWriter:
+        """Start the VPG's next checkpoint (JournalError if another writer holds the VPG).
+
+        `wait`: while the VPG lock is held by something else than a writer (retention,
+        which runs in a process of its own at the recovery site, or a VPG removal), wait up
+        to this many seconds for it; another writer is still refused at once (the
+        one-writer backstop)."""
         d = self.chains.vpg_dir(vpg)
-        vlock = vpg_lock(d, vpg, 0.0, "begin")
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                vlock = vpg_lock(d, vpg, 0.0, "begin")
+                break
+            except JournalLocked:
+                if time.monotonic() >= deadline or live_writer_of(self.root, vpg):
+                    raise
+                time.sleep(0.1)
         try:
             session = open_session(self.root, self.store, "writer", vpg)
         except BaseException:

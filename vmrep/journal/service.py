@@ -47,7 +47,7 @@ from vmrep.config import Config, JournalServiceSettings, ServiceCredential
 from vmrep.errors import JournalError, JournalLocked, NotFound, VmrepError
 from vmrep.journal import format as fmt
 from vmrep.journal.codec import decode_blob
-from vmrep.journal.journal import Journal
+from vmrep.journal.journal import RETENTION_WAIT_SECONDS, Journal
 from vmrep.journal.remote import CODEC_DELTA, CODEC_REF, decode_batch, info_to_json
 from vmrep.journal.results import is_zero
 from vmrep.journal.writer import CheckpointWriter
@@ -55,7 +55,8 @@ from vmrep.secrets import resolve_secret
 
 log = logging.getLogger("vmrep.journal.service")
 
-MAX_BATCH_BYTES = 64 << 20  # a batch larger than this is refused (a writer sends blocks of 1 MiB)
+MAX_BATCH_BYTES = 64 << 20  # a batch larger than this is refused (remote.BATCH_RAW_BYTES keeps writers under it)
+MAX_MISSING_IDS = 100_000  # ids per `missing` request
 
 
 class Denied(Exception):
@@ -67,7 +68,13 @@ class BadRequest(Exception):
 
 
 class Unrebuilt(Exception):
-    """HTTP 422: a block sent as extents did not rebuild to its id (the client sends it whole)."""
+    """HTTP 422: a block sent as extents did not rebuild to its id (the client sends it whole).
+    `blocks`: every such block of the batch, [vm, disk, index] each, so that the client
+    resends only those whole and the others of the batch as they were."""
+
+    def __init__(self, message: str, blocks: list[list[Any]] | None = None) -> None:
+        super().__init__(message)
+        self.blocks = blocks or []
 
 
 @dataclass
@@ -173,7 +180,9 @@ class JournalService:
     # ---- operations (run in a thread: the journal blocks) ---------------------------------
     def begin(self, who: Caller, vpg: str) -> dict[str, Any]:
         self.drop_idle()
-        w = self.journal.begin(vpg)
+        # The recovery site's retention run may hold the VPG a moment: wait for it (not for
+        # another writer: that is a 409 at once).
+        w = self.journal.begin(vpg, wait=RETENTION_WAIT_SECONDS)
         sid = secrets.token_hex(16)
         with self._lock:
             self._open[sid] = _Open(w, vpg, who.name, time.monotonic())
@@ -191,6 +200,8 @@ class JournalService:
         # Every block is checked before anything of the batch is applied: a bad batch
         # changes nothing.
         checked: list[tuple[str, str, int, bytes, bytes | None]] = []
+        given: set[bytes] = set()  # ids whose content came earlier in this batch (a reference may name them)
+        unrebuilt: list[Unrebuilt] = []
         for h, payload in blocks:
             try:
                 vm, disk, index, bid = str(h["vm"]), str(h["disk"]), int(h["index"]), bytes.fromhex(h["id"])
@@ -201,10 +212,17 @@ class JournalService:
             if len(bid) != fmt.ID_LEN or index < 0 or not 0 < rlen <= bs:
                 raise BadRequest(f"{where}: bad id, index or length")
             if codec == CODEC_DELTA:
-                checked.append((vm, disk, index, bid, self._rebuild(w, where, h, payload, bid, rlen)))
+                try:
+                    rebuilt = self._rebuild(w, where, h, payload, bid, rlen)
+                except Unrebuilt as exc:  # every such block named at once: one resend fixes them all
+                    unrebuilt.append(Unrebuilt(str(exc), [[vm, disk, index]]))
+                    continue
+                checked.append((vm, disk, index, bid, rebuilt))
+                if not is_zero(rebuilt):
+                    given.add(bid)
                 continue
-            if codec == CODEC_REF:  # a reference to a block the service has
-                if not (w.has(bid) or self.journal.store.has(bid)):
+            if codec == CODEC_REF:  # a reference to a block the service has (or this batch gave)
+                if not (bid in given or w.has(bid) or self.journal.store.has(bid)):
                     raise BadRequest(f"{where}: block {bid.hex()[:16]}… is not at the service; send its content")
                 checked.append((vm, disk, index, bid, None))
                 continue
@@ -216,6 +234,11 @@ class JournalService:
                 log.warning("VPG %s: %s from %s does not match its id; batch refused", o.vpg, where, o.owner)
                 raise BadRequest(f"{where}: content does not match its blake3 id; nothing of the batch stored")
             checked.append((vm, disk, index, bid, data))
+            if not is_zero(data):
+                given.add(bid)
+        if unrebuilt:
+            raise Unrebuilt(f"{unrebuilt[0]} ({len(unrebuilt)} block(s) of the batch; nothing of it applied)",
+                            [b for u in unrebuilt for b in u.blocks])
         for op in ops:
             if not (isinstance(op, list) and op and op[0] in ("size", "zero", "remove")
                     and len(op) == {"size": 4, "zero": 4, "remove": 3}[op[0]]):
@@ -325,33 +348,10 @@ class JournalService:
             raise BadRequest("commit: meta must be a mapping")
         info = o.writer.commit(time=at, tag=body.get("tag"), meta=meta)
         log.info("VPG %s: checkpoint %s committed by %s", o.vpg, info.id, o.owner)
-        self.retention_after_commit(o.vpg)
+        # Nothing after the commit: the VPG's retention is the recovery site's
+        # `retention/<site>` run (flows/retention.py, engine.apply_retention with the state
+        # database), not this process's, which has no state database to raise alerts in.
         return info_to_json(info)
-
-    def retention_after_commit(self, vpg: str) -> None:
-        """The recovery site applies the VPG's retention itself after each commit: the
-        protected site can't (its credential may not shorten history)."""
-        v = self.vpg(vpg)
-        if v is None:
-            return
-        try:
-            now = datetime.now(timezone.utc)
-            # The same bounds as engine.retention_bounds (which needs a Runtime): locked
-            # checkpoints (retention_lock_hours, and back to the last clean checkpoint while
-            # encryption is suspected) are held even against the hard limit.
-            from vmrep.ransomware.service import keep_since as clean_since
-
-            lock = now - timedelta(hours=v.retention_lock_hours) if v.retention_lock_hours > 0 else None
-            held = clean_since(self.journal, vpg)
-            if held is not None:
-                lock = held if lock is None else min(lock, held)
-            r = self.journal.apply_retention(vpg, now - timedelta(seconds=v.history_seconds),
-                                             v.hard_limit_bytes or None, lock)
-            if r.lock_blocked_limit:
-                log.warning("VPG %s: journal hard limit reached and only locked history is left to drop "
-                            "(%d locked checkpoints); nothing dropped", vpg, r.locked)
-        except VmrepError as exc:
-            log.warning("VPG %s: retention after commit failed: %s", vpg, exc)
 
     def abort(self, sid: str, o: _Open) -> dict[str, Any]:
         with self._lock:
@@ -387,7 +387,7 @@ def build_app(svc: JournalService) -> Starlette:
             except BadRequest as exc:
                 return _error(400, str(exc))
             except Unrebuilt as exc:
-                return _error(422, str(exc))
+                return JSONResponse({"error": str(exc), "unrebuilt": exc.blocks}, status_code=422)
             except NotFound as exc:
                 return _error(404, str(exc))
             except JournalLocked as exc:
@@ -435,8 +435,8 @@ def build_app(svc: JournalService) -> Starlette:
             ids = [bytes.fromhex(h) for h in body["ids"]]
         except (ValueError, KeyError, TypeError):
             raise BadRequest("missing: give {\"ids\": [<hex block id>, ...]}") from None
-        if len(ids) > 100_000:
-            raise BadRequest("missing: at most 100000 ids per request")
+        if len(ids) > MAX_MISSING_IDS:
+            raise BadRequest(f"missing: at most {MAX_MISSING_IDS} ids per request")
         return _json({"missing": [i.hex() for i in ids if not j.store.has(i)]})
 
     async def begin(request: Request, svc: JournalService, who: Caller) -> Response:

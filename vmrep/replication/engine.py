@@ -7,7 +7,7 @@ Plain functions over a `Runtime`; each is one retryable step (Prefect tasks in
     -> changed blocks of every disk since the last checkpoint, into the journal
     -> one VPG-wide checkpoint, timed at the consistency point
     -> snapshots removed (also when the cycle failed)
-    -> retention.
+    -> retention (in one process; served, the recovery site's retention run does it).
 
 The parts live beside it: consistency points in `points.py`, the disk and journal ends
 of a transfer in `endpoints.py`, CBT and its fallbacks in `changes.py`, verification
@@ -136,7 +136,11 @@ def transfer_disk(rt: Runtime, vpg: VPG, vm: VMInfo, disk: DiskInfo, writer: Any
                    threads=threads, progress=progress or progress_hook())
     sent_for = getattr(writer, "sent_for", None)
     if sent_for is not None:
+        # Through the journal service the blocks are queued and sent in batches: the disk's
+        # last ones go now, and what they cost (sent, stored, already there) is known after.
+        writer.flush(vm.name, disk.id)
         st.bytes_sent = sent_for(vm.name, disk.id)
+        st.bytes_stored, st.blocks_deduplicated = writer.stored_for(vm.name, disk.id)
     st.method, st.change_id, st.fallback = plan.method, plan.change_id, plan.fallback
     st.bytes_changed = plan.bytes_changed if plan.bytes_changed is not None else \
         min(st.blocks_changed * writer.block_size, disk.capacity)
@@ -236,7 +240,9 @@ def open_writer(rt: Runtime, vpg: str, cycle: str | None = None) -> Any:
         if e is None:
             j = journal_for(rt, vpg)
             if not is_remote(rt, vpg):
-                w = j.begin(vpg)
+                from vmrep.journal.journal import RETENTION_WAIT_SECONDS
+
+                w = j.begin(vpg, wait=RETENTION_WAIT_SECONDS)  # a retention run may hold the VPG a moment
             else:  # compressed at the sender when the VPG says so (docs/journal-service.md)
                 w = j.begin(vpg, compress=rt.config.vpg(vpg).wan_compression,
                             compression_level=max(1, rt.config.journal.compression_level))
@@ -327,10 +333,17 @@ def retention_bounds(rt: Runtime, vpg: VPG, now: datetime) -> tuple[datetime, da
     return keep, lock
 
 
-def apply_retention(rt: Runtime, vpg: VPG, now: datetime | None = None) -> Any:
-    if is_remote(rt, vpg.name):
-        # The recovery site's service applies retention after each commit: the protected
-        # site's credential may not shorten history.
+def apply_retention(rt: Runtime, vpg: VPG, now: datetime | None = None, *,
+                    at_recovery_site: bool = False) -> Any:
+    """The VPG's retention (history window, hard limit, and the locks of retention_bounds)
+    on the journal directory, with its alerts in the state database.
+
+    `at_recovery_site`: the caller runs where the journal is (the `retention/<site>`
+    deployment on the recovery site's pool, flows/retention.py), so a VPG replicated
+    through that site's journal service is retained too. Without it such a VPG is
+    skipped: the protected site reaches its journal only through the service, whose
+    writer credential may not shorten history."""
+    if is_remote(rt, vpg.name) and not at_recovery_site:
         from vmrep.journal.results import RetentionResult
 
         return RetentionResult(vpg.name, None)
@@ -368,12 +381,22 @@ def apply_retention(rt: Runtime, vpg: VPG, now: datetime | None = None) -> Any:
     return result
 
 
-def ensure_not_blocked(rt: Runtime, vpg: VPG) -> None:
+def retention_summary(r: Any) -> dict[str, Any]:
+    """A retention result as plain values (a task's result, the retention flow's log)."""
+    return {"vpg": r.vpg, "base": r.base, "promoted": len(r.promoted), "dropped_by_limit": len(r.dropped_by_limit),
+            "hard_limit_hit": r.hard_limit_hit, "lock_blocked_limit": r.lock_blocked_limit, "locked": r.locked,
+            "bytes_before": r.bytes_before, "bytes_after": r.bytes_after}
+
+
+def ensure_not_blocked(rt: Runtime, vpg: VPG, *, retention: bool = True) -> None:
     """Replication is paused while the hard limit can only be met by dropping locked
-    history; retention is tried again first (the lock may have passed meanwhile)."""
+    history; retention is tried again first (the lock may have passed meanwhile) when
+    this process applies it (`retention`, and the journal is here). Otherwise the
+    recovery site's retention run clears the alert, and until then the cycle refuses."""
     if not any(a.code == LOCK_ALERT for a in rt.store.open_alerts(vpg.name)):
         return
-    if apply_retention(rt, vpg).lock_blocked_limit:
+    here = retention and not is_remote(rt, vpg.name)
+    if not here or apply_retention(rt, vpg).lock_blocked_limit:
         raise Refused(f"VPG {vpg.name}: replication paused: journal hard limit "
                       f"{vpg.journal_hard_limit_gb:g} GB reached and the oldest history is locked "
                       f"({LOCK_ALERT} is open)")
@@ -420,13 +443,13 @@ class CycleResult:
                 for vm, t in self.vms.items() for d, s in t.disks.items()]
 
 
-def ensure_replicable(rt: Runtime, vpg: VPG) -> None:
+def ensure_replicable(rt: Runtime, vpg: VPG, *, retention: bool = True) -> None:
     runtime = rt.store.runtime(vpg.name)
     if not runtime.initial_sync_done:
         raise Refused(f"VPG {vpg.name}: initial sync has not completed; run 'vmrep sync {vpg.name}' first")
     if runtime.paused:
         raise Refused(f"VPG {vpg.name}: replication is paused")
-    ensure_not_blocked(rt, vpg)
+    ensure_not_blocked(rt, vpg, retention=retention)
 
 
 # --------------------------------------------------------------------------------------
@@ -459,14 +482,18 @@ def _transfers(rows: list[dict[str, Any]]) -> dict[str, VMTransfer]:
 
 
 def run_cycle(rt: Runtime, vpg: VPG, *, tag: str | None = None, runner: Any = None,
-              verify_source: bool | None = None) -> CycleResult:
+              verify_source: bool | None = None, retention: bool = True) -> CycleResult:
     """One replication cycle: leftovers removed, consistency point, every VM's changed
     blocks (VMs in parallel), one checkpoint, snapshots removed (also when the cycle
-    failed), retention."""
+    failed), retention.
+
+    `retention` False: no retention step. A served replicate run (the protected site's
+    pool) passes it: retention is the recovery site's `retention/<site>` deployment's
+    (flows/retention.py). In one process (the CLI, `vmrep sync`/`replicate`) it stays on."""
     runner = runner or direct_runner()
     config, name = str(rt.config.source), vpg.name
     t0 = time.monotonic()
-    ensure_not_blocked(rt, vpg)  # paused by a locked journal at its hard limit
+    ensure_not_blocked(rt, vpg, retention=retention)  # paused by a locked journal at its hard limit
     vms = runner.one("read-vpg-inventory", config, name)
     runner.one("release-consistency-points", config, name)  # leftovers of a crashed cycle
     previous = latest_checkpoint_id(rt, name)
@@ -497,7 +524,8 @@ def run_cycle(rt: Runtime, vpg: VPG, *, tag: str | None = None, runner: Any = No
         if key in rescanned and not (verified and any(
                 (r["vm"], r["disk"]) == key and r["blocks_differing"] for r in verified["disks"])):
             rt.store.clear_alert(alert_id)  # compared block by block again: the checkpoint is exact
-    runner.one("apply-retention", config, name)
+    if retention:
+        runner.one("apply-retention", config, name)
     return CycleResult(name, committed["id"], committed["time"], transfers, time.monotonic() - t0, tag,
                        verified)
 
