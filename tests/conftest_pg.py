@@ -242,7 +242,9 @@ def prefect_harness(request: pytest.FixtureRequest) -> Iterator[str]:
         from prefect.testing.utilities import prefect_test_harness
 
         settings = temporary_settings(updates={PREFECT_HOME: home})
-        harness = prefect_test_harness(server_startup_timeout=60)
+        # Its first start migrates a new SQLite database: 60 s was overrun with three suites
+        # at once on 2 cores; the CLI's own server start waits up to 180 s as well.
+        harness = prefect_test_harness(server_startup_timeout=180)
         settings.__enter__()
         started = time.monotonic()
         harness.__enter__()

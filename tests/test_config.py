@@ -111,3 +111,17 @@ def test_change_tracking_and_source_verification_settings() -> None:
     data["vpgs"][0]["verify_against_source_hours"] = -1
     with pytest.raises(ConfigError, match=r"^vpgs\[web\].verify_against_source_hours: Input should be greater"):
         parse_config(data)
+
+
+def test_compression_level_is_one_zstd_has() -> None:
+    """zstd refuses levels above 22 only when it first compresses (a traceback in the
+    middle of a cycle): the config names the field instead."""
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    data["journal"] = {"compression_level": 23}
+    with pytest.raises(ConfigError, match=r"^journal.compression_level: Input should be less than or equal to 22"):
+        parse_config(data)
+    data["journal"] = {"compression_level": -1}
+    with pytest.raises(ConfigError, match=r"^journal.compression_level: Input should be greater than or equal to 0"):
+        parse_config(data)
+    data["journal"] = {"compression_level": 0}  # 0: every block stored raw
+    assert parse_config(data).journal.compression_level == 0

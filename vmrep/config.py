@@ -168,7 +168,8 @@ class JournalServiceSettings(Strict):
 class JournalSettings(Strict):
     path: Path = Path("journal")
     block_size: int = 1024 * 1024
-    compression_level: int = 1
+    # zstd's levels are 1..22 (23 and up raise in the middle of a transfer); 0 stores raw.
+    compression_level: int = Field(default=1, ge=0, le=22)
     service: "JournalServiceSettings | None" = None
     # How often the recovery site's `retention/<site>` deployment applies its VPGs'
     # retention (flows/retention.py): the hard limit may be overshot by what replication
