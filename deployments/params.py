@@ -58,6 +58,27 @@ class InitialSyncParams(VpgChoice):
     before replication and before any test or failover."""
 
 
+class ReplicateSiteParams(Params):
+    """Continuous replication of every VPG protected at one site by one run (many VPGs per
+    site): each VPG on its own interval, a bounded number of cycles at once. The schedule
+    starts the next run while this one still cycles; it takes over between checkpoints."""
+
+    site: str = Field(title="Site", description="The protected site whose VPGs this run replicates.")
+    for_seconds: float | None = Field(
+        default=None, gt=0, le=24 * 3600, title="Run for (seconds)",
+        description="The longest this run keeps taking checkpoints; a later run of the deployment takes over "
+                    "sooner.")
+    interval_seconds: float | None = Field(
+        default=None, ge=1, le=3600, title="Seconds between checkpoints",
+        description="The same for every VPG; leave empty for each VPG's own (its RPO target / 6, 5-60 s).")
+    max_parallel: int = Field(
+        default=8, ge=1, le=64, title="Cycles at once",
+        description="At most this many VPG cycles run at the same time in this run.")
+    cycles: int | None = Field(
+        default=None, ge=1, le=100_000, title="Checkpoints per VPG",
+        description="Stop after this many checkpoints of each VPG instead (leave empty to run for the time above).")
+
+
 class ReplicateParams(VpgChoice):
     """Continuous replication of one VPG for a bounded time; the schedule starts the next
     run while this one still cycles and it takes over between two checkpoints, so

@@ -17,6 +17,7 @@ Deployments (flow/deployment), for the VPGs of the config:
 | deployment | when | what |
 |---|---|---|
 | replicate/<vpg> | a run every 5 minutes; the next starts while the last still cycles and takes over between two checkpoints (two runs may be active, one writes) | continuous replication |
+| replicate-site/<site> | the same, its schedule registered switched off: for sites with many VPGs, switched on instead of the site's replicate/<vpg> | every VPG of the site in one run |
 | monitor/every-minute | a pass every minute, in runs of 30 minutes back to back | RPO, history, tests due, alerts (as events) |
 | dr-test/dr-test | per VPG on its test_interval_months (1st of the month, 02:00 UTC), and from the UI | test failover + report email |
 | compliance-report/monthly | 06:00 UTC on the 1st, for the previous month | compliance report + email |
@@ -88,8 +89,11 @@ class Spec:
 
 
 def replicate_interval(rpo_target_seconds: float) -> float:
-    """Seconds between checkpoints: a sixth of the RPO target, between 5 s and 60 s."""
-    return float(min(60.0, max(5.0, round(rpo_target_seconds / 6.0))))
+    """Seconds between checkpoints: a sixth of the RPO target, between 5 s and 60 s (the
+    rule replicate-site applies per VPG: one definition)."""
+    from flows.replicate_site import interval_for
+
+    return interval_for(rpo_target_seconds)
 
 
 def dr_test_rrule(months: int, index: int, now: datetime | None = None) -> str:
@@ -204,6 +208,19 @@ def specs(config: Any, config_path: str, now: datetime | None = None) -> list[Sp
             schedules=[Interval(timedelta(seconds=REPLICATE_RUN_SECONDS), slug=f"replicate-{v.name}",
                                 anchor_date=datetime(2020, 1, 1, tzinfo=timezone.utc))],
             concurrency=two_enqueue, tags=["replication", f"vpg:{v.name}"], site=v.protected_site))
+    for site in sites_of(config, "protected"):
+        out.append(Spec(
+            "flows.replicate_site", "replicate_site", site, P.ReplicateSiteParams,
+            f"Continuous replication of every VPG protected at {site} by one run (flows/replicate_site.py): "
+            "each VPG on its own interval (RPO target / 6), at most 8 cycles at once, one task run per cycle. "
+            f"For sites with many VPGs, instead of replicate/<vpg>: its schedule (a run every "
+            f"{REPLICATE_RUN_SECONDS // 60} minutes, the next taking over between checkpoints) is registered "
+            "switched off; switch it on and switch off the replicate/<vpg> schedules of the site's VPGs "
+            "(docs/operations.md).",
+            defaults={**base, "site": site, "for_seconds": REPLICATE_RUN_SECONDS + REPLICATE_OVERLAP_SECONDS},
+            schedules=[Interval(timedelta(seconds=REPLICATE_RUN_SECONDS), slug=f"replicate-site-{site}",
+                                anchor_date=datetime(2020, 1, 1, tzinfo=timezone.utc), active=False)],
+            concurrency=two_enqueue, tags=["replication", f"site:{site}"], site=site))
     home = home_site(config)
 
     # The journal's retention, where the journal is: one deployment per recovery site on
@@ -341,7 +358,8 @@ def build(spec: Spec, vpgs: list[str], *, schedules_active: bool = True) -> Any:
 
     flow = spec.load_flow()
     check_model(flow, spec.model)
-    schedules = [dataclasses.replace(s, active=schedules_active) for s in spec.schedules]
+    # a schedule registered switched off (replicate-site/<site>) stays off
+    schedules = [dataclasses.replace(s, active=schedules_active and s.active) for s in spec.schedules]
     dep = flow.to_deployment(
         spec.name,
         parameters=spec.defaults,

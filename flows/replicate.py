@@ -7,15 +7,19 @@ Hand-off between the runs of a deployment (no RPO gap across a flow's start): th
 deployment lets two runs be active, and its schedule starts the next run while the last
 one still cycles. The new run does its start-up (a process of its own, imports, the
 runtime), then waits until every earlier run of the deployment has ended; an earlier run
-checks before each cycle whether a later run of its deployment is running, and if so
-ends instead of cycling. So the checkpoints keep coming every interval plus a fraction
-of a second, and there are never two writers at once (the journal's per-VPG file lock
-taken by each cycle is the backstop). Outside a deployment (the CLI, tests) nothing of
-this applies."""
+checks right after each cycle whether a later run of its deployment is running, and if
+so hands over (`HandOff.hand_due`: the next cycle's due time, in a Prefect variable
+naming the successor) and ends. The new run goes on as soon as it reads that hand-over
+(or sees no earlier run running) and starts its first cycle at the due time: the
+checkpoints keep their interval across the hand-off as long as the hand-over reaches the
+new run within an interval minus a cycle, and there are never two writers at once (the journal's per-VPG file lock taken
+by each cycle is the backstop). `flows/replicate_site.py` hands over the same way.
+Outside a deployment (the CLI, tests) nothing of this applies."""
 
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -33,6 +37,7 @@ class HandOff:
     def __init__(self, deployment_id: str, run_id: str) -> None:
         self.deployment_id, self.run_id = deployment_id, run_id
         self.started: Any = None
+        self.successors: list[str] = []  # the later runs seen, that hand_due hands over to
 
     @classmethod
     def of_this_run(cls) -> HandOff | None:
@@ -65,26 +70,85 @@ class HandOff:
         return other.start_time is not None and self.started is not None and (
             (other.start_time, str(other.id)) < (self.started, self.run_id))
 
+    def later_runs(self) -> list[str]:
+        """The runs of this deployment that started after this one and are running."""
+        try:
+            return [str(r.id) for r in self._others() if not self._earlier(r)]
+        except Exception:  # noqa: BLE001 - the API away for a moment: keep replicating
+            return []
+
     def later_run_started(self) -> bool:
         """A run of this deployment started after this one and is running: hand over."""
-        try:
-            return any(not self._earlier(r) for r in self._others())
-        except Exception:  # noqa: BLE001 - the API away for a moment: keep replicating
-            return False
+        self.successors = self.later_runs()
+        return bool(self.successors)
 
     def wait_for_earlier_runs(self, timeout: float, every: float = 0.25) -> float:
-        """Until no earlier run of this deployment is running (or `timeout`: an earlier
-        run that crashed may still show as running; the journal lock still guards).
-        Returns the seconds waited."""
+        """Until an earlier run has handed over to this one (`hand_due`, written once its
+        last cycle has ended: it writes no more, though its end may take seconds to show),
+        or no earlier run of this deployment is running (or `timeout`: an earlier run that
+        crashed may still show as running; the journal lock still guards). Returns the
+        seconds waited."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             try:
+                if self._handed() is not None:
+                    break
                 if not any(self._earlier(r) for r in self._others()):
                     break
             except Exception:  # noqa: BLE001 - try again
                 pass
             time.sleep(every)
         return time.monotonic() - t0
+
+    # The hand-over itself, from the run that ends to the run that takes over: a Prefect
+    # variable per deployment naming the successor(s) and each VPG's next due time. The
+    # successor starts as soon as it reads it, instead of waiting until the old run's end
+    # shows in the API (Prefect's state propagation: seconds under load), and starts its
+    # first cycle when the old one's next was due. Wall-clock times (ISO, UTC): the two
+    # runs may be on two machines of one pool.
+
+    @property
+    def _variable(self) -> str:
+        return f"vmrep-handoff-{self.deployment_id}"
+
+    def hand_due(self, due: dict[str, str]) -> None:
+        """Hand over to the later runs seen by `later_run_started`: each VPG's next due
+        time (name -> ISO time). Call it only once this run writes nothing more."""
+        from prefect.variables import Variable
+
+        try:
+            Variable.set(self._variable, {"from": self.run_id, "to": list(self.successors), "due": due},
+                         overwrite=True)
+        except Exception:  # noqa: BLE001 - the next run then starts once this one's end shows
+            pass
+
+    def _handed(self) -> dict[str, Any] | None:
+        from prefect.variables import Variable
+
+        v = Variable.get(self._variable, default=None)
+        if isinstance(v, dict) and self.run_id in (v.get("to") or []) and isinstance(v.get("due"), dict):
+            return v
+        return None
+
+    def handed_due(self) -> dict[str, str]:
+        """What an earlier run handed over to this one (empty when none did)."""
+        try:
+            v = self._handed()
+        except Exception:  # noqa: BLE001 - nothing handed: start now
+            return {}
+        return {} if v is None else {str(k): str(t) for k, t in v["due"].items()}
+
+
+def _wall(mono: float) -> str:
+    """A monotonic instant of this process as an ISO wall-clock time (UTC)."""
+    return datetime.fromtimestamp(time.time() + (mono - time.monotonic()), timezone.utc).isoformat()
+
+
+def _seconds_until(iso: str) -> float:
+    try:
+        return datetime.fromisoformat(iso).timestamp() - time.time()
+    except ValueError:
+        return 0.0
 
 
 def run_cycle(config: str, vpg: str, tag: str | None = None, retention: bool = True) -> dict[str, Any]:
@@ -117,14 +181,15 @@ def replicate(vpg: str, config: str = "vmrep.yaml", cycles: int | None = None,
         except Exception as exc:  # noqa: BLE001 - the first cycle reports it, with its retries
             log.warning("VPG %s: warm-up read failed (%s); the first cycle will try again", vpg, exc)
         waited = handoff.wait_for_earlier_runs(timeout=max(60.0, 6 * interval_seconds))
-        log.info("VPG %s: took over replication after %.2fs of waiting for the previous run", vpg, waited)
+        handed = handoff.handed_due().get(vpg)
+        ahead = _seconds_until(handed) if handed else 0.0
+        log.info("VPG %s: took over replication after %.2fs of waiting for the previous run; its next cycle "
+                 "is due in %.2fs", vpg, waited, ahead)
+        time.sleep(max(0.0, ahead))  # the cycle the previous run would have started now
     with emitting(config, as_task=False):  # what the cycles recorded (alerts, status), as events at the end
         start = time.monotonic()
         out: list[dict[str, Any]] = []
         while True:
-            if handoff is not None and out and handoff.later_run_started():
-                log.info("VPG %s: a later run took over; this one ends after %d cycles", vpg, len(out))
-                break
             c0 = time.monotonic()
             out.append(run_cycle(config, vpg, retention=retention))
             log.info("VPG %s: checkpoint %s, %d blocks changed, %.2fs", vpg, out[-1]["checkpoint"],
@@ -132,6 +197,12 @@ def replicate(vpg: str, config: str = "vmrep.yaml", cycles: int | None = None,
             if cycles is not None and len(out) >= cycles:
                 break
             if for_seconds is not None and time.monotonic() - start + interval_seconds > for_seconds:
+                break
+            # Right after a cycle, not before the next: the later run then has the whole
+            # interval to see this one end, and starts the next cycle when it is due.
+            if handoff is not None and handoff.later_run_started():
+                handoff.hand_due({vpg: _wall(c0 + interval_seconds)})
+                log.info("VPG %s: a later run takes over; this one ends after %d cycles", vpg, len(out))
                 break
             time.sleep(max(0.0, interval_seconds - (time.monotonic() - c0)))
     return out

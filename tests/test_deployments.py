@@ -42,7 +42,8 @@ def built(config_path):
 def test_every_flow_is_deployed(built):
     deps, _ = built
     assert set(deps) == {
-        "replicate/erp", "replicate/crm", "replicate/lab", "monitor/every-minute", "initial-sync/initial-sync",
+        "replicate/erp", "replicate/crm", "replicate/lab", "replicate-site/a", "monitor/every-minute",
+        "initial-sync/initial-sync",
         "compliance-report/monthly", "dr-test-report/dr-test-report", "notify/notify", "dr-test/dr-test",
         "dr-test-start/dr-test-start", "dr-test-stop/dr-test-stop", "failover/live-failover",
         "move/planned-move", "commit/commit", "rollback/rollback",
@@ -62,6 +63,10 @@ def test_every_flow_is_deployed(built):
         assert deps[name].work_pool_name == "vmrep-b", name
     assert not deps["dr-test/b"].schedules and len(deps["dr-test/dr-test"].schedules) == 2
     assert deps["retention/b"].work_pool_name == "vmrep-b" and deps["retention/b"].parameters["site"] == "b"
+    # one run for every VPG of a site: on its pool, its schedule registered switched off
+    site = deps["replicate-site/a"]
+    assert site.work_pool_name == "vmrep-a" and site.parameters["site"] == "a"
+    assert [s.active for s in site.schedules] == [False]
 
 
 def test_schemas_have_a_form_for_people(built, config_path):
