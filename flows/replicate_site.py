@@ -35,6 +35,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows._common import emitting
 from flows.replicate import HandOff
 from tasks.replication import vpg_cycle
 from vmrep.config import VPG
@@ -101,54 +102,56 @@ def replicate_site(site: str, config: str = "vmrep.yaml", for_seconds: float | N
                 due[name] = max(time.monotonic(), _mono(at))
         log.info("site %s: took over %d VPGs after %.2fs of waiting for the previous run (%d due times handed)",
                  site, len(vpgs), waited, len([n for n in handed if n in due]))
-    start = time.monotonic()
-    queue = [(t, n) for n, t in due.items()]
-    heapq.heapify(queue)
-    running: dict[str, tuple[float, Any]] = {}  # VPG -> (monotonic start, future)
-    done = {n: {"cycles": 0, "failed": 0, "last_error": None} for n in vpgs}
-    stopping, next_poll = False, time.monotonic() + HANDOFF_POLL_SECONDS
+    with emitting(config, as_task=False):  # the cycles' alert and status changes, as events at the end
+        start = time.monotonic()
+        queue = [(t, n) for n, t in due.items()]
+        heapq.heapify(queue)
+        running: dict[str, tuple[float, Any]] = {}  # VPG -> (monotonic start, future)
+        done = {n: {"cycles": 0, "failed": 0, "last_error": None} for n in vpgs}
+        stopping, next_poll = False, time.monotonic() + HANDOFF_POLL_SECONDS
 
-    def finished(name: str) -> bool:
-        return cycles is not None and done[name]["cycles"] + done[name]["failed"] >= cycles
+        def finished(name: str) -> bool:
+            return cycles is not None and done[name]["cycles"] + done[name]["failed"] >= cycles
 
-    while queue or running:
-        now = time.monotonic()
-        for name, (t0, fut) in list(running.items()):
-            if not fut.wrapped_future.done():
-                continue
-            del running[name]
-            try:
-                s = fut.result()
-                done[name]["cycles"] += 1
-                log.debug("VPG %s: checkpoint %s, %.2fs", name, s["checkpoint"], s["seconds"])
-            except Exception as exc:  # noqa: BLE001 - the task logged its line; the VPG goes on
-                done[name]["failed"] += 1
-                done[name]["last_error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if not finished(name):
-                heapq.heappush(queue, (max(now, t0 + vpgs[name]), name))
-        if handoff is not None and not stopping and now >= next_poll:
-            next_poll = now + HANDOFF_POLL_SECONDS
-            if handoff.later_run_started():
+        while queue or running:
+            now = time.monotonic()
+            for name, (t0, fut) in list(running.items()):
+                if not fut.wrapped_future.done():
+                    continue
+                del running[name]
+                try:
+                    s = fut.result()
+                    done[name]["cycles"] += 1
+                    log.debug("VPG %s: checkpoint %s, %.2fs", name, s["checkpoint"], s["seconds"])
+                except Exception as exc:  # noqa: BLE001 - the task logged its line; the VPG goes on
+                    done[name]["failed"] += 1
+                    done[name]["last_error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                if not finished(name):
+                    heapq.heappush(queue, (max(now, t0 + vpgs[name]), name))
+            if handoff is not None and not stopping and now >= next_poll:
+                next_poll = now + HANDOFF_POLL_SECONDS
+                if handoff.later_run_started():
+                    stopping = True
+                    log.info("site %s: a later run takes over; ending after the %d cycles in flight",
+                             site, len(running))
+            if for_seconds is not None and now - start >= for_seconds:
                 stopping = True
-                log.info("site %s: a later run takes over; ending after the %d cycles in flight", site, len(running))
-        if for_seconds is not None and now - start >= for_seconds:
-            stopping = True
-        if stopping:
-            if not running:
-                break
-        else:
-            while queue and queue[0][0] <= now and len(running) < max_parallel:
-                _, name = heapq.heappop(queue)
-                running[name] = (now, vpg_cycle.submit(config, name, retention))
-        if running or stopping:
-            time.sleep(0.1)  # a cycle may end any moment: look again soon
-        else:
-            nearest = queue[0][0] if queue else now + 1.0
-            time.sleep(max(0.01, min(nearest, next_poll, now + 1.0) - time.monotonic()))
-    if handoff is not None and stopping:
-        # The next cycle of each VPG, due as its interval says: the next run starts it then.
-        nxt = {n: _wall(t) for t, n in queue}
-        handoff.hand_due(nxt)
+            if stopping:
+                if not running:
+                    break
+            else:
+                while queue and queue[0][0] <= now and len(running) < max_parallel:
+                    _, name = heapq.heappop(queue)
+                    running[name] = (now, vpg_cycle.submit(config, name, retention))
+            if running or stopping:
+                time.sleep(0.1)  # a cycle may end any moment: look again soon
+            else:
+                nearest = queue[0][0] if queue else now + 1.0
+                time.sleep(max(0.01, min(nearest, next_poll, now + 1.0) - time.monotonic()))
+        if handoff is not None and stopping:
+            # The next cycle of each VPG, due as its interval says: the next run starts it then.
+            nxt = {n: _wall(t) for t, n in queue}
+            handoff.hand_due(nxt)
     log.info("site %s: %d cycles, %d failed, over %.1fs", site, sum(d["cycles"] for d in done.values()),
              sum(d["failed"] for d in done.values()), time.monotonic() - start)
     return done
