@@ -337,7 +337,7 @@ def latest_checkpoint_id(rt: Runtime, vpg: str) -> str | None:
 LOCK_ALERT = "JOURNAL_LIMIT_LOCKED"
 
 
-def retention_bounds(rt: Runtime, vpg: VPG, now: datetime) -> tuple[datetime, datetime | None]:
+def retention_bounds(rt: Runtime, vpg: VPG, now: datetime, journal: Any = None) -> tuple[datetime, datetime | None]:
     """(keep since, locked since) for retention. Locked: checkpoints younger than
     retention_lock_hours, and while encryption is suspected everything back to the last
     clean checkpoint (vmrep.ransomware): both are held even against the hard limit."""
@@ -345,7 +345,7 @@ def retention_bounds(rt: Runtime, vpg: VPG, now: datetime) -> tuple[datetime, da
 
     keep = now - timedelta(seconds=vpg.history_seconds)
     lock = now - timedelta(hours=vpg.retention_lock_hours) if vpg.retention_lock_hours > 0 else None
-    held = clean_since(rt.journal, vpg.name)
+    held = clean_since(journal if journal is not None else rt.journal, vpg.name)
     if held is not None:
         lock = held if lock is None else min(lock, held)
     return keep, lock
@@ -367,8 +367,12 @@ def apply_retention(rt: Runtime, vpg: VPG, now: datetime | None = None, *,
         return RetentionResult(vpg.name, None)
     now = now or utcnow()
     limit = vpg.hard_limit_bytes or None
-    keep, lock = retention_bounds(rt, vpg, now)
-    result = rt.journal.apply_retention(vpg.name, keep, limit, lock)
+    # At the recovery site the journal directory is this VPG's journal even where the
+    # config also names the service that the protected site writes through: there the
+    # guard on rt.journal (runtime.GuardedJournal) does not apply.
+    journal = getattr(rt.journal, "_local", rt.journal) if at_recovery_site else rt.journal
+    keep, lock = retention_bounds(rt, vpg, now, journal)
+    result = journal.apply_retention(vpg.name, keep, limit, lock)
     if result.hard_limit_hit:
         # An event, not a state: recorded raised and cleared at once, so it shows in the
         # history and the reports without staying open.
