@@ -80,20 +80,19 @@ def verify_against_source(config: str, vpg: str, vms: dict[str, VMInfo], checkpo
 
 
 def _site_steps() -> dict[str, Any]:
-    """The replication steps for the direct runner of a coarse cycle task: those reading
-    only the VPG's VMs (`vmrep.replication.site_reads`: a site may hold thousands), and
-    the snapshot steps still taking a slot of the site's vCenter limit, as their tasks do."""
-    from vmrep.replication import site_reads
+    """The replication steps for the direct runner of a coarse cycle task, with the
+    snapshot steps still taking a slot of the site's vCenter limit, as their tasks do."""
+    from vmrep.replication.steps import STEPS
 
     def held(name: str) -> Any:
-        fn = site_reads.STEPS[name]
+        fn = STEPS[name]
 
         def step(config: str, vpg: str, *args: Any) -> Any:
             with vcenter_slot(_protected_site(config, vpg)):
                 return fn(config, vpg, *args)
         return step
 
-    return {**site_reads.STEPS, **{n: held(n) for n in ("consistency-point", "release-consistency-points")}}
+    return {**STEPS, **{n: held(n) for n in ("consistency-point", "release-consistency-points")}}
 
 
 @task(name="vpg-cycle", task_run_name="vpg-cycle-{vpg}", **step_options())

@@ -128,24 +128,38 @@ def test_a_failing_vpg_does_not_stop_the_other(site_config, lab, prefect_harness
 
 
 def test_the_named_read_gives_what_the_site_read_gives(site_config, lab) -> None:  # type: ignore[no-untyped-def]
+    """engine.vpg_vms reads only the VPG's VMs by id; it must give what the whole-site read
+    gives, and follow a VM renamed after its id was cached."""
     from vmrep.errors import NotFound
-    from vmrep.replication import engine, site_reads
+    from vmrep.replication import engine
     from vmrep.runtime import get_runtime
+    from vmrep.vsphere.task import run_task
 
     rt = get_runtime(site_config)
     for v in rt.config.vpgs:
-        whole = engine.vpg_vms(rt, v)
-        named = site_reads.named_vms(rt, v)
-        assert list(named) == list(whole)
-        for n in whole:
+        whole = rt.inventory(v.protected_site).vms_by_name()
+        named = engine.vpg_vms(rt, v)
+        assert list(named) == [vm.name for vm in v.vms]
+        for n in named:
             a, b = whole[n], named[n]
             assert (a.ref._moId, a.disks, a.nics, a.snapshots, a.power_state, a.ip) == \
                    (b.ref._moId, b.disks, b.nics, b.snapshots, b.power_state, b.ip), n
-    # a VM that is not there: the same line as the site read
-    v = rt.config.vpg("files").model_copy(update={"vms": [
-        rt.config.vpg("files").vms[0].model_copy(update={"name": "no-such-vm"})]})
-    with pytest.raises(NotFound) as a:
-        engine.vpg_vms(rt, v)
-    with pytest.raises(NotFound) as b:
-        site_reads.named_vms(rt, v)
-    assert str(a.value) == str(b.value)
+    files = rt.config.vpg("files")
+
+    def naming(name: str) -> Any:
+        return files.model_copy(update={"vms": [files.vms[0].model_copy(update={"name": name})]})
+
+    with pytest.raises(NotFound, match=r"^VPG files: VM no-such-vm not found at protected site siteA$"):
+        engine.vpg_vms(rt, naming("no-such-vm"))
+    # the id map is cached now; a rename must be followed, not served from the stale map
+    client = rt.client(files.protected_site)
+    old = files.vms[0].name
+    ref = engine.vpg_vms(rt, files)[old].ref
+    run_task(client, "rename", ref.Rename_Task, newName=f"{old}-renamed")
+    try:
+        with pytest.raises(NotFound, match=f"VM {old} not found"):
+            engine.vpg_vms(rt, files)
+        assert engine.vpg_vms(rt, naming(f"{old}-renamed"))[f"{old}-renamed"].ref._moId == ref._moId
+    finally:
+        run_task(client, "rename back", ref.Rename_Task, newName=old)
+    assert engine.vpg_vms(rt, files)[old].ref._moId == ref._moId

@@ -32,7 +32,7 @@ from vmrep.config import VPG
 from vmrep.errors import JournalError, JournalLocked, NotFound, Refused
 from vmrep.replication.blocks import DiskSyncStats, sync_disk
 from vmrep.runtime import Runtime
-from vmrep.vsphere.inventory import DiskInfo, VMInfo
+from vmrep.vsphere.inventory import DiskInfo, VMInfo, named_vms
 from vmrep.stamps import utcnow
 from vmrep.status import Status, Substatus
 # The cycle's parts, each in its module; named here too, so `engine.X` stays the one
@@ -63,8 +63,9 @@ log = logging.getLogger(__name__)
 
 
 def vpg_vms(rt: Runtime, vpg: VPG) -> dict[str, VMInfo]:
-    """The VPG's VMs at the protected site, in one inventory read; NotFound names a missing VM."""
-    found = rt.inventory(vpg.protected_site).vms_by_name()
+    """The VPG's VMs at the protected site, read afresh (only those, by id: a site may hold
+    thousands); NotFound names a missing VM."""
+    found = named_vms(rt.client(vpg.protected_site), [vm.name for vm in vpg.vms])
     missing = [vm.name for vm in vpg.vms if vm.name not in found]
     if missing:
         raise NotFound(f"VPG {vpg.name}: VM {', '.join(missing)} not found at protected site {vpg.protected_site}")

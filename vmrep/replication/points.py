@@ -15,7 +15,7 @@ from vmrep.errors import NotFound
 from vmrep.runtime import Runtime
 from vmrep.stamps import utcnow
 from vmrep.vsphere import vm as vmops
-from vmrep.vsphere.inventory import VMInfo
+from vmrep.vsphere.inventory import VMInfo, named_vms
 from vmrep.vsphere.property import retrieve_one
 
 
@@ -50,12 +50,12 @@ def create_consistency_points(rt: Runtime, vpg: VPG, vms: dict[str, VMInfo]) -> 
 def remove_consistency_points(rt: Runtime, vpg: VPG, vms: dict[str, VMInfo] | None = None) -> int:
     """Remove every replication snapshot of the VPG's VMs (also those a crashed cycle left).
 
-    Reads the snapshot trees afresh; only snapshots named by vmrep are touched, one by
+    Reads the snapshot trees of those VMs afresh; only snapshots named by vmrep are touched, one by
     one (RemoveAllSnapshots would take the user's own snapshots with it)."""
     label = snapshot_label(vpg.name)
-    found = rt.inventory(vpg.protected_site).vms_by_name()
     names = [vm.name for vm in vpg.vms] if vms is None else list(vms)
     client = rt.client(vpg.protected_site)
+    found = named_vms(client, names)
     removed = 0
     for name in names:
         vm = found.get(name)
