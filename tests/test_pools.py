@@ -5,8 +5,11 @@ running one process worker per pool; every one of these is a process of its own.
 
 - A replication run executes on vmrep-siteA (the protected site's pool) and applies no
   retention; `retention/siteB` executes on vmrep-siteB (the recovery site's); a DR test started
-  from the UI entry `dr-test/dr-test` is handed over to `dr-test/siteB` and executes on
-  vmrep-siteB: read back from the API.
+  from the UI entry `dr-test/dr-test` (as the UI's "Run" does) is handed over to
+  `dr-test/siteB` and executes on vmrep-siteB: read back from the API. Its report email
+  reaches an SMTP server (aiosmtpd) and its artifacts are in Prefect.
+- The deployments' forms refuse what they would not allow, and an alert event goes
+  through the alert automation and notify/notify to an email to the VPG's owners.
 - With `vcenter_slots: 1` at siteA and every CreateSnapshot delayed 1.5 s by the lab, two
   VPGs replicating at once never hold siteA's vCenter slot together: the overlap of the
   held intervals the snapshot steps log is 0, while their runs did interleave.
@@ -14,8 +17,11 @@ running one process worker per pool; every one of these is a process of its own.
 
 from __future__ import annotations
 
+import email
+import json
 import re
 import uuid
+from email import policy
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,7 @@ import pytest
 import yaml
 
 from serving import served, wait_for
+from test_mail import smtp_server
 
 HELD = re.compile(r"vcenter slot (\S+) held ([0-9.]+) ([0-9.]+)")
 
@@ -39,13 +46,25 @@ def stack(lab, pg_server, tmp_path_factory):  # type: ignore[no-untyped-def]
     cfg["database_url"] = state_db  # vmrep's state: another database of the same server
     cfg["journal"]["path"] = str(tmp / "journal")
     cfg["sites"]["siteA"]["vcenter_slots"] = 1
+    ctl, sink = smtp_server()
+    cfg["notifications"] = {"smtp_host": "127.0.0.1", "smtp_port": ctl.port, "sender": "vmrep@dr.example.test",
+                            "default_to": ["dr-audit@example.test"]}
     config = tmp / "vmrep.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = {"PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5",
-           "VMREP_HOME": str(tmp / "home")}
-    # serve stops its workers (and their runs) on SIGINT
-    with served(config, tmp, env=env, database_url=prefect_db, stop_seconds=60) as stack:
-        yield {**stack, "config": config, "lab": lab, "workers": tmp / "prefect-client" / "workers"}
+           "VMREP_HOME": str(tmp / "home"), "VMREP_USER": "e2e-tester"}
+    # serve stops its workers (and their runs) on SIGINT; automations on, schedules off
+    try:
+        with served(config, tmp, args=("--no-schedules",), env=env, database_url=prefect_db,
+                    stop_seconds=60) as stack:
+            yield {**stack, "config": config, "lab": lab, "workers": tmp / "prefect-client" / "workers",
+                   "sink": sink}
+    finally:
+        ctl.stop()
+
+
+def messages(sink: Any) -> list[email.message.EmailMessage]:
+    return [email.message_from_bytes(e.content, policy=policy.default) for e in sink.envelopes]
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +151,7 @@ def test_runs_execute_on_the_pool_of_their_site(stack, api) -> None:  # type: ig
     test = _child(api, dr)
     assert test.work_pool_name == "vmrep-siteB" and test.state.is_completed()
     assert api.read_deployment(test.deployment_id).name == "siteB"
+    _report_was_emailed_and_published(api, stack, test)
     # Each ran in a process a worker started, not in the serving process.
     pids = {r.infrastructure_pid for r in (child, rep, test, ret)}
     assert None not in pids and len(pids) == 4
@@ -145,6 +165,69 @@ def test_runs_execute_on_the_pool_of_their_site(stack, api) -> None:  # type: ig
     with psycopg.connect(prefect_db) as conn:
         n = conn.execute("select count(*) from flow_run").fetchone()
         assert n is not None and n[0] >= 5
+
+
+def _report_was_emailed_and_published(api: Any, stack: dict[str, Any], test: Any) -> None:
+    """The DR test's report email, at the VPG's owners and default_to with the CSVs
+    attached, and the artifacts of the run that did the test: table, link to the HTML on
+    disk, summary, email outcome."""
+    from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, FlowRunFilterId
+
+    msg = wait_for("the report email", lambda: next(
+        (m for m in messages(stack["sink"]) if "DR test" in m["Subject"]), None), 60)
+    assert msg["Subject"].startswith("[vmrep] DR test PASS: VPG erp")
+    assert {"dr-team@example.test", "dr-audit@example.test"} <= {a.strip() for a in msg["To"].split(",")}
+    names = {p.get_filename() for p in msg.iter_attachments()}
+    assert any(n and n.endswith("-steps.csv") for n in names)
+    assert "e2e-tester" in msg.get_body(("plain",)).get_content()
+
+    arts = api.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[test.id])),
+                              artifact_filter=ArtifactFilter())
+    by_key = {a.key: a for a in arts}
+    assert {"dr-test-erp", "dr-test-erp-html", "dr-test-erp-summary", "dr-test-erp-email"} <= set(by_key)
+    table = by_key["dr-test-erp"].data
+    table = json.loads(table) if isinstance(table, str) else table
+    figures = {r["figure"]: r["value"] for r in table}
+    assert figures["verdict"] == "PASS" and figures["flow_run_id"] == str(test.id)
+    html = Path(by_key["dr-test-erp-html"].data.rsplit("(file://", 1)[1].rstrip(")"))
+    assert html.exists() and html.parent == stack["reports"]
+    assert "Emailed" in by_key["dr-test-erp-email"].data
+
+
+def test_the_forms_refuse_bad_input_and_an_alert_event_is_emailed(stack, api) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from prefect.events import Event
+    from prefect.events.clients import PrefectEventsClient
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    dr = _deployment(api, stack, "dr-test/dr-test")
+    assert "isolated test network" in dr.description
+    assert dr.parameter_openapi_schema["properties"]["vpg"]["enum"] == ["erp", "files"]
+    assert all(not s.active for s in dr.schedules) and len(dr.schedules) == 2  # --no-schedules
+    # The server refuses what the form would not allow.
+    with pytest.raises(PrefectHTTPStatusError):
+        api.create_flow_run_from_deployment(dr.id, parameters={"vpg": "no-such-vpg"})
+
+    # The alert automation: an alert event -> notify/notify -> an email to the VPG's owners.
+    # Sent with a client of this server's own: the process-wide EventsWorker may still be
+    # bound to another API (an earlier test's Prefect harness), as it is a singleton.
+    wait_for("the automation", lambda: api.read_automations_by_name("vmrep alert email"), 120)
+
+    async def send() -> None:
+        async with PrefectEventsClient(api_url=stack["srv"].api_url) as events:
+            await events.emit(Event(
+                event="vmrep.alert.raised",
+                resource={"prefect.resource.id": "vmrep.vpg.erp", "prefect.resource.name": "erp"},
+                payload={"code": "RPO_OVER_TARGET", "level": "warning",
+                         "text": "RPO 95 s is over the target 60 s", "vm": None, "alert_id": 7}))
+
+    asyncio.run(send())
+    alert = wait_for("the alert email", lambda: next(
+        (m for m in messages(stack["sink"]) if "RPO_OVER_TARGET" in m["Subject"]), None), 180)
+    assert alert["Subject"] == "[vmrep] VPG erp: warning RPO_OVER_TARGET"
+    assert "RPO 95 s is over the target 60 s" in alert.get_body(("plain",)).get_content()
+    assert "dr-team@example.test" in alert["To"]
 
 
 def _limit(api: Any, name: str) -> Any:
