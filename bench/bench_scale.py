@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_scale.py [--vpgs 200] [--vm-per-vpg 10] [--minutes 10] [--workers 2,1]
                                           [--rpo-target 300] [--parallel 8] [--disk-mib 2]
+                                          [--vcenter-slots N]
     .venv/bin/python -m pytest -m slow bench/bench_scale.py     # the same, asserted (slow: not in make test)
 
 Per configuration, from nothing: the two-site lab (two simulator processes), its VMs
@@ -25,7 +26,9 @@ cycle): cycles completed per minute (checkpoints in the window, from the journal
 p95, then p50/p95 of that across VPGs, against each VPG's target; task runs per second
 (counted by the Prefect API, `POST /task_runs/count`, in the window); CPU (psutil) of the
 Prefect server, the flow-run processes, the lab's simulators and this process; the load
-average. The JSON goes to bench/out/scale.json; bench/README.md has the figures.
+average; how many of each site's vCenter slots are taken (the limit's active slots, read
+from the API with each RPO sample). The JSON goes to bench/out/scale.json; bench/README.md
+has the figures.
 """
 
 from __future__ import annotations
@@ -114,12 +117,16 @@ def seed(sites: dict[str, Any], password: str, groups: list[dict[str, Any]], dis
 
 
 def write_config(base: Path, sites: dict[str, Any], pw: Path, groups: list[dict[str, Any]],
-                 rpo_target: float) -> Path:
+                 rpo_target: float, vcenter_slots: int | None = None) -> Path:
     from lab import manage
 
+    site_cfg = {s: manage._site_config(sites[s], pw) for s in SITES}
+    if vcenter_slots is not None:
+        for c in site_cfg.values():
+            c["vcenter_slots"] = vcenter_slots
     cfg = {
         "database_url": f"sqlite:///{base / 'state.db'}",
-        "sites": {s: manage._site_config(sites[s], pw) for s in SITES},
+        "sites": site_cfg,
         "journal": {"path": str(base / "journal")},
         "vpgs": [{"name": g["name"], "protected_site": g["protected"], "recovery_site": g["recovery"],
                   "rpo_target_seconds": rpo_target, "journal_history_hours": 1, "test_interval_months": "off",
@@ -224,11 +231,13 @@ def _descendants(pid: int) -> list[int]:
 
 
 def run_config(workers: int, *, vpgs: int, vm_per_vpg: int, minutes: float, rpo_target: float, parallel: int,
-               disk_mib: int, write_rate: float, keep: bool = False) -> dict[str, Any]:
+               disk_mib: int, write_rate: float, vcenter_slots: int | None = None,
+               keep: bool = False) -> dict[str, Any]:
     from deployments import pools
     from deployments import server as srvmod
     from lab import manage
-    from vmrep.replication import engine, site_reads
+    from vmrep.replication import engine
+    from vmrep.replication.steps import STEPS
     from vmrep.runner import DirectRunner
     from vmrep.runtime import forget_runtime, get_runtime
 
@@ -251,11 +260,10 @@ def run_config(workers: int, *, vpgs: int, vm_per_vpg: int, minutes: float, rpo_
         t = time.monotonic()
         seed(sites, password, groups, disk_mib)
         out["seed_seconds"] = round(time.monotonic() - t, 1)
-        config = write_config(base, sites, pw, groups, rpo_target)
+        config = write_config(base, sites, pw, groups, rpo_target, vcenter_slots)
         rt = get_runtime(config)
         t = time.monotonic()
-        # with the steps that read only the VPG's VMs, as the site runs' cycles do
-        runner = DirectRunner(site_reads.STEPS)
+        runner = DirectRunner(STEPS)
         with ThreadPoolExecutor(4) as ex:
             for f in [ex.submit(engine.initial_sync, rt, v, who="bench", validate=False, runner=runner)
                       for v in rt.config.vpgs]:
@@ -301,6 +309,7 @@ def run_config(workers: int, *, vpgs: int, vm_per_vpg: int, minutes: float, rpo_
             for w in started:
                 cpu.track("flow runs (workers and their runs)", [w.pid, *_descendants(w.pid)])
             samples: list[dict[str, float]] = []
+            slot_samples: dict[str, list[tuple[int, int]]] = {}
             window: tuple[datetime, datetime] | None = None
             loads = []
             w0 = None
@@ -313,6 +322,11 @@ def run_config(workers: int, *, vpgs: int, vm_per_vpg: int, minutes: float, rpo_
                     w0, cpu_w0 = now, cpu.seconds()
                     mono_w0 = time.monotonic()
                 loads.append(os.getloadavg()[0])
+                # how many of each used site's vCenter slots are taken right now: a site
+                # whose slots are all taken in most samples is where cycles queue
+                for s in used:
+                    lim = api.read_global_concurrency_limit_by_name(f"vcenter-{s}")
+                    slot_samples.setdefault(s, []).append((lim.active_slots, lim.limit))
                 row = {}
                 for g in groups:
                     last = rt.store.runtime(g["name"]).last_checkpoint_at
@@ -354,6 +368,11 @@ def run_config(workers: int, *, vpgs: int, vm_per_vpg: int, minutes: float, rpo_
             "load_average_1m": {"min": round(min(loads), 2), "median": round(statistics.median(loads), 2),
                                 "max": round(max(loads), 2)} if loads else None,
             "cpus": os.cpu_count(),
+            # per site: the slot count, the mean share of slots taken, the share of samples
+            # with every slot taken
+            "vcenter_slots": {s: {"limit": v[0][1], "mean_taken": round(statistics.mean(a / lim for a, lim in v), 2),
+                                  "all_taken": round(sum(1 for a, lim in v if a >= lim) / len(v), 2)}
+                              for s, v in slot_samples.items() if v},
         })
         print(json.dumps(out), flush=True)
         return out
@@ -374,11 +393,12 @@ def run_config(workers: int, *, vpgs: int, vm_per_vpg: int, minutes: float, rpo_
 
 def bench(vpgs: int = 200, vm_per_vpg: int = 10, minutes: float = 10.0, workers: tuple[int, ...] = (2, 1),
           rpo_target: float = 300.0, parallel: int = 8, disk_mib: int = 2, write_rate: float = 2 * MiB,
-          out: Path | None = None) -> list[dict[str, Any]]:
+          vcenter_slots: int | None = None, out: Path | None = None) -> list[dict[str, Any]]:
     results = []
     for w in workers:
         results.append(run_config(w, vpgs=vpgs, vm_per_vpg=vm_per_vpg, minutes=minutes, rpo_target=rpo_target,
-                                  parallel=parallel, disk_mib=disk_mib, write_rate=write_rate))
+                                  parallel=parallel, disk_mib=disk_mib, write_rate=write_rate,
+                                  vcenter_slots=vcenter_slots))
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             (out / "scale.json").write_text(json.dumps(results, indent=2, default=str))
@@ -403,10 +423,11 @@ def main() -> int:
     ap.add_argument("--parallel", type=int, default=8, help="max_parallel of each site run (default 8)")
     ap.add_argument("--disk-mib", type=int, default=2)
     ap.add_argument("--write-rate", type=float, default=2 * MiB, help="guest bytes/s in all (default 2 MiB/s)")
+    ap.add_argument("--vcenter-slots", type=int, default=None, help="each site's vcenter_slots (default: the config's)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out")
     a = ap.parse_args()
     bench(a.vpgs, a.vm_per_vpg, a.minutes, tuple(int(w) for w in a.workers.split(",")), a.rpo_target, a.parallel,
-          a.disk_mib, a.write_rate, a.out)
+          a.disk_mib, a.write_rate, vcenter_slots=a.vcenter_slots, out=a.out)
     return 0
 
 
