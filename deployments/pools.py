@@ -9,7 +9,7 @@ concurrency limit per vCenter.
   count. Called by whatever starts a server: `make server` (deployments.serve), the CLI's
   local server (vmrep/cli/server.py), the test fixtures. Idempotent.
 - `start_worker(pool, ...)`: `prefect worker start --pool vmrep-<site> --type process` as a
-  process group of its own, stopped by `stop_worker` by the id it was started with.
+  process group of its own, stopped by `stop_workers` by the id it was started with.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def worker_command(pool: str, name: str | None = None) -> list[str]:
 
 def start_worker(pool: str, *, api_url: str, log_dir: Path, cwd: Path, env: Mapping[str, str] | None = None,
                  name: str | None = None) -> Worker:
-    """One process worker of `pool`, its own process group (so stop_worker ends the flow
+    """One process worker of `pool`, its own process group (so stop_workers ends the flow
     runs it started too), output in `<log_dir>/worker-<pool>.log`."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"worker-{pool}.log"
@@ -141,22 +141,36 @@ def start_worker(pool: str, *, api_url: str, log_dir: Path, cwd: Path, env: Mapp
     return Worker(pool, proc.pid, log_path, proc)
 
 
-def stop_worker(w: Worker, timeout: float = 20.0) -> None:
-    """SIGTERM the worker's group (the worker cancels and ends its runs), then SIGKILL."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+def stop_workers(workers: Iterable[Worker], grace: float = 10.0) -> None:
+    """SIGTERM every worker's group at once (a worker cancels and ends its runs; so do the
+    runs, which are in its group), wait up to `grace` seconds for all of them together,
+    then SIGKILL each group. A Prefect process worker stops on SIGTERM by sending itself
+    SIGINT, which does nothing when it inherited SIGINT ignored (a parent started from a
+    shell's background; deployments/serve.py now restores it for its workers); the SIGKILL
+    is what bounds the stop whatever the worker does. One by one with 20 s each, a caller
+    that gave up first (a test's teardown) left the workers running, orphaned."""
+    workers = list(workers)
+    for w in workers:
         try:
-            os.killpg(w.pid, sig)
+            os.killpg(w.pid, signal.SIGTERM)
         except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and w.proc.poll() is None:
-            time.sleep(0.1)
-        if w.proc.poll() is not None:
-            try:  # what the worker started in its group goes with it
-                os.killpg(w.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            break
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(w.proc.poll() is None for w in workers):
+        time.sleep(0.1)
+    for w in workers:
+        try:  # what the worker started in its group goes with it, whether it exited or not
+            os.killpg(w.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            w.proc.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def stop_worker(w: Worker, grace: float = 10.0) -> None:
+    stop_workers([w], grace)
 
 
 def workers_ready(api_url: str, pools: Iterable[str]) -> bool:

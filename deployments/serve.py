@@ -507,7 +507,13 @@ def _serve(config_path: Path, srv: Any, *, automations: bool, schedules: bool = 
         def stop(*_: Any) -> None:
             raise KeyboardInterrupt
 
-        signal.signal(signal.SIGTERM, stop)
+        # SIGINT too, explicitly: started from a non-interactive shell's background (`&`, a
+        # CI runner), a process inherits SIGINT ignored and Python then installs no
+        # KeyboardInterrupt for it; serve ignored Ctrl-C, and so did its workers (which
+        # inherit the disposition, and stop themselves on SIGTERM by sending SIGINT to
+        # themselves). A handler is reset to the default on exec: the workers get SIGINT back.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, stop)
         try:
             for pool in made["pools"]:
                 started.append(pools.start_worker(pool, api_url=api_url, log_dir=log_dir, cwd=code_dir()))
@@ -522,8 +528,7 @@ def _serve(config_path: Path, srv: Any, *, automations: bool, schedules: bool = 
                                       f"(log {w.log_path})", markup=False)
                         started[i] = pools.start_worker(w.pool, api_url=api_url, log_dir=log_dir, cwd=code_dir())
         finally:
-            for w in started:
-                pools.stop_worker(w)
+            pools.stop_workers(started)
     return 0
 
 

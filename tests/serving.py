@@ -3,12 +3,15 @@
 Every test that serves the deployments (the report e-mail end to end, the UI in a
 browser, schedules, work pools) starts them the same way: a real server on a free
 loopback port, `serve` in a process group of its own, both stopped on exit, also after
-a failure.
+a failure. `serve` must end by itself on SIGINT, its workers with it, even when the
+suite runs with SIGINT ignored (a shell's background job, as CI may start it): if it had
+to be killed, or a worker it started outlived it, the test that served it fails.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,7 +38,7 @@ def wait_for(what: str, fn: Callable[[], Any], timeout: float, every: float = 0.
 @contextmanager
 def served(config: Path, work: Path, *, args: Sequence[str] = ("--no-schedules", "--no-automations"),
            env: dict[str, str] | None = None, database_url: str | None = None,
-           stop_seconds: float = 15) -> Iterator[dict[str, Any]]:
+           stop_seconds: float = 30) -> Iterator[dict[str, Any]]:
     """Server and `serve` for `config`, their files under `work`. Yields the server, the
     process, the log path and the reports folder. `serve` is stopped with SIGINT (it
     ends its runs' processes and its workers), killed after `stop_seconds`."""
@@ -54,6 +57,7 @@ def served(config: Path, work: Path, *, args: Sequence[str] = ("--no-schedules",
                                 cwd=REPO, env=run_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         yield {"srv": srv, "proc": proc, "log": work / "serve.log", "reports": reports}
     finally:
+        problems = []
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)
             try:
@@ -61,9 +65,24 @@ def served(config: Path, work: Path, *, args: Sequence[str] = ("--no-schedules",
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
+                problems.append(f"serve did not end within {stop_seconds:.0f}s of SIGINT")
+        log.close()
+        for pid in worker_pids(work / "serve.log"):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+                problems.append(f"its worker (pid {pid}) outlived it")
+            except ProcessLookupError:
+                pass
         if srv is not None:
             srvmod.stop(srv)
-        log.close()
+        if problems and sys.exc_info()[0] is None:
+            raise AssertionError("; ".join(problems))
+
+
+def worker_pids(serve_log: Path) -> list[int]:
+    """The process groups of the workers `serve` started, as its log names them."""
+    text = serve_log.read_text(errors="replace") if serve_log.exists() else ""
+    return [int(m) for m in re.findall(r"worker of \S+: pid (\d+)", text)]
 
 
 def forget_prefect_workers() -> None:

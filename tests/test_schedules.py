@@ -30,7 +30,7 @@ def served(lab, tmp_path):
     engine.initial_sync(rt, rt.config.vpg("erp"))
     rt.store.update_runtime("erp", initial_sync_done=True)
     env = {"VMREP_REPLICATE_RUN_SECONDS": "20", "VMREP_MONITOR_RUN_SECONDS": "15"}
-    with serving.served(lab.config_path, tmp_path, args=("--no-automations",), env=env, stop_seconds=20) as stack:
+    with serving.served(lab.config_path, tmp_path, args=("--no-automations",), env=env) as stack:
         yield {**stack, "started": datetime.now(timezone.utc)}
 
 
