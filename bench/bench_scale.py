@@ -377,8 +377,7 @@ def run_config(workers: int, *, vpgs: int, vm_per_vpg: int, minutes: float, rpo_
         print(json.dumps(out), flush=True)
         return out
     finally:
-        for w in started:
-            pools.stop_worker(w)
+        pools.stop_workers(started)
         if srv is not None:
             srvmod.stop(srv)
         if config is not None:
