@@ -140,25 +140,31 @@ def run_id_of(pg: Any) -> UUID:
 def submit_the_form(pg: Any, client: Any, run_name: str) -> None:
     """Submit, as the operator clicks it. The app returns to the deployment's runs with a
     toast naming the new run (followed by its name in the list: the toast's own button
-    races the app's navigation). Once in the full suite the click had no effect: no toast,
-    still on the form a minute later. Then the server is asked whether the run exists:
-    only if not is the click repeated (a second click can never make a second DR test),
-    and a screenshot of the page as it was is kept."""
+    races the app's navigation). In the full suite the first click has twice met the
+    app's "Oops. Something went wrong." toast, the form still there (alone, never); an
+    operator clicks again. So: if the server has no run of that name, the click is
+    repeated once (a second click can never make a second DR test); the page and the
+    requests that failed are kept (05-submit-failed-N.png / .txt)."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
+    failed: list[str] = []
+    pg.on("response", lambda r: failed.append(f"{r.status} {r.request.method} {r.url}") if r.status >= 400 else None)
+    pg.on("pageerror", lambda e: failed.append(f"page error: {e}"))
     toast = pg.get_by_text(f"{run_name} scheduled", exact=False).first
+    oops = pg.get_by_text("Something went wrong", exact=False).first
     for attempt in (1, 2):
         pg.get_by_role("button", name="Submit", exact=True).click()
-        try:
-            toast.wait_for(timeout=30_000)
+        toast.or_(oops).wait_for(timeout=60_000)
+        if toast.is_visible():
             return
-        except Exception:  # noqa: BLE001 - playwright's TimeoutError; judged below
-            shot(pg, f"05-submit-no-toast-{attempt}")
+        shot(pg, f"05-submit-failed-{attempt}")
+        (SHOTS / f"05-submit-failed-{attempt}.txt").write_text("\n".join(failed) + "\n")
         made = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name])))
-        if made:  # submitted; the toast was missed: on to the deployment's runs as the app would go
+        if made:  # submitted after all: on to the deployment's runs, as the app would go
             pg.go_back()
             return
-    raise AssertionError(f"Submit made no run {run_name!r} in two clicks; page {pg.url}")
+        oops.wait_for(state="hidden", timeout=30_000)
+    raise AssertionError(f"Submit made no run {run_name!r} in two clicks; failed requests: {failed}")
 
 
 @pytest.mark.timeout(600)
